@@ -85,8 +85,8 @@ fn supported_files_in(dir: &Path) -> Result<Vec<PathBuf>> {
     for entry in entries {
         let entry = entry.with_context(|| format!("{}: cannot list directory", dir.display()))?;
         let path = entry.path();
-        let supported = extension_of(&path)
-            .is_some_and(|e| SUPPORTED_EXTENSIONS.contains(&e.as_str()));
+        let supported =
+            extension_of(&path).is_some_and(|e| SUPPORTED_EXTENSIONS.contains(&e.as_str()));
         if supported && path.is_file() {
             files.push(path);
         } else {
@@ -205,14 +205,20 @@ fn read_parquet(path: &Path) -> Result<Vec<String>> {
             .get_column_reader(column)
             .with_context(|| format!("{}: cannot read column `text`", path.display()))?
         else {
-            bail!("{}: parquet column `text` is not a byte array column", path.display());
+            bail!(
+                "{}: parquet column `text` is not a byte array column",
+                path.display()
+            );
         };
         let mut values: Vec<ByteArray> = Vec::with_capacity(num_rows);
         // Null entries only appear in the definition levels; `values` holds the non-null ones.
         let mut def_levels: Vec<i16> = Vec::with_capacity(num_rows);
         col.read_records(num_rows, Some(&mut def_levels), None, &mut values)
             .with_context(|| {
-                format!("{}: cannot decode column `text` in row group {rg}", path.display())
+                format!(
+                    "{}: cannot decode column `text` in row group {rg}",
+                    path.display()
+                )
             })?;
         for value in values {
             let text = String::from_utf8(value.data().to_vec()).map_err(|_| {

@@ -115,7 +115,12 @@ pub fn batch_tokens(shard: &Shard, offsets: &[usize], seq_len: usize) -> (Vec<u3
 ///
 /// # Panics
 /// If `batch_size == 0` or `n_tokens <= seq_len` (check with [`ensure_window_fits`]).
-pub fn eval_offsets(n_tokens: usize, seq_len: usize, max_batches: usize, batch_size: usize) -> Vec<Vec<usize>> {
+pub fn eval_offsets(
+    n_tokens: usize,
+    seq_len: usize,
+    max_batches: usize,
+    batch_size: usize,
+) -> Vec<Vec<usize>> {
     assert!(batch_size > 0, "eval batch size must be at least 1");
     assert!(seq_len > 0, "sequence length must be at least 1");
     assert!(

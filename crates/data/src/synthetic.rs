@@ -106,10 +106,19 @@ impl MarkovSource {
         after_period.push((Self::NEWLINE, NEWLINE_AFTER_PERIOD));
         rows.push(after_period);
         rng.shuffle(&mut starters);
-        rows.push(starters.into_iter().zip(zipf(NUM_WORDS, 1.0, 1.0)).collect());
+        rows.push(
+            starters
+                .into_iter()
+                .zip(zipf(NUM_WORDS, 1.0, 1.0))
+                .collect(),
+        );
 
         let stationary = stationary_distribution(&rows);
-        MarkovSource { words, rows, stationary }
+        MarkovSource {
+            words,
+            rows,
+            stationary,
+        }
     }
 
     /// The word vocabulary (state `i < NUM_WORDS` renders as `words()[i]`).
@@ -231,8 +240,12 @@ impl MarkovSource {
 
     /// Inverts rendering: text back to the state sequence.
     fn parse(&self, text: &str) -> Result<Vec<usize>> {
-        let index: std::collections::HashMap<&str, usize> =
-            self.words.iter().enumerate().map(|(i, w)| (w.as_str(), i)).collect();
+        let index: std::collections::HashMap<&str, usize> = self
+            .words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.as_str(), i))
+            .collect();
         let mut states = Vec::new();
         let mut rest = text;
         while let Some(c) = rest.chars().next() {
@@ -241,7 +254,9 @@ impl MarkovSource {
                 '\n' => states.push(Self::NEWLINE),
                 ' ' => {}
                 c if c.is_ascii_lowercase() => {
-                    let len = rest.find(|c: char| !c.is_ascii_lowercase()).unwrap_or(rest.len());
+                    let len = rest
+                        .find(|c: char| !c.is_ascii_lowercase())
+                        .unwrap_or(rest.len());
                     let word = &rest[..len];
                     let Some(&state) = index.get(word) else {
                         bail!("unknown word {word:?}");
@@ -320,7 +335,10 @@ mod tests {
         }
         let pi_sum: f64 = src.stationary.iter().sum();
         assert!((pi_sum - 1.0).abs() < 1e-12);
-        assert!(src.stationary.iter().all(|&p| p > 0.0), "chain is irreducible");
+        assert!(
+            src.stationary.iter().all(|&p| p > 0.0),
+            "chain is irreducible"
+        );
     }
 
     #[test]
@@ -332,7 +350,11 @@ mod tests {
                 next[to] += src.stationary[from] * p;
             }
         }
-        let err: f64 = next.iter().zip(&src.stationary).map(|(a, b)| (a - b).abs()).sum();
+        let err: f64 = next
+            .iter()
+            .zip(&src.stationary)
+            .map(|(a, b)| (a - b).abs())
+            .sum();
         assert!(err < 1e-10, "|pi P - pi| = {err}");
     }
 }

@@ -52,7 +52,8 @@ impl Tokenizer {
         let path = path.as_ref();
         let bytes = fs::read(path)
             .with_context(|| format!("{}: cannot read tokenizer file", path.display()))?;
-        Self::from_json_bytes(&bytes).with_context(|| format!("{}: invalid tokenizer", path.display()))
+        Self::from_json_bytes(&bytes)
+            .with_context(|| format!("{}: invalid tokenizer", path.display()))
     }
 
     /// Parses the contents of a `tokenizer.json` file.
@@ -90,7 +91,14 @@ impl Tokenizer {
             .context("cannot serialize tokenizer")?;
         let hash = *blake3::hash(canonical.as_bytes()).as_bytes();
         let chunkable = is_chunkable(&inner);
-        Ok(Tokenizer { inner, eos_id, bos_id, vocab_size, hash, chunkable })
+        Ok(Tokenizer {
+            inner,
+            eos_id,
+            bos_id,
+            vocab_size,
+            hash,
+            chunkable,
+        })
     }
 
     /// The tokenizer as pretty-printed `tokenizer.json` text.
@@ -117,8 +125,14 @@ impl Tokenizer {
             return self.encode_piece(text);
         }
         let pieces = split_at_safe_newlines(text, CHUNK_BYTES);
-        let encodings = self.inner.encode_batch_fast(pieces, false).map_err(tk_err)?;
-        Ok(encodings.iter().flat_map(|e| e.get_ids().iter().copied()).collect())
+        let encodings = self
+            .inner
+            .encode_batch_fast(pieces, false)
+            .map_err(tk_err)?;
+        Ok(encodings
+            .iter()
+            .flat_map(|e| e.get_ids().iter().copied())
+            .collect())
     }
 
     /// Encodes several texts (in parallel); equivalent to calling [`Tokenizer::encode`] on each.
@@ -134,7 +148,10 @@ impl Tokenizer {
             owner.extend(std::iter::repeat_n(i, split.len()));
             pieces.extend(split);
         }
-        let encodings = self.inner.encode_batch_fast(pieces, false).map_err(tk_err)?;
+        let encodings = self
+            .inner
+            .encode_batch_fast(pieces, false)
+            .map_err(tk_err)?;
         let mut out = vec![Vec::new(); texts.len()];
         for (encoding, i) in encodings.iter().zip(owner) {
             out[i].extend_from_slice(encoding.get_ids());
@@ -150,7 +167,10 @@ impl Tokenizer {
     /// Decodes token ids back to text (special tokens are kept in the output).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
-            bail!("token id {bad} is out of range for vocabulary size {}", self.vocab_size);
+            bail!(
+                "token id {bad} is out of range for vocabulary size {}",
+                self.vocab_size
+            );
         }
         self.inner.decode(ids, false).map_err(tk_err)
     }
@@ -281,19 +301,24 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize) -> Result<Tokenizer> {
         .special_tokens(vec![AddedToken::from(ENDOFTEXT, true)])
         .initial_alphabet(alphabet)
         .build();
-    let mut tok = TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
-        .with_model(BPE::default())
-        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
-        .with_post_processor(Some(ByteLevel::new(false, true, true)))
-        .with_decoder(Some(ByteLevel::default()))
-        .build()
-        .map_err(tk_err)
-        .context("cannot build tokenizer pipeline")?;
+    let mut tok =
+        TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
+            .with_model(BPE::default())
+            .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+            .with_post_processor(Some(ByteLevel::new(false, true, true)))
+            .with_decoder(Some(ByteLevel::default()))
+            .build()
+            .map_err(tk_err)
+            .context("cannot build tokenizer pipeline")?;
     tok.train(&mut trainer, docs.iter())
         .map_err(tk_err)
         .context("BPE training failed")?;
     let tok = Tokenizer::from_inner(tok.into())?;
-    debug_assert_eq!(tok.eos_id(), 0, "special tokens are added before the alphabet");
+    debug_assert_eq!(
+        tok.eos_id(),
+        0,
+        "special tokens are added before the alphabet"
+    );
     Ok(tok)
 }
 
@@ -303,8 +328,13 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize) -> Result<Tokenizer> {
 ///
 /// No BOS/EOS is added on encode, and decoding does not "clean up" spaces, so Python and Rust
 /// agree exactly in both directions.
-pub fn write_hf_tokenizer_files(tok: &Tokenizer, dir: &Path, model_max_length: usize) -> Result<()> {
-    fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
+pub fn write_hf_tokenizer_files(
+    tok: &Tokenizer,
+    dir: &Path,
+    model_max_length: usize,
+) -> Result<()> {
+    fs::create_dir_all(dir)
+        .with_context(|| format!("{}: cannot create directory", dir.display()))?;
     let token = |id: u32| {
         tok.id_to_token(id)
             .ok_or_else(|| anyhow!("tokenizer has no token for special id {id}"))
@@ -366,7 +396,10 @@ mod tests {
 
     #[test]
     fn split_keeps_short_text_whole() {
-        assert_eq!(split_at_safe_newlines("short\ntext", 100), vec!["short\ntext"]);
+        assert_eq!(
+            split_at_safe_newlines("short\ntext", 100),
+            vec!["short\ntext"]
+        );
         assert_eq!(split_at_safe_newlines("", 1), vec![""]);
     }
 }

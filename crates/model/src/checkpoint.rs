@@ -27,9 +27,7 @@ pub fn save_pretrained(model: &Llama, dir: &Path) -> Result<()> {
     Tensor::write_safetensors(&tensors, &tmp).with_context(|| format!("{}: cannot write weights", tmp.display()))?;
     std::fs::rename(&tmp, &weights)?;
 
-    let mut config = serde_json::to_value(&model.config)?;
-    config["torch_dtype"] = "float32".into();
-    write_json(&dir.join(CONFIG_FILE), &config)?;
+    write_json(&dir.join(CONFIG_FILE), &model.config.to_hf_json())?;
     let mut generation = serde_json::json!({ "_from_model_config": true, "do_sample": false });
     if let Some(bos) = model.config.bos_token_id {
         generation["bos_token_id"] = bos.into();

@@ -37,6 +37,10 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     #[serde(default)]
     pub rope_scaling: Option<serde_json::Value>,
+    /// transformers ≥ 5 moves `rope_theta` into `{"rope_type": "default", "rope_theta": θ}`; agora reads
+    /// both layouts and writes both (see [`LlamaConfig::to_hf_json`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<serde_json::Value>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     #[serde(default)]
@@ -130,6 +134,7 @@ impl LlamaConfig {
             rms_norm_eps: 1e-5,
             rope_theta: default_rope_theta(),
             rope_scaling: None,
+            rope_parameters: None,
             tie_word_embeddings,
             attention_bias: false,
             mlp_bias: false,
@@ -187,8 +192,11 @@ impl LlamaConfig {
         if self.hidden_act != "silu" {
             return Err(bad("hidden_act", format!("only \"silu\" (SwiGLU) is supported, got {:?}", self.hidden_act)));
         }
-        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(bad("rope_scaling", "RoPE scaling variants are not supported yet"));
+        for (field, rope) in [("rope_scaling", &self.rope_scaling), ("rope_parameters", &self.rope_parameters)] {
+            let kind = rope.as_ref().filter(|v| !v.is_null()).map(|v| v["rope_type"].as_str().unwrap_or("?"));
+            if kind.is_some_and(|k| k != "default") {
+                return Err(bad(field, format!("RoPE variant {:?} is not supported yet", kind.unwrap())));
+            }
         }
         if self.attention_bias || self.mlp_bias {
             return Err(bad("attention_bias/mlp_bias", "biases in linear layers are not supported"));
@@ -202,12 +210,34 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// Parses a `config.json` of any transformers version (4.x top-level `rope_theta`, 5.x `rope_parameters`).
+    pub fn from_json_str(text: &str) -> serde_json::Result<Self> {
+        let mut config: LlamaConfig = serde_json::from_str(text)?;
+        if let Some(theta) = config.rope_parameters.as_ref().and_then(|p| p["rope_theta"].as_f64()) {
+            config.rope_theta = theta;
+        }
+        // Once read, the default layout is fully described by `rope_theta`; keep others to reject them.
+        if config.rope_parameters.as_ref().is_some_and(|p| p["rope_type"].as_str().unwrap_or("default") == "default") {
+            config.rope_parameters = None;
+        }
+        Ok(config)
+    }
+
+    /// The `config.json` agora writes: readable by transformers 4.x and 5.x alike.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("config serializes");
+        value["rope_parameters"] = serde_json::json!({ "rope_type": "default", "rope_theta": self.rope_theta });
+        value["torch_dtype"] = "float32".into();
+        value["dtype"] = "float32".into();
+        value
+    }
+
     /// Reads a `config.json`, with an error naming the file.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         use anyhow::Context;
         let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read model config", path.display()))?;
-        let config: LlamaConfig =
-            serde_json::from_str(&text).with_context(|| format!("{}: not a valid Llama config.json", path.display()))?;
+        let config =
+            LlamaConfig::from_json_str(&text).with_context(|| format!("{}: not a valid Llama config.json", path.display()))?;
         config.validate().with_context(|| path.display().to_string())?;
         Ok(config)
     }
@@ -297,7 +327,7 @@ pub fn preset(name: &str, vocab_size: Option<usize>) -> Result<LlamaConfig, Conf
         "phase1" => (1536, 4096, 12, 12, 4, 4096, false),
         "phase2" => (2560, 6912, 22, 20, 4, 4096, false),
         "phase3" => (4096, 11008, 36, 32, 8, 8192, false),
-        "phase4" => (6656, 17920, 54, 52, 8, 8192, false),
+        "phase4" => (6656, 17920, 54, 52, 4, 8192, false),
         "phase5" => (9216, 28672, 100, 72, 8, 8192, false),
         "phase6" => (16384, 53248, 115, 128, 16, 8192, false),
         "phase7" => (24576, 86016, 183, 192, 16, 8192, false),
@@ -349,13 +379,21 @@ mod tests {
     fn hf_config_round_trips_and_defaults_apply() {
         let json = r#"{"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
             "num_hidden_layers": 2, "num_attention_heads": 4, "transformers_version": "4.50"}"#;
-        let c: LlamaConfig = serde_json::from_str(json).unwrap();
+        let c = LlamaConfig::from_json_str(json).unwrap();
         assert_eq!(c.kv_heads(), 4);
         assert_eq!(c.head_size(), 8);
         assert_eq!(c.rope_theta, 10000.0);
         c.validate().unwrap();
-        let back: LlamaConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
-        assert_eq!(back, c);
+        let back = LlamaConfig::from_json_str(&c.to_hf_json().to_string()).unwrap();
+        assert_eq!(back.rope_theta, c.rope_theta);
+        assert_eq!(back.kv_heads(), c.kv_heads());
+        // transformers 5 layout.
+        let v5 = r#"{"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}}"#;
+        assert_eq!(LlamaConfig::from_json_str(v5).unwrap().rope_theta, 50000.0);
+        let yarn = v5.replace("\"default\"", "\"yarn\"");
+        let err = LlamaConfig::from_json_str(&yarn).unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("rope_parameters") && err.contains("yarn"), "{err}");
     }
 
     #[test]

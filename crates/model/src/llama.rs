@@ -25,7 +25,7 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn len(&self) -> i64 {
-        self.layers.first().map_or(0, |(k, _)| k.size()[2])
+        self.layers.first().filter(|(k, _)| k.dim() == 4).map_or(0, |(k, _)| k.size()[2])
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0

@@ -45,19 +45,30 @@ pub fn write_parquet(path: &Path, column: &str, values: &[Option<&str>], row_gro
     ))
     .unwrap();
     let props = Arc::new(WriterProperties::builder().build());
-    let mut writer = SerializedFileWriter::new(File::create(path).unwrap(), Arc::new(schema), props).unwrap();
+    let mut writer =
+        SerializedFileWriter::new(File::create(path).unwrap(), Arc::new(schema), props).unwrap();
     let per_group = values.len().div_ceil(row_groups.max(1)).max(1);
     for (g, chunk) in values.chunks(per_group).enumerate() {
         let mut rg = writer.next_row_group().unwrap();
         let defs: Vec<i16> = chunk.iter().map(|v| i16::from(v.is_some())).collect();
-        let strings: Vec<ByteArray> = chunk.iter().flatten().map(|s| ByteArray::from(*s)).collect();
+        let strings: Vec<ByteArray> = chunk
+            .iter()
+            .flatten()
+            .map(|s| ByteArray::from(*s))
+            .collect();
         let mut col = rg.next_column().unwrap().unwrap();
-        col.typed::<ByteArrayType>().write_batch(&strings, Some(&defs), None).unwrap();
+        col.typed::<ByteArrayType>()
+            .write_batch(&strings, Some(&defs), None)
+            .unwrap();
         col.close().unwrap();
-        let ids: Vec<i64> = (0..chunk.len() as i64).map(|i| i + (g * per_group) as i64).collect();
+        let ids: Vec<i64> = (0..chunk.len() as i64)
+            .map(|i| i + (g * per_group) as i64)
+            .collect();
         let id_defs = vec![1i16; chunk.len()];
         let mut col = rg.next_column().unwrap().unwrap();
-        col.typed::<parquet::data_type::Int64Type>().write_batch(&ids, Some(&id_defs), None).unwrap();
+        col.typed::<parquet::data_type::Int64Type>()
+            .write_batch(&ids, Some(&id_defs), None)
+            .unwrap();
         col.close().unwrap();
         rg.close().unwrap();
     }
