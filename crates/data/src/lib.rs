@@ -22,6 +22,6 @@ pub mod tokenizer;
 
 pub use corpus::read_documents;
 pub use sampling::{batch_offsets, batch_tokens, eval_offsets};
-pub use shard::{prepare, PrepareReport, Shard};
+pub use shard::{prepare, PrepareReport, Shard, Split};
 pub use synthetic::MarkovSource;
-pub use tokenizer::{train_bpe, write_hf_tokenizer_files, Tokenizer};
+pub use tokenizer::{train_bpe, write_hf_tokenizer_files, Tokenizer, ENDOFTEXT};

@@ -19,10 +19,7 @@ pub fn ensure_window_fits(n_tokens: usize, seq_len: usize) -> Result<()> {
         bail!("sequence length must be at least 1");
     }
     if n_tokens <= seq_len {
-        bail!(
-            "shard has {n_tokens} tokens but a training window needs seq_len + 1 = {} tokens",
-            seq_len + 1
-        );
+        bail!("shard has {n_tokens} tokens but a training window needs seq_len + 1 = {} tokens", seq_len + 1);
     }
     Ok(())
 }
@@ -67,9 +64,7 @@ pub fn batch_offsets(
         u64::from_le_bytes(buf)
     };
 
-    (0..batch_size)
-        .map(|_| uniform_below(n_starts, &mut next_u64) as usize)
-        .collect()
+    (0..batch_size).map(|_| uniform_below(n_starts, &mut next_u64) as usize).collect()
 }
 
 /// Uniform integer in `0..n` (n > 0), exactly unbiased (Lemire 2019, with rejection).
@@ -115,12 +110,7 @@ pub fn batch_tokens(shard: &Shard, offsets: &[usize], seq_len: usize) -> (Vec<u3
 ///
 /// # Panics
 /// If `batch_size == 0` or `n_tokens <= seq_len` (check with [`ensure_window_fits`]).
-pub fn eval_offsets(
-    n_tokens: usize,
-    seq_len: usize,
-    max_batches: usize,
-    batch_size: usize,
-) -> Vec<Vec<usize>> {
+pub fn eval_offsets(n_tokens: usize, seq_len: usize, max_batches: usize, batch_size: usize) -> Vec<Vec<usize>> {
     assert!(batch_size > 0, "eval batch size must be at least 1");
     assert!(seq_len > 0, "sequence length must be at least 1");
     assert!(

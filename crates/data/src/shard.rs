@@ -88,34 +88,19 @@ impl Shard {
     /// Builds an in-memory shard (what [`Shard::write`] then [`Shard::open`] would give).
     ///
     /// Fails if a token id is not below `vocab_size`.
-    pub fn from_tokens(
-        tokens: Vec<u32>,
-        tokenizer_hash: [u8; 32],
-        vocab_size: usize,
-    ) -> Result<Shard> {
+    pub fn from_tokens(tokens: Vec<u32>, tokenizer_hash: [u8; 32], vocab_size: usize) -> Result<Shard> {
         let dtype = Dtype::for_vocab_size(vocab_size);
         check_ids(&tokens, vocab_size)?;
         let content_hash = *blake3::hash(&encode_payload(&tokens, dtype)).as_bytes();
-        Ok(Shard {
-            tokenizer_hash,
-            content_hash,
-            dtype,
-            tokens,
-        })
+        Ok(Shard { tokenizer_hash, content_hash, dtype, tokens })
     }
 
     /// Writes `tokens` as a shard file and returns the content hash.
     ///
     /// The file is written to a temporary name and renamed into place, so a crash never leaves
     /// a partial shard under `path`. Fails if a token id is not below `vocab_size`.
-    pub fn write(
-        path: &Path,
-        tokens: &[u32],
-        tokenizer_hash: [u8; 32],
-        vocab_size: usize,
-    ) -> Result<[u8; 32]> {
-        check_ids(tokens, vocab_size)
-            .with_context(|| format!("{}: cannot write shard", path.display()))?;
+    pub fn write(path: &Path, tokens: &[u32], tokenizer_hash: [u8; 32], vocab_size: usize) -> Result<[u8; 32]> {
+        check_ids(tokens, vocab_size).with_context(|| format!("{}: cannot write shard", path.display()))?;
         let dtype = Dtype::for_vocab_size(vocab_size);
         let payload = encode_payload(tokens, dtype);
         let content_hash = *blake3::hash(&payload).as_bytes();
@@ -133,23 +118,16 @@ impl Shard {
         let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
         tmp_name.push(".tmp");
         let tmp = path.with_file_name(tmp_name);
-        fs::write(&tmp, &bytes)
-            .with_context(|| format!("{}: cannot write shard", tmp.display()))?;
-        fs::rename(&tmp, path).with_context(|| {
-            format!(
-                "{}: cannot move shard into place from {}",
-                path.display(),
-                tmp.display()
-            )
-        })?;
+        fs::write(&tmp, &bytes).with_context(|| format!("{}: cannot write shard", tmp.display()))?;
+        fs::rename(&tmp, path)
+            .with_context(|| format!("{}: cannot move shard into place from {}", path.display(), tmp.display()))?;
         Ok(content_hash)
     }
 
     /// Reads and fully validates a shard: magic, version, dtype, payload length and content
     /// hash. Any corruption or truncation is an error `"<path>: shard is corrupt: ..."`.
     pub fn open(path: &Path) -> Result<Shard> {
-        let bytes =
-            fs::read(path).with_context(|| format!("{}: cannot read shard", path.display()))?;
+        let bytes = fs::read(path).with_context(|| format!("{}: cannot read shard", path.display()))?;
         // One flat message, so it reads the same with `{}` and `{:#}`.
         Self::parse(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))
     }
@@ -159,10 +137,7 @@ impl Shard {
             bail!("not an agora token shard (bad magic)");
         }
         if bytes.len() < HEADER_LEN {
-            bail!(
-                "shard is corrupt: truncated header ({} of {HEADER_LEN} bytes)",
-                bytes.len()
-            );
+            bail!("shard is corrupt: truncated header ({} of {HEADER_LEN} bytes)", bytes.len());
         }
         let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
         let hash_at = |at: usize| -> [u8; 32] { bytes[at..at + 32].try_into().expect("32 bytes") };
@@ -179,9 +154,7 @@ impl Shard {
         let content_hash = hash_at(56);
 
         let payload = &bytes[HEADER_LEN..];
-        let expected = usize::try_from(count)
-            .ok()
-            .and_then(|n| n.checked_mul(dtype.width()));
+        let expected = usize::try_from(count).ok().and_then(|n| n.checked_mul(dtype.width()));
         if expected != Some(payload.len()) {
             bail!(
                 "shard is corrupt: header says {count} tokens ({} bytes) but the payload has {} bytes",
@@ -193,21 +166,10 @@ impl Shard {
             bail!("shard is corrupt: content hash mismatch");
         }
         let tokens = match dtype {
-            Dtype::U16 => payload
-                .chunks_exact(2)
-                .map(|c| u32::from(u16::from_le_bytes([c[0], c[1]])))
-                .collect(),
-            Dtype::U32 => payload
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
+            Dtype::U16 => payload.chunks_exact(2).map(|c| u32::from(u16::from_le_bytes([c[0], c[1]]))).collect(),
+            Dtype::U32 => payload.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         };
-        Ok(Shard {
-            tokenizer_hash,
-            content_hash,
-            dtype,
-            tokens,
-        })
+        Ok(Shard { tokenizer_hash, content_hash, dtype, tokens })
     }
 
     /// The token ids.
@@ -247,11 +209,7 @@ pub fn hex(hash: &[u8; 32]) -> String {
 }
 
 fn check_ids(tokens: &[u32], vocab_size: usize) -> Result<()> {
-    if let Some((i, id)) = tokens
-        .iter()
-        .enumerate()
-        .find(|(_, &id)| id as usize >= vocab_size)
-    {
+    if let Some((i, id)) = tokens.iter().enumerate().find(|(_, &id)| id as usize >= vocab_size) {
         bail!("token {i} has id {id}, not below the vocabulary size {vocab_size}");
     }
     Ok(())
@@ -262,8 +220,7 @@ fn encode_payload(tokens: &[u32], dtype: Dtype) -> Vec<u8> {
     match dtype {
         Dtype::U16 => {
             for &t in tokens {
-                let t =
-                    u16::try_from(t).expect("ids were checked against a vocabulary that fits u16");
+                let t = u16::try_from(t).expect("ids were checked against a vocabulary that fits u16");
                 out.extend_from_slice(&t.to_le_bytes());
             }
         }
@@ -298,10 +255,7 @@ pub enum Split {
     /// A single document was cut at `byte` (just after a newline where possible).
     Text { byte: usize, text_len: usize },
     /// The last `val_documents` documents were held out.
-    Documents {
-        train_documents: usize,
-        val_documents: usize,
-    },
+    Documents { train_documents: usize, val_documents: usize },
 }
 
 /// Tokenizes the documents of `inputs` and writes `out_dir/train.shard` and `out_dir/val.shard`.
@@ -310,12 +264,7 @@ pub enum Split {
 /// `val_fraction` of them (rounded, at least one on each side); with a single document (e.g. one
 /// `.txt` file), its text is cut at the `1 - val_fraction` byte position moved forward to just
 /// after the next newline. Within a shard, documents are separated by the end-of-text id.
-pub fn prepare(
-    inputs: &[PathBuf],
-    tok: &Tokenizer,
-    out_dir: &Path,
-    val_fraction: f64,
-) -> Result<PrepareReport> {
+pub fn prepare(inputs: &[PathBuf], tok: &Tokenizer, out_dir: &Path, val_fraction: f64) -> Result<PrepareReport> {
     if !(val_fraction > 0.0 && val_fraction < 1.0) {
         bail!("validation fraction must be strictly between 0 and 1, got {val_fraction}");
     }
@@ -330,28 +279,17 @@ pub fn prepare(
                 text.len()
             );
         }
-        (
-            vec![train],
-            vec![val],
-            Split::Text {
-                byte,
-                text_len: text.len(),
-            },
-        )
+        (vec![train], vec![val], Split::Text { byte, text_len: text.len() })
     } else {
         let n = docs.len();
         let val_n = ((n as f64 * val_fraction).round() as usize).clamp(1, n - 1);
         let refs: Vec<&str> = docs.iter().map(String::as_str).collect();
         let (train, val) = refs.split_at(n - val_n);
-        let split = Split::Documents {
-            train_documents: n - val_n,
-            val_documents: val_n,
-        };
+        let split = Split::Documents { train_documents: n - val_n, val_documents: val_n };
         (train.to_vec(), val.to_vec(), split)
     };
 
-    fs::create_dir_all(out_dir)
-        .with_context(|| format!("{}: cannot create directory", out_dir.display()))?;
+    fs::create_dir_all(out_dir).with_context(|| format!("{}: cannot create directory", out_dir.display()))?;
     let started = std::time::Instant::now();
     let train_tokens = tokenize_joined(tok, &train_docs)?;
     let val_tokens = tokenize_joined(tok, &val_docs)?;
@@ -364,8 +302,7 @@ pub fn prepare(
 
     let train_path = out_dir.join("train.shard");
     let val_path = out_dir.join("val.shard");
-    let train_content_hash =
-        Shard::write(&train_path, &train_tokens, tok.hash(), tok.vocab_size())?;
+    let train_content_hash = Shard::write(&train_path, &train_tokens, tok.hash(), tok.vocab_size())?;
     let val_content_hash = Shard::write(&val_path, &val_tokens, tok.hash(), tok.vocab_size())?;
     Ok(PrepareReport {
         train_path,
@@ -387,9 +324,7 @@ fn split_text_at(text: &str, fraction: f64) -> usize {
     let target = ((text.len() as f64 * fraction) as usize).min(text.len());
     match text.as_bytes()[target..].iter().position(|&b| b == b'\n') {
         Some(rel) => target + rel + 1,
-        None => (target..=text.len())
-            .find(|&i| text.is_char_boundary(i))
-            .unwrap_or(text.len()),
+        None => (target..=text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len()),
     }
 }
 

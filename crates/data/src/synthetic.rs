@@ -89,36 +89,21 @@ impl MarkovSource {
             let mut successors: Vec<usize> = (0..NUM_WORDS).collect();
             rng.shuffle(&mut successors);
             successors.truncate(degree);
-            let mut row: Vec<(usize, f64)> = successors
-                .into_iter()
-                .zip(zipf(degree, 1.3, 1.0 - p_end))
-                .collect();
+            let mut row: Vec<(usize, f64)> = successors.into_iter().zip(zipf(degree, 1.3, 1.0 - p_end)).collect();
             row.push((Self::PERIOD, p_end));
             rows.push(row);
         }
         let mut starters: Vec<usize> = (0..NUM_WORDS).collect();
         rng.shuffle(&mut starters);
-        let mut after_period: Vec<(usize, f64)> = starters
-            .iter()
-            .copied()
-            .zip(zipf(NUM_WORDS, 1.0, 1.0 - NEWLINE_AFTER_PERIOD))
-            .collect();
+        let mut after_period: Vec<(usize, f64)> =
+            starters.iter().copied().zip(zipf(NUM_WORDS, 1.0, 1.0 - NEWLINE_AFTER_PERIOD)).collect();
         after_period.push((Self::NEWLINE, NEWLINE_AFTER_PERIOD));
         rows.push(after_period);
         rng.shuffle(&mut starters);
-        rows.push(
-            starters
-                .into_iter()
-                .zip(zipf(NUM_WORDS, 1.0, 1.0))
-                .collect(),
-        );
+        rows.push(starters.into_iter().zip(zipf(NUM_WORDS, 1.0, 1.0)).collect());
 
         let stationary = stationary_distribution(&rows);
-        MarkovSource {
-            words,
-            rows,
-            stationary,
-        }
+        MarkovSource { words, rows, stationary }
     }
 
     /// The word vocabulary (state `i < NUM_WORDS` renders as `words()[i]`).
@@ -175,10 +160,7 @@ impl MarkovSource {
     }
 
     fn transition_prob(&self, from: usize, to: usize) -> f64 {
-        self.rows[from]
-            .iter()
-            .find(|&&(next, _)| next == to)
-            .map_or(0.0, |&(_, p)| p)
+        self.rows[from].iter().find(|&&(next, _)| next == to).map_or(0.0, |&(_, p)| p)
     }
 
     /// Exact entropy rate in bits per chain step: `sum_i pi_i H(P[i, .])`.
@@ -240,12 +222,8 @@ impl MarkovSource {
 
     /// Inverts rendering: text back to the state sequence.
     fn parse(&self, text: &str) -> Result<Vec<usize>> {
-        let index: std::collections::HashMap<&str, usize> = self
-            .words
-            .iter()
-            .enumerate()
-            .map(|(i, w)| (w.as_str(), i))
-            .collect();
+        let index: std::collections::HashMap<&str, usize> =
+            self.words.iter().enumerate().map(|(i, w)| (w.as_str(), i)).collect();
         let mut states = Vec::new();
         let mut rest = text;
         while let Some(c) = rest.chars().next() {
@@ -254,9 +232,7 @@ impl MarkovSource {
                 '\n' => states.push(Self::NEWLINE),
                 ' ' => {}
                 c if c.is_ascii_lowercase() => {
-                    let len = rest
-                        .find(|c: char| !c.is_ascii_lowercase())
-                        .unwrap_or(rest.len());
+                    let len = rest.find(|c: char| !c.is_ascii_lowercase()).unwrap_or(rest.len());
                     let word = &rest[..len];
                     let Some(&state) = index.get(word) else {
                         bail!("unknown word {word:?}");
@@ -335,10 +311,7 @@ mod tests {
         }
         let pi_sum: f64 = src.stationary.iter().sum();
         assert!((pi_sum - 1.0).abs() < 1e-12);
-        assert!(
-            src.stationary.iter().all(|&p| p > 0.0),
-            "chain is irreducible"
-        );
+        assert!(src.stationary.iter().all(|&p| p > 0.0), "chain is irreducible");
     }
 
     #[test]
@@ -350,11 +323,7 @@ mod tests {
                 next[to] += src.stationary[from] * p;
             }
         }
-        let err: f64 = next
-            .iter()
-            .zip(&src.stationary)
-            .map(|(a, b)| (a - b).abs())
-            .sum();
+        let err: f64 = next.iter().zip(&src.stationary).map(|(a, b)| (a - b).abs()).sum();
         assert!(err < 1e-10, "|pi P - pi| = {err}");
     }
 }

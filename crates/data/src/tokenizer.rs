@@ -50,10 +50,8 @@ impl Tokenizer {
     /// Loads a `tokenizer.json` file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Tokenizer> {
         let path = path.as_ref();
-        let bytes = fs::read(path)
-            .with_context(|| format!("{}: cannot read tokenizer file", path.display()))?;
-        Self::from_json_bytes(&bytes)
-            .with_context(|| format!("{}: invalid tokenizer", path.display()))
+        let bytes = fs::read(path).with_context(|| format!("{}: cannot read tokenizer file", path.display()))?;
+        Self::from_json_bytes(&bytes).with_context(|| format!("{}: invalid tokenizer", path.display()))
     }
 
     /// Parses the contents of a `tokenizer.json` file.
@@ -63,56 +61,33 @@ impl Tokenizer {
     /// none is); the beginning-of-text token is the first of `<|endoftext|>`,
     /// `<|begin_of_text|>`, `<s>`, `<bos>`, falling back to the end-of-text token.
     pub fn from_json_bytes(bytes: &[u8]) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(tk_err)
-            .context("not a valid tokenizer.json")?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(tk_err).context("not a valid tokenizer.json")?;
         Self::from_inner(inner)
     }
 
     fn from_inner(inner: tokenizers::Tokenizer) -> Result<Tokenizer> {
         let find = |candidates: &[&str]| candidates.iter().find_map(|t| inner.token_to_id(t));
-        let eos_id = find(&EOS_CANDIDATES).ok_or_else(|| {
-            anyhow!(
-                "tokenizer has no end-of-text token (looked for {})",
-                EOS_CANDIDATES.join(", ")
-            )
-        })?;
+        let eos_id = find(&EOS_CANDIDATES)
+            .ok_or_else(|| anyhow!("tokenizer has no end-of-text token (looked for {})", EOS_CANDIDATES.join(", ")))?;
         let bos_id = find(&BOS_CANDIDATES).unwrap_or(eos_id);
         // Ids index embedding rows, so the size that matters is one past the largest id (this also
         // counts special tokens, and any gaps in the id space).
-        let vocab_size = inner
-            .get_vocab(true)
-            .values()
-            .max()
-            .map_or(0, |&max| max as usize + 1);
-        let canonical = inner
-            .to_string(false)
-            .map_err(tk_err)
-            .context("cannot serialize tokenizer")?;
+        let vocab_size = inner.get_vocab(true).values().max().map_or(0, |&max| max as usize + 1);
+        let canonical = inner.to_string(false).map_err(tk_err).context("cannot serialize tokenizer")?;
         let hash = *blake3::hash(canonical.as_bytes()).as_bytes();
         let chunkable = is_chunkable(&inner);
-        Ok(Tokenizer {
-            inner,
-            eos_id,
-            bos_id,
-            vocab_size,
-            hash,
-            chunkable,
-        })
+        Ok(Tokenizer { inner, eos_id, bos_id, vocab_size, hash, chunkable })
     }
 
     /// The tokenizer as pretty-printed `tokenizer.json` text.
     pub fn to_json_string(&self) -> String {
-        self.inner
-            .to_string(true)
-            .expect("a tokenizer that serialized at construction serializes again")
+        self.inner.to_string(true).expect("a tokenizer that serialized at construction serializes again")
     }
 
     /// Writes the tokenizer as a pretty-printed `tokenizer.json` file.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        fs::write(path, self.to_json_string())
-            .with_context(|| format!("{}: cannot write tokenizer", path.display()))
+        fs::write(path, self.to_json_string()).with_context(|| format!("{}: cannot write tokenizer", path.display()))
     }
 
     /// Encodes `text` to token ids, adding no special tokens.
@@ -125,14 +100,8 @@ impl Tokenizer {
             return self.encode_piece(text);
         }
         let pieces = split_at_safe_newlines(text, CHUNK_BYTES);
-        let encodings = self
-            .inner
-            .encode_batch_fast(pieces, false)
-            .map_err(tk_err)?;
-        Ok(encodings
-            .iter()
-            .flat_map(|e| e.get_ids().iter().copied())
-            .collect())
+        let encodings = self.inner.encode_batch_fast(pieces, false).map_err(tk_err)?;
+        Ok(encodings.iter().flat_map(|e| e.get_ids().iter().copied()).collect())
     }
 
     /// Encodes several texts (in parallel); equivalent to calling [`Tokenizer::encode`] on each.
@@ -140,18 +109,11 @@ impl Tokenizer {
         let mut pieces: Vec<&str> = Vec::new();
         let mut owner: Vec<usize> = Vec::new();
         for (i, text) in texts.iter().enumerate() {
-            let split = if self.chunkable {
-                split_at_safe_newlines(text, CHUNK_BYTES)
-            } else {
-                vec![*text]
-            };
+            let split = if self.chunkable { split_at_safe_newlines(text, CHUNK_BYTES) } else { vec![*text] };
             owner.extend(std::iter::repeat_n(i, split.len()));
             pieces.extend(split);
         }
-        let encodings = self
-            .inner
-            .encode_batch_fast(pieces, false)
-            .map_err(tk_err)?;
+        let encodings = self.inner.encode_batch_fast(pieces, false).map_err(tk_err)?;
         let mut out = vec![Vec::new(); texts.len()];
         for (encoding, i) in encodings.iter().zip(owner) {
             out[i].extend_from_slice(encoding.get_ids());
@@ -167,10 +129,7 @@ impl Tokenizer {
     /// Decodes token ids back to text (special tokens are kept in the output).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
-            bail!(
-                "token id {bad} is out of range for vocabulary size {}",
-                self.vocab_size
-            );
+            bail!("token id {bad} is out of range for vocabulary size {}", self.vocab_size);
         }
         self.inner.decode(ids, false).map_err(tk_err)
     }
@@ -240,10 +199,7 @@ fn is_chunkable(tok: &tokenizers::Tokenizer) -> bool {
         Some(PreTokenizerWrapper::ByteLevel(bl)) if bl.use_regex && !bl.add_prefix_space
     );
     let no_normalizer = tok.get_normalizer().is_none();
-    let no_stripping = tok
-        .get_added_tokens_decoder()
-        .values()
-        .all(|t| !t.lstrip && !t.rstrip);
+    let no_stripping = tok.get_added_tokens_decoder().values().all(|t| !t.lstrip && !t.rstrip);
     byte_level && no_normalizer && no_stripping
 }
 
@@ -261,8 +217,7 @@ fn split_at_safe_newlines(text: &str, target: usize) -> Vec<&str> {
             // `nl` and `nl + 1` are char boundaries because '\n' is a single-byte character.
             let before = text[start..nl].chars().next_back();
             let after = text[nl + 1..].chars().next();
-            if matches!((before, after), (Some(b), Some(a)) if !b.is_whitespace() && !a.is_whitespace())
-            {
+            if matches!((before, after), (Some(b), Some(a)) if !b.is_whitespace() && !a.is_whitespace()) {
                 cut = Some(nl + 1);
                 break;
             }
@@ -286,7 +241,9 @@ fn split_at_safe_newlines(text: &str, target: usize) -> Vec<&str> {
 pub fn train_bpe(files: &[PathBuf], vocab_size: usize) -> Result<Tokenizer> {
     let min_size = ByteLevel::alphabet().len() + 1;
     if vocab_size < min_size {
-        bail!("vocab size {vocab_size} is too small: byte-level BPE needs at least {min_size} (256 bytes + {ENDOFTEXT})");
+        bail!(
+            "vocab size {vocab_size} is too small: byte-level BPE needs at least {min_size} (256 bytes + {ENDOFTEXT})"
+        );
     }
     if vocab_size > u32::MAX as usize {
         bail!("vocab size {vocab_size} does not fit in 32-bit token ids");
@@ -301,24 +258,17 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize) -> Result<Tokenizer> {
         .special_tokens(vec![AddedToken::from(ENDOFTEXT, true)])
         .initial_alphabet(alphabet)
         .build();
-    let mut tok =
-        TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
-            .with_model(BPE::default())
-            .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
-            .with_post_processor(Some(ByteLevel::new(false, true, true)))
-            .with_decoder(Some(ByteLevel::default()))
-            .build()
-            .map_err(tk_err)
-            .context("cannot build tokenizer pipeline")?;
-    tok.train(&mut trainer, docs.iter())
+    let mut tok = TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
+        .with_model(BPE::default())
+        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+        .with_post_processor(Some(ByteLevel::new(false, true, true)))
+        .with_decoder(Some(ByteLevel::default()))
+        .build()
         .map_err(tk_err)
-        .context("BPE training failed")?;
+        .context("cannot build tokenizer pipeline")?;
+    tok.train(&mut trainer, docs.iter()).map_err(tk_err).context("BPE training failed")?;
     let tok = Tokenizer::from_inner(tok.into())?;
-    debug_assert_eq!(
-        tok.eos_id(),
-        0,
-        "special tokens are added before the alphabet"
-    );
+    debug_assert_eq!(tok.eos_id(), 0, "special tokens are added before the alphabet");
     Ok(tok)
 }
 
@@ -328,17 +278,9 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize) -> Result<Tokenizer> {
 ///
 /// No BOS/EOS is added on encode, and decoding does not "clean up" spaces, so Python and Rust
 /// agree exactly in both directions.
-pub fn write_hf_tokenizer_files(
-    tok: &Tokenizer,
-    dir: &Path,
-    model_max_length: usize,
-) -> Result<()> {
-    fs::create_dir_all(dir)
-        .with_context(|| format!("{}: cannot create directory", dir.display()))?;
-    let token = |id: u32| {
-        tok.id_to_token(id)
-            .ok_or_else(|| anyhow!("tokenizer has no token for special id {id}"))
-    };
+pub fn write_hf_tokenizer_files(tok: &Tokenizer, dir: &Path, model_max_length: usize) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
+    let token = |id: u32| tok.id_to_token(id).ok_or_else(|| anyhow!("tokenizer has no token for special id {id}"));
     let eos = token(tok.eos_id())?;
     let bos = token(tok.bos_id())?;
 
@@ -395,11 +337,14 @@ mod tests {
     }
 
     #[test]
+    fn tokenizer_can_be_shared_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Tokenizer>();
+    }
+
+    #[test]
     fn split_keeps_short_text_whole() {
-        assert_eq!(
-            split_at_safe_newlines("short\ntext", 100),
-            vec!["short\ntext"]
-        );
+        assert_eq!(split_at_safe_newlines("short\ntext", 100), vec!["short\ntext"]);
         assert_eq!(split_at_safe_newlines("", 1), vec![""]);
     }
 }

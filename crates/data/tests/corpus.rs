@@ -15,11 +15,8 @@ fn txt_is_one_document() {
 fn jsonl_reads_text_fields_and_skips_blank_lines() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.JSONL");
-    std::fs::write(
-        &path,
-        "{\"text\": \"first\", \"id\": 1}\n\n{\"text\": \"sec\\nond\"}\r\n{\"text\": \"  \"}\n",
-    )
-    .unwrap();
+    std::fs::write(&path, "{\"text\": \"first\", \"id\": 1}\n\n{\"text\": \"sec\\nond\"}\r\n{\"text\": \"  \"}\n")
+        .unwrap();
     assert_eq!(read_documents(&path).unwrap(), vec!["first", "sec\nond"]);
 }
 
@@ -27,14 +24,8 @@ fn jsonl_reads_text_fields_and_skips_blank_lines() {
 fn jsonl_errors_name_file_line_and_problem() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        (
-            "{\"text\": \"ok\"}\n{\"body\": \"x\"}\n",
-            "bad.jsonl:2: missing field `text`",
-        ),
-        (
-            "{\"text\": 3}\n",
-            "bad.jsonl:1: field `text` must be a string, found a number",
-        ),
+        ("{\"text\": \"ok\"}\n{\"body\": \"x\"}\n", "bad.jsonl:2: missing field `text`"),
+        ("{\"text\": 3}\n", "bad.jsonl:1: field `text` must be a string, found a number"),
         ("{\"text\": \"ok\"}\n\n{oops\n", "bad.jsonl:3: invalid JSON"),
         ("[\"text\"]\n", "bad.jsonl:1: expected a JSON object"),
     ];
@@ -50,19 +41,9 @@ fn jsonl_errors_name_file_line_and_problem() {
 fn parquet_reads_text_column_across_row_groups_skipping_nulls() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("train-00000-of-00001.parquet");
-    let values = [
-        Some("alpha"),
-        None,
-        Some("beta"),
-        Some("gamma δ"),
-        Some(""),
-        Some("eps"),
-    ];
+    let values = [Some("alpha"), None, Some("beta"), Some("gamma δ"), Some(""), Some("eps")];
     write_parquet(&path, "text", &values, 2);
-    assert_eq!(
-        read_documents(&path).unwrap(),
-        vec!["alpha", "beta", "gamma δ", "eps"]
-    );
+    assert_eq!(read_documents(&path).unwrap(), vec!["alpha", "beta", "gamma δ", "eps"]);
 }
 
 #[test]
@@ -71,18 +52,12 @@ fn parquet_without_text_column_lists_columns() {
     let path = dir.path().join("wrong.parquet");
     write_parquet(&path, "content", &[Some("x")], 1);
     let e = msg(read_documents(&path).unwrap_err());
-    assert!(
-        e.contains("wrong.parquet") && e.contains("no `text` column") && e.contains("content, id"),
-        "{e}"
-    );
+    assert!(e.contains("wrong.parquet") && e.contains("no `text` column") && e.contains("content, id"), "{e}");
 
     let not_parquet = dir.path().join("fake.parquet");
     std::fs::write(&not_parquet, "definitely not parquet").unwrap();
     let e = msg(read_documents(&not_parquet).unwrap_err());
-    assert!(
-        e.contains("fake.parquet") && e.contains("not a readable parquet file"),
-        "{e}"
-    );
+    assert!(e.contains("fake.parquet") && e.contains("not a readable parquet file"), "{e}");
 }
 
 #[test]
@@ -93,10 +68,7 @@ fn directory_reads_supported_files_in_name_order() {
     std::fs::write(dir.path().join("README.md"), "ignored").unwrap();
     write_parquet(&dir.path().join("c.parquet"), "text", &[Some("sea")], 1);
     std::fs::create_dir(dir.path().join("d.txt")).unwrap(); // a directory, not a file
-    assert_eq!(
-        read_documents(dir.path()).unwrap(),
-        vec!["ay", "bee", "sea"]
-    );
+    assert_eq!(read_documents(dir.path()).unwrap(), vec!["ay", "bee", "sea"]);
 }
 
 #[test]
@@ -114,19 +86,11 @@ fn empty_and_unknown_inputs_fail_clearly() {
     let unknown = dir.path().join("data.csv");
     std::fs::write(&unknown, "text\nhello\n").unwrap();
     let e = msg(read_documents(&unknown).unwrap_err());
-    assert!(
-        e.contains("data.csv")
-            && e.contains("unsupported corpus file type")
-            && e.contains(".parquet"),
-        "{e}"
-    );
+    assert!(e.contains("data.csv") && e.contains("unsupported corpus file type") && e.contains(".parquet"), "{e}");
 
     let missing = dir.path().join("missing.txt");
     let e = msg(read_documents(&missing).unwrap_err());
-    assert!(
-        e.contains("missing.txt") && e.contains("cannot read corpus"),
-        "{e}"
-    );
+    assert!(e.contains("missing.txt") && e.contains("cannot read corpus"), "{e}");
 
     let empty_dir = dir.path().join("sub");
     std::fs::create_dir(&empty_dir).unwrap();

@@ -52,14 +52,8 @@ fn transformers_loads_exported_tokenizer_and_agrees() {
     });
     std::fs::write(out.join("expected.json"), expected.to_string()).unwrap();
 
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/python/test_tokenizer_hf.py"
-    );
-    let has_pytest = Command::new(&python)
-        .args(["-c", "import pytest"])
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/python/test_tokenizer_hf.py");
+    let has_pytest = Command::new(&python).args(["-c", "import pytest"]).output().is_ok_and(|o| o.status.success());
     let mut cmd = Command::new(&python);
     if has_pytest {
         cmd.args(["-m", "pytest", "-q", "-p", "no:cacheprovider", script]);
@@ -74,11 +68,6 @@ fn transformers_loads_exported_tokenizer_and_agrees() {
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "{} failed ({}):\n{stdout}\n{stderr}",
-        script,
-        output.status
-    );
+    assert!(output.status.success(), "{} failed ({}):\n{stdout}\n{stderr}", script, output.status);
     eprintln!("{stdout}");
 }

@@ -26,10 +26,7 @@ fn round_trip_u16_and_u32() {
     assert_eq!(shard.tokens(), small.as_slice());
     assert_eq!(shard.len(), 1000);
     assert_eq!(shard.tokenizer_hash, TOK_HASH);
-    assert_eq!(
-        std::fs::metadata(dir.path().join("t.shard")).unwrap().len(),
-        (HEADER_LEN + 2000) as u64
-    );
+    assert_eq!(std::fs::metadata(dir.path().join("t.shard")).unwrap().len(), (HEADER_LEN + 2000) as u64);
 
     let large: Vec<u32> = vec![0, 65536, 100_000, 3];
     let shard = write_and_open(dir.path(), &large, 100_001);
@@ -47,13 +44,7 @@ fn round_trip_u16_and_u32() {
 #[test]
 fn rejects_ids_outside_vocabulary() {
     let dir = tempfile::tempdir().unwrap();
-    let e = msg(Shard::write(
-        &dir.path().join("x.shard"),
-        &[1, 2, 70_000],
-        TOK_HASH,
-        65536,
-    )
-    .unwrap_err());
+    let e = msg(Shard::write(&dir.path().join("x.shard"), &[1, 2, 70_000], TOK_HASH, 65536).unwrap_err());
     assert!(e.contains("x.shard") && e.contains("id 70000"), "{e}");
     assert!(!dir.path().join("x.shard").exists());
 }
@@ -72,23 +63,14 @@ fn detects_corruption_and_truncation() {
 
     let mut flipped = good.clone();
     flipped[HEADER_LEN + 123] ^= 0x01;
-    assert_eq!(
-        open_err(&flipped),
-        format!(
-            "{}: shard is corrupt: content hash mismatch",
-            path.display()
-        )
-    );
+    assert_eq!(open_err(&flipped), format!("{}: shard is corrupt: content hash mismatch", path.display()));
 
     let mut bad_hash = good.clone();
     bad_hash[60] ^= 0x80; // inside the stored content hash
     assert!(open_err(&bad_hash).ends_with("shard is corrupt: content hash mismatch"));
 
     let e = open_err(&good[..good.len() - 1]);
-    assert!(
-        e.starts_with(&path.display().to_string()) && e.contains("shard is corrupt"),
-        "{e}"
-    );
+    assert!(e.starts_with(&path.display().to_string()) && e.contains("shard is corrupt"), "{e}");
     let e = open_err(&good[..40]);
     assert!(e.contains("shard is corrupt: truncated header"), "{e}");
     let e = open_err(&[good.as_slice(), &[0, 0]].concat());
@@ -110,10 +92,7 @@ fn detects_corruption_and_truncation() {
     std::fs::write(&path, &good).unwrap();
     assert_eq!(Shard::open(&path).unwrap().tokens(), tokens.as_slice());
     let e = msg(Shard::open(&dir.path().join("none.shard")).unwrap_err());
-    assert!(
-        e.contains("none.shard") && e.contains("cannot read shard"),
-        "{e}"
-    );
+    assert!(e.contains("none.shard") && e.contains("cannot read shard"), "{e}");
 }
 
 #[test]
@@ -125,27 +104,16 @@ fn prepare_tinyshakespeare_holds_out_the_last_tenth() {
 
     let started = Instant::now();
     let report = prepare(std::slice::from_ref(&corpus), &tok, dir.path(), 0.1).unwrap();
-    eprintln!(
-        "prepare(tinyshakespeare): {:.2?}, {report:?}",
-        started.elapsed()
-    );
+    eprintln!("prepare(tinyshakespeare): {:.2?}, {report:?}", started.elapsed());
 
-    let Split::Text { byte, text_len } = report.split else {
-        panic!("expected a text split")
-    };
+    let Split::Text { byte, text_len } = report.split else { panic!("expected a text split") };
     assert_eq!(text_len, text.len());
-    assert!(
-        byte >= text.len() * 9 / 10 && byte < text.len() * 9 / 10 + 200,
-        "cut at {byte}"
-    );
+    assert!(byte >= text.len() * 9 / 10 && byte < text.len() * 9 / 10 + 200, "cut at {byte}");
     assert_eq!(&text[byte - 1..byte], "\n", "cut right after a newline");
 
     let train = Shard::open(&report.train_path).unwrap();
     let val = Shard::open(&report.val_path).unwrap();
-    assert_eq!(
-        (train.len(), val.len()),
-        (report.train_tokens, report.val_tokens)
-    );
+    assert_eq!((train.len(), val.len()), (report.train_tokens, report.val_tokens));
     assert_eq!(train.tokenizer_hash, tok.hash());
     assert_eq!(val.content_hash, report.val_content_hash);
     assert_eq!(tok.decode(train.tokens()).unwrap(), text[..byte]);
@@ -161,21 +129,12 @@ fn prepare_multi_document_corpus_splits_by_document() {
     let tok = train_bpe(&[excerpt], 300).unwrap();
     let jsonl = dir.path().join("docs.jsonl");
     let docs: Vec<String> = (0..20).map(|i| format!("document number {i}.")).collect();
-    let lines: Vec<String> = docs
-        .iter()
-        .map(|d| serde_json::json!({ "text": d }).to_string())
-        .collect();
+    let lines: Vec<String> = docs.iter().map(|d| serde_json::json!({ "text": d }).to_string()).collect();
     std::fs::write(&jsonl, lines.join("\n")).unwrap();
 
     let out = dir.path().join("out");
     let report = prepare(&[jsonl], &tok, &out, 0.1).unwrap();
-    assert_eq!(
-        report.split,
-        Split::Documents {
-            train_documents: 18,
-            val_documents: 2
-        }
-    );
+    assert_eq!(report.split, Split::Documents { train_documents: 18, val_documents: 2 });
     let eos = tok.decode(&[tok.eos_id()]).unwrap();
     let train = Shard::open(&report.train_path).unwrap();
     let val = Shard::open(&report.val_path).unwrap();

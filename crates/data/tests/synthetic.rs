@@ -14,22 +14,12 @@ fn empirical_entropy_matches_analytic_rate() {
         src.entropy_rate_nats_per_char()
     );
     assert!(rel < 0.02, "empirical {empirical} vs analytic {analytic}");
-    assert!(
-        (1.0..4.0).contains(&analytic),
-        "a learnable but non-trivial source: {analytic}"
-    );
+    assert!((1.0..4.0).contains(&analytic), "a learnable but non-trivial source: {analytic}");
 
     // Characters per chain step measured on the sample agree with the analytic expectation.
-    let steps = text
-        .split([' ', '.', '\n'])
-        .filter(|w| !w.is_empty())
-        .count()
-        + text.matches(['.', '\n']).count();
+    let steps = text.split([' ', '.', '\n']).filter(|w| !w.is_empty()).count() + text.matches(['.', '\n']).count();
     let chars_per_step = text.len() as f64 / steps as f64;
-    assert!(
-        (chars_per_step / src.mean_chars_per_word() - 1.0).abs() < 0.02,
-        "{chars_per_step}"
-    );
+    assert!((chars_per_step / src.mean_chars_per_word() - 1.0).abs() < 0.02, "{chars_per_step}");
 }
 
 #[test]
@@ -42,10 +32,7 @@ fn generation_is_deterministic_and_well_formed() {
     assert_ne!(src.words(), MarkovSource::new(6).words());
     assert!(a.ends_with('\n'));
     assert!(a.is_ascii());
-    assert!(
-        a.lines().all(|l| !l.starts_with(' ') && l.ends_with('.')),
-        "lines are sentences"
-    );
+    assert!(a.lines().all(|l| !l.starts_with(' ') && l.ends_with('.')), "lines are sentences");
 
     let floor = src.loss_floor_nats_per_token(3.0);
     assert!((floor - 3.0 * src.entropy_rate_nats_per_char()).abs() < 1e-12);

@@ -14,11 +14,7 @@ fn training_is_deterministic() {
     assert_eq!(a.to_json_string(), b.to_json_string());
     assert_eq!(a.hash(), b.hash());
     let c = train_bpe(&[corpus], 400).unwrap();
-    assert_ne!(
-        a.hash(),
-        c.hash(),
-        "different vocab sizes give different tokenizers"
-    );
+    assert_ne!(a.hash(), c.hash(), "different vocab sizes give different tokenizers");
 }
 
 #[test]
@@ -31,20 +27,11 @@ fn trained_tokenizer_shape() {
     assert_eq!(tok.bos_id(), 0);
     assert_eq!(tok.token_to_id(ENDOFTEXT), Some(0));
     // Every byte is in the alphabet, so text the corpus never saw still encodes and round-trips.
-    for text in [
-        "naïve café ☃ 日本語 🙂",
-        "\t\r\n  \u{0}",
-        "<|endoftext|>",
-        "",
-    ] {
+    for text in ["naïve café ☃ 日本語 🙂", "\t\r\n  \u{0}", "<|endoftext|>", ""] {
         let ids = tok.encode(text).unwrap();
         assert_eq!(tok.decode(&ids).unwrap(), text);
     }
-    assert_eq!(
-        tok.encode("a<|endoftext|>b").unwrap()[1],
-        0,
-        "special token is recognized"
-    );
+    assert_eq!(tok.encode("a<|endoftext|>b").unwrap()[1], 0, "special token is recognized");
 }
 
 #[test]
@@ -55,20 +42,9 @@ fn round_trip_on_tinyshakespeare_and_chunked_encoding_matches() {
     let started = Instant::now();
     let ids = tok.encode(&text).unwrap();
     let elapsed = started.elapsed();
-    eprintln!(
-        "encode {} bytes -> {} tokens: {elapsed:.2?}",
-        text.len(),
-        ids.len()
-    );
-    assert!(
-        elapsed.as_secs_f64() < 5.0,
-        "encoding 1.1 MB took {elapsed:.2?}"
-    );
-    assert!(
-        ids.len() * 10 < text.len() * 6,
-        "BPE compresses: {} tokens",
-        ids.len()
-    );
+    eprintln!("encode {} bytes -> {} tokens: {elapsed:.2?}", text.len(), ids.len());
+    assert!(elapsed.as_secs_f64() < 5.0, "encoding 1.1 MB took {elapsed:.2?}");
+    assert!(ids.len() * 10 < text.len() * 6, "BPE compresses: {} tokens", ids.len());
     assert_eq!(tok.decode(&ids).unwrap(), text);
 
     // The parallel line-chunked path must give exactly what one whole-text encoding gives.
@@ -107,10 +83,7 @@ fn trains_from_jsonl_and_parquet() {
     let text = tinyshakespeare_text();
     let paragraphs: Vec<&str> = text[..100_000].split("\n\n").collect();
     let jsonl = dir.path().join("c.jsonl");
-    let lines: Vec<String> = paragraphs
-        .iter()
-        .map(|p| serde_json::json!({ "text": p }).to_string())
-        .collect();
+    let lines: Vec<String> = paragraphs.iter().map(|p| serde_json::json!({ "text": p }).to_string()).collect();
     std::fs::write(&jsonl, lines.join("\n")).unwrap();
     let parquet = dir.path().join("c.parquet");
     let values: Vec<Option<&str>> = paragraphs.iter().map(|p| Some(*p)).collect();
@@ -118,11 +91,7 @@ fn trains_from_jsonl_and_parquet() {
 
     let a = train_bpe(&[jsonl], 400).unwrap();
     let b = train_bpe(&[parquet], 400).unwrap();
-    assert_eq!(
-        a.hash(),
-        b.hash(),
-        "same documents, same tokenizer, whatever the container"
-    );
+    assert_eq!(a.hash(), b.hash(), "same documents, same tokenizer, whatever the container");
 }
 
 #[test]
@@ -135,10 +104,7 @@ fn errors_are_actionable() {
     let corrupt = dir.path().join("corrupt.json");
     std::fs::write(&corrupt, "{ not json").unwrap();
     let e = msg(Tokenizer::from_file(&corrupt).unwrap_err());
-    assert!(
-        e.contains("corrupt.json") && e.contains("not a valid tokenizer.json"),
-        "{e}"
-    );
+    assert!(e.contains("corrupt.json") && e.contains("not a valid tokenizer.json"), "{e}");
 
     let e = msg(train_bpe(&[tinyshakespeare()], 100).unwrap_err());
     assert!(e.contains("too small"), "{e}");

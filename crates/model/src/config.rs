@@ -235,9 +235,10 @@ impl LlamaConfig {
     /// Reads a `config.json`, with an error naming the file.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read model config", path.display()))?;
-        let config =
-            LlamaConfig::from_json_str(&text).with_context(|| format!("{}: not a valid Llama config.json", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("{}: cannot read model config", path.display()))?;
+        let config = LlamaConfig::from_json_str(&text)
+            .with_context(|| format!("{}: not a valid Llama config.json", path.display()))?;
         config.validate().with_context(|| path.display().to_string())?;
         Ok(config)
     }

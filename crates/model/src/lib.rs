@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod config;
+mod init;
 pub mod llama;
 
 pub use checkpoint::{load_pretrained, save_pretrained};

@@ -87,7 +87,11 @@ impl Llama {
             .map(|(name, shape)| (name, Tensor::zeros(shape.as_slice(), (Kind::Float, device)).set_requires_grad(true)))
             .collect();
         let get = |name: &str| {
-            parameters.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone()).expect("name from parameter_shapes")
+            parameters
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.shallow_clone())
+                .expect("name from parameter_shapes")
         };
         let blocks = (0..config.num_hidden_layers)
             .map(|l| {
@@ -120,8 +124,8 @@ impl Llama {
         }
     }
 
-    /// A freshly initialised model. Weights are drawn on the CPU from `seed` (so a seed gives the same
-    /// model on every device): every matrix ~ N(0, initializer_range²), except the two projections that
+    /// A freshly initialised model. Weights are drawn on the CPU from `seed` by agora's own generator (so a
+    /// seed gives the same model on every device and libtorch version): every matrix ~ N(0, initializer_range²), except the two projections that
     /// write into the residual stream (`o_proj`, `down_proj`), whose std is divided by √(2·layers) so the
     /// residual variance stays O(1) with depth (GPT-2); RMSNorm gains are 1.
     pub fn new(config: &LlamaConfig, device: Device, seed: u64) -> Self {
@@ -131,16 +135,20 @@ impl Llama {
     }
 
     pub fn initialize(&self, seed: u64) {
-        tch::manual_seed(seed as i64);
         let std = self.config.initializer_range;
         let residual_std = std / (2.0 * self.config.num_hidden_layers as f64).sqrt();
         tch::no_grad(|| {
             for (name, p) in &self.parameters {
+                let shape = p.size();
                 let value = if name.ends_with("norm.weight") {
-                    Tensor::ones(p.size().as_slice(), (Kind::Float, Device::Cpu))
+                    Tensor::ones(shape.as_slice(), (Kind::Float, Device::Cpu))
                 } else {
-                    let s = if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") { residual_std } else { std };
-                    Tensor::randn(p.size().as_slice(), (Kind::Float, Device::Cpu)) * s
+                    let s = if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+                        residual_std
+                    } else {
+                        std
+                    };
+                    Tensor::from_slice(&crate::init::normal(seed, name, p.numel(), s)).view(shape.as_slice())
                 };
                 p.shallow_clone().copy_(&value);
             }

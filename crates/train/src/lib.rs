@@ -1,1 +1,14 @@
-//! placeholder
+//! agora-train: the deterministic inner loop that turns a model and a token shard into better weights.
+//!
+//! Owns: AdamW and the learning-rate schedule, gradient clipping and accumulation, validation loss,
+//! resumable checkpoints (HF model directory + optimizer moments + step), and sampling text from a model.
+//! Must not know about: how shards were made (that is `agora-data`), the network, rounds or other
+//! workers. A DiLoCo worker will call [`Trainer::train_step`] H times; nothing here changes for that.
+
+pub mod checkpoint;
+pub mod generate;
+pub mod optim;
+pub mod trainer;
+
+pub use optim::{AdamW, AdamWConfig, Schedule};
+pub use trainer::{evaluate, StepStats, TrainConfig, Trainer};
