@@ -37,6 +37,10 @@ pub struct TrainingState {
     pub sampler: String,
     pub last_loss: Option<f64>,
     pub last_val_loss: Option<f64>,
+    /// Where the run's `train.shard`/`val.shard` were (a hint for `agora eval` and `--resume`; the
+    /// hashes above are what is checked).
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
 }
 
 pub const SAMPLER: &str = "agora-data batch_offsets v1: blake3(seed, shard, step, micro, row)";

@@ -81,6 +81,7 @@ fn resuming_from_a_checkpoint_continues_bit_identically() {
         sampler: SAMPLER.into(),
         last_loss: losses.last().copied(),
         last_val_loss: None,
+        data_dir: None,
     };
     checkpoint::save(&ckpt, &first, tok, &state).unwrap();
     // Save twice: the second save must replace the first cleanly.

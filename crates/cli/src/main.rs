@@ -1,0 +1,109 @@
+//! `agora`: the one binary. Subcommands parse arguments and report; the work lives in the library crates.
+//!
+//! Must not know about: tensor math or file formats beyond calling the crates that own them.
+
+mod commands;
+mod run;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "agora", version, about = "Train open language models with crowdsourced compute")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model on a corpus (from a TOML run file and/or flags); resumable.
+    Train(run::TrainArgs),
+    /// Validation loss and perplexity of a checkpoint.
+    Eval(commands::EvalArgs),
+    /// Continue a prompt with a checkpoint.
+    Generate(commands::GenerateArgs),
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// Corpus tools: tokenize into shards, generate a synthetic corpus.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Parameters, FLOPs per token and training memory of a preset or config.
+    Info(commands::InfoArgs),
+    /// The main job, end to end: make a corpus, train a tokenizer and the tiny model, print samples.
+    Demo(commands::DemoArgs),
+    /// Time optimizer steps (ms/step, tokens/s, MFU) for the benchmark table.
+    Bench(commands::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE tokenizer.
+    Train {
+        /// Corpus files or directories (.txt, .jsonl with a `text` field, .parquet with a `text` column).
+        #[arg(long, required = true, num_args = 1..)]
+        data: Vec<PathBuf>,
+        #[arg(long)]
+        vocab_size: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Tokenize a corpus once into `train.shard` and `val.shard`.
+    Prepare {
+        #[arg(long, required = true, num_args = 1..)]
+        data: Vec<PathBuf>,
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Fraction held out for validation (the end of the corpus).
+        #[arg(long, default_value_t = 0.1)]
+        val_fraction: f64,
+    },
+    /// Write a corpus from a Markov source whose entropy rate is known exactly.
+    Synthetic {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 200_000)]
+        words: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "agora=info,warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .without_time()
+        .init();
+    let result = match cli.command {
+        Command::Train(args) => run::train(args),
+        Command::Eval(args) => commands::eval(args),
+        Command::Generate(args) => commands::generate(args),
+        Command::Tokenizer(TokenizerCommand::Train { data, vocab_size, out }) => {
+            commands::tokenizer_train(&data, vocab_size, &out)
+        }
+        Command::Data(DataCommand::Prepare { data, tokenizer, out, val_fraction }) => {
+            commands::data_prepare(&data, &tokenizer, &out, val_fraction)
+        }
+        Command::Data(DataCommand::Synthetic { out, words, seed }) => commands::data_synthetic(&out, words, seed),
+        Command::Info(args) => commands::info(args),
+        Command::Demo(args) => commands::demo(args),
+        Command::Bench(args) => commands::bench(args),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
