@@ -216,6 +216,12 @@ pub struct InfoArgs {
     pub batch_size: usize,
     #[arg(long)]
     pub json: bool,
+    /// Print the preset's Hugging Face config.json instead of the summary.
+    #[arg(long, requires = "preset")]
+    pub hf_config: bool,
+    /// Vocabulary size for --hf-config (default: the preset's).
+    #[arg(long, requires = "hf_config")]
+    pub vocab_size: Option<usize>,
 }
 
 fn info_row(name: &str, c: &LlamaConfig, seq_len: Option<usize>, batch: usize) -> serde_json::Value {
@@ -233,6 +239,11 @@ fn info_row(name: &str, c: &LlamaConfig, seq_len: Option<usize>, batch: usize) -
 }
 
 pub fn info(args: InfoArgs) -> Result<()> {
+    if args.hf_config {
+        let name = args.preset.as_deref().expect("clap requires --preset");
+        println!("{}", serde_json::to_string_pretty(&preset(name, args.vocab_size)?.to_hf_json())?);
+        return Ok(());
+    }
     let rows: Vec<serde_json::Value> = match (&args.preset, &args.config) {
         (Some(_), Some(_)) => bail!("give --preset or --config, not both"),
         (Some(name), None) => vec![info_row(name, &preset(name, None)?, args.seq_len, args.batch_size)],

@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model on a corpus (from a TOML run file and/or flags); resumable.
-    Train(run::TrainArgs),
+    Train(Box<run::TrainArgs>),
     /// Validation loss and perplexity of a checkpoint.
     Eval(commands::EvalArgs),
     /// Continue a prompt with a checkpoint.
@@ -88,7 +88,7 @@ fn main() {
         .without_time()
         .init();
     let result = match cli.command {
-        Command::Train(args) => run::train(args),
+        Command::Train(args) => run::train(*args),
         Command::Eval(args) => commands::eval(args),
         Command::Generate(args) => commands::generate(args),
         Command::Tokenizer(TokenizerCommand::Train { data, vocab_size, out }) => {

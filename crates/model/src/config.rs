@@ -108,6 +108,7 @@ fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
 
 impl LlamaConfig {
     /// A config with HF's defaults for everything but the shape.
+    #[allow(clippy::too_many_arguments)] // one argument per shape field, as in the HF constructor
     pub fn new(
         vocab_size: usize,
         hidden_size: usize,
@@ -174,19 +175,19 @@ impl LlamaConfig {
             }
         }
         let kv = self.kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return Err(bad(
                 "num_key_value_heads",
                 format!("{kv} does not divide num_attention_heads = {}", self.num_attention_heads),
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(bad(
                 "num_attention_heads",
                 format!("{} does not divide hidden_size = {}", self.num_attention_heads, self.hidden_size),
             ));
         }
-        if self.head_size() % 2 != 0 {
+        if !self.head_size().is_multiple_of(2) {
             return Err(bad("head_dim", format!("rotary embeddings need an even head size, got {}", self.head_size())));
         }
         if self.hidden_act != "silu" {
@@ -204,7 +205,8 @@ impl LlamaConfig {
         if self.pretraining_tp != 1 {
             return Err(bad("pretraining_tp", "only 1 is supported"));
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 || self.rope_theta.is_nan() || self.rope_theta <= 0.0
+        {
             return Err(bad("rms_norm_eps/rope_theta", "must be positive"));
         }
         Ok(())

@@ -253,9 +253,9 @@ impl Llama {
         for (l, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
             let h = self.attention(block, &self.rms_norm(&x, &block.input_layernorm), start, layer_cache);
-            x = x + h.to_kind(Kind::Float);
+            x = &x + h.to_kind(Kind::Float);
             let h = self.mlp(block, &self.rms_norm(&x, &block.post_attention_layernorm));
-            x = x + h.to_kind(Kind::Float);
+            x = &x + h.to_kind(Kind::Float);
         }
         let x = self.rms_norm(&x, &self.norm);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);

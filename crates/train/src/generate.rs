@@ -20,7 +20,9 @@ pub fn generate(model: &Llama, prompt: &[u32], config: &SamplingConfig, stop_id:
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
-    if !(config.temperature >= 0.0) || !(config.top_p > 0.0 && config.top_p <= 1.0) {
+    let temperature_ok = config.temperature >= 0.0 && config.temperature.is_finite();
+    let top_p_ok = config.top_p > 0.0 && config.top_p <= 1.0;
+    if !(temperature_ok && top_p_ok) {
         bail!("--temperature must be ≥ 0 and --top-p in (0, 1]");
     }
     let window = model.config.max_position_embeddings;

@@ -68,7 +68,7 @@ impl TrainConfig {
             ("lr", self.lr),
         ];
         for (field, v) in positive {
-            if !(v > 0.0) {
+            if v.is_nan() || v <= 0.0 {
                 bail!("train.{field} must be positive, got {v}");
             }
         }
@@ -76,7 +76,12 @@ impl TrainConfig {
             bail!("train.min_lr must be in [0, lr], got {}", self.min_lr);
         }
         let a = &self.adamw;
-        if !(0.0..1.0).contains(&a.beta1) || !(0.0..1.0).contains(&a.beta2) || !(a.eps > 0.0) || a.weight_decay < 0.0 {
+        if !(0.0..1.0).contains(&a.beta1)
+            || !(0.0..1.0).contains(&a.beta2)
+            || a.eps.is_nan()
+            || a.eps <= 0.0
+            || a.weight_decay < 0.0
+        {
             bail!("train.adamw: betas must be in [0, 1), eps > 0, weight_decay ≥ 0; got {a:?}");
         }
         Ok(())

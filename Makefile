@@ -1,0 +1,34 @@
+# agora — every target installs what it needs into ~/.cache/agora first (a no-op once done).
+SHELL := /bin/bash
+ENV := . scripts/env.sh &&
+
+.PHONY: all setup setup-test build demo test lint bench clean
+
+all: build
+
+setup:
+	@scripts/setup.sh
+
+setup-test:
+	@scripts/setup.sh --test
+
+# The release binary; `target` links to the shared build directory so target/release/agora exists.
+build: setup
+	@$(ENV) cargo build --release -p agora-cli
+	@[ -e target ] || ln -s "$${AGORA_CACHE:-$$HOME/.cache/agora}/target" target
+
+# The main job: generate a corpus with a known entropy floor, train the tiny model on it, print samples.
+demo: build
+	target/release/agora demo
+
+# Everything: formatting, lints, and every test (Rust and the Python compatibility checks they drive).
+test: setup-test
+	@$(ENV) cargo fmt --all -- --check
+	@$(ENV) cargo clippy --workspace --all-targets -- -D warnings
+	@$(ENV) cargo test --workspace
+
+bench: build setup-test
+	bench/run.sh
+
+clean:
+	rm -rf target runs
