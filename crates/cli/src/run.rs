@@ -33,6 +33,10 @@ pub struct TrainArgs {
     /// Total optimizer steps.
     #[arg(long)]
     pub steps: Option<u64>,
+    /// Stop (with a checkpoint) after this step; the schedule still spans --steps, so a later
+    /// --resume continues exactly as if the run had never stopped.
+    #[arg(long)]
+    pub until: Option<u64>,
     /// Run directory: checkpoint/, data/, metrics.jsonl.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -367,7 +371,8 @@ pub fn run_training(args: TrainArgs) -> Result<RunSummary> {
     let (mut tokens, mut last_loss) = (0u64, f64::NAN);
     let mut window = (Instant::now(), 0u64);
     let log_every = (total / 50).max(1);
-    while trainer.step() < total {
+    let stop = args.until.map_or(total, |u| u.min(total));
+    while trainer.step() < stop {
         let stats = trainer.train_step(&train_shard)?;
         tokens += stats.tokens as u64;
         window.1 += stats.tokens as u64;
@@ -403,7 +408,7 @@ pub fn run_training(args: TrainArgs) -> Result<RunSummary> {
         if let Some(v) = val_loss {
             state.last_val_loss = Some(v);
         }
-        let save_now = step == total || (c.checkpoint_every > 0 && step % c.checkpoint_every == 0);
+        let save_now = step == stop || (c.checkpoint_every > 0 && step % c.checkpoint_every == 0);
         if save_now {
             state.step = step;
             state.last_loss = Some(last_loss);
@@ -416,6 +421,9 @@ pub fn run_training(args: TrainArgs) -> Result<RunSummary> {
         Some(v) if state.step == total => v,
         _ => trainer.evaluate(&val_shard)?,
     };
+    if trainer.step() < total {
+        tracing::info!("stopped at step {} of {total}; continue with --resume {}", trainer.step(), out.display());
+    }
     let seconds = started.elapsed().as_secs_f64();
     Ok(RunSummary {
         out: out.clone(),
