@@ -76,7 +76,23 @@ enum DataCommand {
     },
 }
 
+/// glibc returns every freed block of 32 MiB or more (logits, their gradients) to the kernel, so each
+/// training step page-faults them back in, zeroed: ~5% of a CPU step (BENCHMARKS.md). Keep them.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_large_allocations() {
+    const ONE_GIB: i32 = 1 << 30;
+    // SAFETY: mallopt only adjusts allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, ONE_GIB);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, ONE_GIB);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_large_allocations() {}
+
 fn main() {
+    keep_large_allocations();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -438,3 +438,23 @@ pub fn run_training(args: TrainArgs) -> Result<RunSummary> {
         parameters: trainer.model.num_parameters(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The run file shown in the README parses and validates, so the documentation stays true.
+    #[test]
+    fn the_readme_run_file_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let start = readme.find("```toml\n").expect("README has a TOML example") + "```toml\n".len();
+        let end = start + readme[start..].find("```").expect("closed code block");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, &readme[start..end]).unwrap();
+        let run = RunFile::load(&path).unwrap();
+        assert_eq!(run.model.preset.as_deref(), Some("small"));
+        assert_eq!(run.train.unwrap(), TrainConfig { steps: 1000, eval_batches: 20, ..TrainConfig::default() });
+        assert_eq!(run.out, Some(dir.path().join("runs/small")));
+    }
+}
