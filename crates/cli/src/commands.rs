@@ -14,10 +14,33 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-fn set_threads(threads: Option<usize>) -> usize {
+/// Sets libtorch's intra-op threads (default: all cores) and returns the count.
+pub fn set_threads(threads: Option<usize>) -> usize {
     let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     tch::set_num_threads(n as i32);
     n
+}
+
+/// Where and how wide libtorch runs.
+#[derive(Args, Clone, Default)]
+pub struct RuntimeArgs {
+    /// cpu, cuda or cuda:N (bf16 matmuls on CUDA).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// libtorch threads (default: all cores). Bit-identical reruns need the same count.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// A checkpoint's model (on the requested device) and tokenizer, for inference.
+fn load_for_inference(checkpoint: &Path, runtime: &RuntimeArgs) -> Result<(PathBuf, Llama, Tokenizer)> {
+    set_threads(runtime.threads);
+    let dir = resolve_checkpoint(checkpoint);
+    let device = parse_device(runtime.device.as_deref().unwrap_or("cpu"))?;
+    let mut model = load_pretrained(&dir, device)?;
+    model.set_compute_kind(default_compute_kind(device));
+    let tokenizer = checkpoint::read_tokenizer(&dir)?;
+    Ok((dir, model, tokenizer))
 }
 
 #[derive(Args)]
@@ -35,21 +58,14 @@ pub struct EvalArgs {
     /// At most this many batches (default: the whole validation shard).
     #[arg(long)]
     pub batches: Option<usize>,
-    #[arg(long)]
-    pub device: Option<String>,
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
-    set_threads(args.threads);
-    let dir = resolve_checkpoint(&args.checkpoint);
-    let device = parse_device(args.device.as_deref().unwrap_or("cpu"))?;
-    let mut model = load_pretrained(&dir, device)?;
-    model.set_compute_kind(default_compute_kind(device));
-    let tokenizer = checkpoint::read_tokenizer(&dir)?;
+    let (dir, model, tokenizer) = load_for_inference(&args.checkpoint, &args.runtime)?;
     let state = checkpoint::read_state(&dir).ok();
     let scratch = tempfile::tempdir()?;
     let shard_path = match &args.data {
@@ -99,22 +115,15 @@ pub struct GenerateArgs {
     pub top_p: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long)]
-    pub device: Option<String>,
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Print {"prompt", "text" (prompt + completion), "tokens"} as JSON.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    set_threads(args.threads);
-    let dir = resolve_checkpoint(&args.checkpoint);
-    let device = parse_device(args.device.as_deref().unwrap_or("cpu"))?;
-    let mut model = load_pretrained(&dir, device)?;
-    model.set_compute_kind(default_compute_kind(device));
-    let tokenizer = checkpoint::read_tokenizer(&dir)?;
+    let (_, model, tokenizer) = load_for_inference(&args.checkpoint, &args.runtime)?;
     let text = complete(&model, &tokenizer, &args.prompt, args.max_tokens, args.temperature, args.top_p, args.seed)?;
     if args.json {
         let out = serde_json::json!({
@@ -341,7 +350,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         lr: Some(3e-3),
         warmup_steps: Some(30),
         eval_every: Some((args.steps / 5).max(1)),
-        threads: Some(threads),
+        runtime: RuntimeArgs { threads: Some(threads), device: None },
         ..Default::default()
     };
     let summary = run_training(train_args)?;
@@ -397,10 +406,8 @@ pub struct BenchArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
-    #[arg(long)]
-    pub threads: Option<usize>,
-    #[arg(long)]
-    pub device: Option<String>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -438,8 +445,8 @@ fn matmul_peak(device: Device) -> Result<f64> {
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
-    let threads = set_threads(args.threads);
-    let device = parse_device(args.device.as_deref().unwrap_or("cpu"))?;
+    let threads = set_threads(args.runtime.threads);
+    let device = parse_device(args.runtime.device.as_deref().unwrap_or("cpu"))?;
     let config = preset(&args.preset, None)?;
     let mut model = Llama::new(&config, device, 0);
     model.set_compute_kind(default_compute_kind(device));

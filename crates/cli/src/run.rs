@@ -1,6 +1,7 @@
 //! `agora train`: a run file and/or flags → tokenizer, shards, a training loop with progress, evaluation
 //! and resumable checkpoints. Also used by `agora demo`.
 
+use crate::commands::{set_threads, RuntimeArgs};
 use agora_data::{prepare, train_bpe, Shard, Tokenizer};
 use agora_model::{config::preset_vocab_size, preset, Llama, LlamaConfig};
 use agora_train::checkpoint::{self, check_tokenizer_matches, TrainingState, SAMPLER};
@@ -59,12 +60,8 @@ pub struct TrainArgs {
     pub eval_every: Option<u64>,
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
-    /// libtorch threads (default: all cores). Bit-identical reruns need the same count.
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// cpu, cuda or cuda:N (bf16 matmuls on CUDA).
-    #[arg(long)]
-    pub device: Option<String>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Machine-readable output: one JSON object per log line on stdout.
     #[arg(long)]
     pub json: bool,
@@ -213,12 +210,8 @@ pub fn run_training(args: TrainArgs) -> Result<RunSummary> {
         Some(path) => RunFile::load(path)?,
         None => RunFile::default(),
     };
-    let threads = args
-        .threads
-        .or(run.threads)
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    tch::set_num_threads(threads as i32);
-    let device = parse_device(args.device.as_deref().or(run.device.as_deref()).unwrap_or("cpu"))?;
+    let threads = set_threads(args.runtime.threads.or(run.threads));
+    let device = parse_device(args.runtime.device.as_deref().or(run.device.as_deref()).unwrap_or("cpu"))?;
     let data_paths = if args.data.is_empty() { run.data.paths.clone() } else { args.data.clone() };
 
     let (mut trainer, tokenizer, out, prepared, train_shard, val_shard) = if let Some(resume) = &args.resume {
