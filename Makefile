@@ -12,14 +12,15 @@ setup:
 setup-test:
 	@scripts/setup.sh --test
 
-# The release binary; `target` links to the shared build directory so target/release/agora exists.
+# The release binary, built in the shared build directory ($CARGO_TARGET_DIR, see scripts/env.sh);
+# `target` links there so that target/release/agora exists.
 build: setup
 	@$(ENV) cargo build --release -p agora-cli
-	@[ -e target ] || ln -s "$${AGORA_CACHE:-$$HOME/.cache/agora}/target" target
+	@[ -e target ] || $(ENV) ln -s "$$CARGO_TARGET_DIR" target
 
 # The main job: generate a corpus with a known entropy floor, train the tiny model on it, print samples.
 demo: build
-	target/release/agora demo
+	@$(ENV) "$$CARGO_TARGET_DIR/release/agora" demo
 
 # Everything: formatting, lints, and every test (Rust and the Python compatibility checks they drive).
 test: setup-test
