@@ -391,10 +391,14 @@ pub fn run_training(args: TrainArgs) -> Result<RunSummary> {
             if args.json {
                 println!("{text}");
             } else if let Some(v) = val_loss {
-                bar.println(format!(
-                    "step {step:>6}  loss {:.4}  val {v:.4}  lr {:.2e}  {tps:.0} tok/s",
-                    stats.loss, stats.lr
-                ));
+                let line =
+                    format!("step {step:>6}  loss {:.4}  val {v:.4}  lr {:.2e}  {tps:.0} tok/s", stats.loss, stats.lr);
+                // A hidden bar (stderr is not a terminal) swallows println: log lines must still reach logs.
+                if bar.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(line);
+                }
             }
         }
         bar.set_position(step);
