@@ -372,11 +372,14 @@ pub fn run_training(args: TrainArgs) -> Result<RunSummary> {
         last_loss = stats.loss;
         let step = stats.step;
         let c = &trainer.config;
-        let eval_now = step == total || (c.eval_every > 0 && step % c.eval_every == 0);
-        let val_loss = if eval_now { Some(trainer.evaluate(&val_shard)?) } else { None };
-        if eval_now || step % log_every == 0 {
+        let eval_now = step == total || (c.eval_every > 0 && step.is_multiple_of(c.eval_every));
+        if eval_now || step.is_multiple_of(log_every) {
+            // Training throughput only: measured before the evaluation pass.
             let tps = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
-            window = (Instant::now(), 0);
+            let val_loss = if eval_now { Some(trainer.evaluate(&val_shard)?) } else { None };
+            if let Some(v) = val_loss {
+                state.last_val_loss = Some(v);
+            }
             bar.set_message(format!("loss {:.4} | {tps:.0} tok/s", stats.loss));
             let line = MetricsLine {
                 step,
@@ -388,6 +391,7 @@ pub fn run_training(args: TrainArgs) -> Result<RunSummary> {
             };
             let text = serde_json::to_string(&line)?;
             writeln!(metrics, "{text}")?;
+            window = (Instant::now(), 0);
             if args.json {
                 println!("{text}");
             } else if let Some(v) = val_loss {
@@ -402,10 +406,8 @@ pub fn run_training(args: TrainArgs) -> Result<RunSummary> {
             }
         }
         bar.set_position(step);
-        if let Some(v) = val_loss {
-            state.last_val_loss = Some(v);
-        }
-        let save_now = step == stop || (c.checkpoint_every > 0 && step % c.checkpoint_every == 0);
+        let c = &trainer.config;
+        let save_now = step == stop || (c.checkpoint_every > 0 && step.is_multiple_of(c.checkpoint_every));
         if save_now {
             state.step = step;
             state.last_loss = Some(last_loss);
