@@ -131,16 +131,6 @@ impl Trainer {
         self.optimizer.step
     }
 
-    fn batch(&self, shard: &Shard, offsets: &[usize]) -> (Tensor, Tensor) {
-        let (inputs, targets) = batch_tokens(shard, offsets, self.config.seq_len);
-        let shape = [offsets.len() as i64, self.config.seq_len as i64];
-        let to_tensor = |ids: Vec<u32>| {
-            let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
-            Tensor::from_slice(&ids).view(shape).to_device(self.model.device())
-        };
-        (to_tensor(inputs), to_tensor(targets))
-    }
-
     /// One optimizer update on the batches that (seed, shard, step) select.
     pub fn train_step(&mut self, shard: &Shard) -> Result<StepStats> {
         let c = &self.config;
@@ -156,7 +146,7 @@ impl Trainer {
         for micro in 0..c.grad_accum {
             let offsets =
                 batch_offsets(c.seed, &shard.content_hash, step, micro as u64, c.batch_size, c.seq_len, shard.len());
-            let (inputs, targets) = self.batch(shard, &offsets);
+            let (inputs, targets) = batch_tensors(shard, &offsets, c.seq_len, self.model.device());
             let loss = self.model.loss(&inputs, &targets);
             (&loss / c.grad_accum as f64).backward();
             loss_sum += loss.double_value(&[]);
@@ -177,6 +167,16 @@ impl Trainer {
     }
 }
 
+/// Inputs and next-token targets, `[windows, seq_len]` int64 on `device`, for windows starting at `offsets`.
+fn batch_tensors(shard: &Shard, offsets: &[usize], seq_len: usize, device: Device) -> (Tensor, Tensor) {
+    let (inputs, targets) = batch_tokens(shard, offsets, seq_len);
+    let to_tensor = |ids: Vec<u32>| {
+        let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+        Tensor::from_slice(&ids).view([offsets.len() as i64, seq_len as i64]).to_device(device)
+    };
+    (to_tensor(inputs), to_tensor(targets))
+}
+
 /// Mean next-token loss of `model` over fixed, non-overlapping windows of `shard`.
 pub fn evaluate(model: &Llama, shard: &Shard, seq_len: usize, batch_size: usize, max_batches: usize) -> Result<f64> {
     ensure_window_fits(shard.len(), seq_len)?;
@@ -184,13 +184,8 @@ pub fn evaluate(model: &Llama, shard: &Shard, seq_len: usize, batch_size: usize,
     let (mut total, mut count) = (0.0, 0usize);
     tch::no_grad(|| {
         for offsets in &batches {
-            let (inputs, targets) = batch_tokens(shard, offsets, seq_len);
-            let shape = [offsets.len() as i64, seq_len as i64];
-            let to_tensor = |ids: Vec<u32>| {
-                let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
-                Tensor::from_slice(&ids).view(shape).to_device(model.device())
-            };
-            let loss = model.loss(&to_tensor(inputs), &to_tensor(targets)).double_value(&[]);
+            let (inputs, targets) = batch_tensors(shard, offsets, seq_len, model.device());
+            let loss = model.loss(&inputs, &targets).double_value(&[]);
             total += loss * offsets.len() as f64;
             count += offsets.len();
         }
