@@ -320,9 +320,15 @@ pub struct DemoArgs {
 
 pub fn demo(args: DemoArgs) -> Result<()> {
     let threads = set_threads(args.threads);
+    // The demo starts afresh, but only ever deletes a directory that an earlier demo made.
     if args.out.exists() {
+        let earlier_demo = args.out.join("metrics.jsonl").is_file() || args.out.join("corpus.txt").is_file();
+        let empty = std::fs::read_dir(&args.out).map(|mut d| d.next().is_none()).unwrap_or(false);
+        if !earlier_demo && !empty {
+            bail!("{}: exists and is not an earlier demo run; choose another --out", args.out.display());
+        }
         std::fs::remove_dir_all(&args.out)
-            .with_context(|| format!("{}: cannot clear demo directory", args.out.display()))?;
+            .with_context(|| format!("{}: cannot clear the earlier demo run", args.out.display()))?;
     }
     std::fs::create_dir_all(&args.out)?;
     let source = MarkovSource::new(1);
