@@ -365,10 +365,11 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         summary.parameters, summary.steps, summary.seconds, summary.tokens_per_second
     );
     println!("validation loss {:.4} nats/token (perplexity {:.2})", summary.val_loss, summary.val_perplexity);
+    let model = load_pretrained(&summary.checkpoint, Device::Cpu)?;
+    let tokenizer = checkpoint::read_tokenizer(&summary.checkpoint)?;
+    let text = std::fs::read_to_string(&corpus).with_context(|| format!("{}: cannot read", corpus.display()))?;
     if args.data.is_none() {
         // The ideal model's loss: the source's entropy, spread over the tokens that encode it.
-        let tokenizer = checkpoint::read_tokenizer(&summary.checkpoint)?;
-        let text = std::fs::read_to_string(&corpus)?;
         let chars_per_token = text.len() as f64 / tokenizer.encode(&text)?.len() as f64;
         let floor = source.loss_floor_nats_per_token(chars_per_token);
         println!(
@@ -376,13 +377,8 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             summary.val_loss - floor
         );
     }
-    let model = load_pretrained(&summary.checkpoint, Device::Cpu)?;
-    let tokenizer = checkpoint::read_tokenizer(&summary.checkpoint)?;
-    let first_words: Vec<String> = std::fs::read_to_string(&corpus)?
-        .lines()
-        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-        .take(3)
-        .collect();
+    let first_words: Vec<String> =
+        text.lines().filter_map(|l| l.split_whitespace().next().map(str::to_string)).take(3).collect();
     println!("\nsamples (temperature 0.8, top-p 0.95):");
     for (i, prompt) in first_words.iter().enumerate() {
         let c = complete(&model, &tokenizer, prompt, 48, 0.8, 0.95, i as u64)?;
