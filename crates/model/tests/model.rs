@@ -10,12 +10,14 @@ fn tiny() -> agora_model::LlamaConfig {
 #[test]
 fn forward_shapes_and_loss_near_uniform_at_init() {
     let model = Llama::new(&tiny(), Device::Cpu, 1);
-    let ids = Tensor::randint(97, [3, 11], (Kind::Int64, Device::Cpu));
+    // Fixed tokens (not libtorch's global generator, which other tests share): a flaky bound proves nothing.
+    let ids = Tensor::from_slice(&(0..33).map(|i| (i * 7 + 3) % 97).collect::<Vec<i64>>()).view([3, 11]);
+    let targets = Tensor::from_slice(&(0..33).map(|i| (i * 13 + 50) % 97).collect::<Vec<i64>>()).view([3, 11]);
     let logits = model.forward(&ids);
     assert_eq!(logits.size(), [3, 11, 97]);
-    let targets = Tensor::randint(97, [3, 11], (Kind::Int64, Device::Cpu));
     let loss = model.loss(&ids, &targets).double_value(&[]);
     // A small init gives near-uniform predictions: loss ≈ ln(vocab).
+    println!("initial loss {loss}, ln 97 = {}", (97f64).ln());
     assert!((loss - (97f64).ln()).abs() < 0.1, "initial loss {loss}");
     assert_eq!(model.num_parameters() as u64, tiny().num_parameters());
 }
