@@ -100,28 +100,36 @@ impl Shard {
     /// The file is written to a temporary name and renamed into place, so a crash never leaves
     /// a partial shard under `path`. Fails if a token id is not below `vocab_size`.
     pub fn write(path: &Path, tokens: &[u32], tokenizer_hash: [u8; 32], vocab_size: usize) -> Result<[u8; 32]> {
-        check_ids(tokens, vocab_size).with_context(|| format!("{}: cannot write shard", path.display()))?;
-        let dtype = Dtype::for_vocab_size(vocab_size);
-        let payload = encode_payload(tokens, dtype);
-        let content_hash = *blake3::hash(&payload).as_bytes();
-
-        let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
-        bytes.extend_from_slice(&MAGIC);
-        bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        bytes.extend_from_slice(&dtype.code().to_le_bytes());
-        bytes.extend_from_slice(&(tokens.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&tokenizer_hash);
-        bytes.extend_from_slice(&content_hash);
-        debug_assert_eq!(bytes.len(), HEADER_LEN);
-        bytes.extend_from_slice(&payload);
-
+        let shard = Shard::from_tokens(tokens.to_vec(), tokenizer_hash, vocab_size)
+            .with_context(|| format!("{}: cannot write shard", path.display()))?;
+        let bytes = shard.to_bytes();
         let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
         tmp_name.push(".tmp");
         let tmp = path.with_file_name(tmp_name);
         fs::write(&tmp, &bytes).with_context(|| format!("{}: cannot write shard", tmp.display()))?;
         fs::rename(&tmp, path)
             .with_context(|| format!("{}: cannot move shard into place from {}", path.display(), tmp.display()))?;
-        Ok(content_hash)
+        Ok(shard.content_hash)
+    }
+
+    /// The shard file's bytes (header + payload), as [`Shard::write`] stores them.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let payload = encode_payload(&self.tokens, self.dtype);
+        let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
+        bytes.extend_from_slice(&MAGIC);
+        bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&self.dtype.code().to_le_bytes());
+        bytes.extend_from_slice(&(self.tokens.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&self.tokenizer_hash);
+        bytes.extend_from_slice(&self.content_hash);
+        debug_assert_eq!(bytes.len(), HEADER_LEN);
+        bytes.extend_from_slice(&payload);
+        bytes
+    }
+
+    /// Parses and fully validates shard bytes (as [`Shard::open`] does for a file).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Shard> {
+        Self::parse(bytes)
     }
 
     /// Reads and fully validates a shard: magic, version, dtype, payload length and content

@@ -136,6 +136,20 @@ impl Trainer {
         let c = &self.config;
         ensure_window_fits(shard.len(), c.seq_len)?;
         let step = self.optimizer.step;
+        let micro_batches: Vec<Vec<usize>> = (0..c.grad_accum as u64)
+            .map(|micro| batch_offsets(c.seed, &shard.content_hash, step, micro, c.batch_size, c.seq_len, shard.len()))
+            .collect();
+        let lr = c.schedule().lr(step);
+        self.update_on(shard, &micro_batches, lr)
+    }
+
+    /// One optimizer update with learning rate `lr` on explicitly chosen windows: each inner slice is a
+    /// micro-batch of window start offsets into `shard` (each window is `seq_len + 1` tokens). A DiLoCo
+    /// worker uses this: its data and its schedule position come from the round, not from its own step count.
+    pub fn update_on(&mut self, shard: &Shard, micro_batches: &[Vec<usize>], lr: f64) -> Result<StepStats> {
+        let seq_len = self.config.seq_len;
+        ensure_window_fits(shard.len(), seq_len)?;
+        assert!(!micro_batches.is_empty(), "an update needs at least one micro-batch");
         for (_, p) in self.model.parameters() {
             let mut g = p.grad();
             if g.defined() {
@@ -143,22 +157,26 @@ impl Trainer {
             }
         }
         let mut loss_sum = 0.0;
-        for micro in 0..c.grad_accum {
-            let offsets =
-                batch_offsets(c.seed, &shard.content_hash, step, micro as u64, c.batch_size, c.seq_len, shard.len());
-            let (inputs, targets) = batch_tensors(shard, &offsets, c.seq_len, self.model.device());
+        let mut tokens = 0;
+        for offsets in micro_batches {
+            assert!(
+                offsets.iter().all(|&o| o + seq_len < shard.len()),
+                "window offset out of range for a shard of {} tokens",
+                shard.len()
+            );
+            let (inputs, targets) = batch_tensors(shard, offsets, seq_len, self.model.device());
             let loss = self.model.loss(&inputs, &targets);
-            (&loss / c.grad_accum as f64).backward();
+            (&loss / micro_batches.len() as f64).backward();
             loss_sum += loss.double_value(&[]);
+            tokens += offsets.len() * seq_len;
         }
-        let loss = loss_sum / c.grad_accum as f64;
+        let loss = loss_sum / micro_batches.len() as f64;
         if !loss.is_finite() {
-            bail!("loss is {loss} at step {}: training diverged (try a lower lr)", step + 1);
+            bail!("loss is {loss} at step {}: training diverged (try a lower lr)", self.optimizer.step + 1);
         }
-        let grad_norm = clip_grad_norm(self.model.parameters(), c.grad_clip);
-        let lr = c.schedule().lr(step);
+        let grad_norm = clip_grad_norm(self.model.parameters(), self.config.grad_clip);
         self.optimizer.update(self.model.parameters(), lr);
-        Ok(StepStats { step: self.optimizer.step, loss, lr, grad_norm, tokens: c.tokens_per_step() })
+        Ok(StepStats { step: self.optimizer.step, loss, lr, grad_norm, tokens })
     }
 
     /// Mean validation loss (nats/token) over up to `eval_batches` fixed windows of `shard`.

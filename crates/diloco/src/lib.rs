@@ -1,0 +1,17 @@
+//! agora-diloco: the algorithm of a DiLoCo run, independent of how its messages travel.
+//!
+//! Owns: the outer optimizer (Nesterov momentum by default; SGD with momentum and plain averaging for
+//! comparison), pseudo-gradients Δ = θ_global − θ_local, their average, one worker's inner round (H AdamW
+//! steps on its data unit), how a corpus is cut into data units, and conversion between libtorch
+//! parameters and protocol tensor payloads.
+//! Must not know about: HTTP, storage, identities or clocks. The coordinator and worker crates move bytes
+//! around; the in-process simulation in `agora bench diloco` calls exactly the same functions.
+
+pub mod inner;
+pub mod outer;
+pub mod tensors;
+pub mod units;
+
+pub use inner::{train_round, RoundStats};
+pub use outer::{mean, pseudo_gradient, OuterConfig, OuterKind, OuterOptimizer};
+pub use units::{cut_units, unit_batches, unit_order};

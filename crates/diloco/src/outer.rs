@@ -1,0 +1,176 @@
+//! The outer optimizer: treats the averaged pseudo-gradient as a gradient of the global weights.
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OuterKind {
+    /// SGD with Nesterov momentum (DiLoCo's choice): m ← μm + Δ; θ ← θ − lr·(Δ + μm).
+    Nesterov,
+    /// SGD with heavy-ball momentum: m ← μm + Δ; θ ← θ − lr·m.
+    SgdMomentum,
+    /// No momentum: θ ← θ − lr·Δ. With lr = 1 this is plain averaging of the workers' weights (FedAvg).
+    Average,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OuterConfig {
+    pub kind: OuterKind,
+    pub lr: f64,
+    pub momentum: f64,
+}
+
+impl Default for OuterConfig {
+    fn default() -> Self {
+        OuterConfig { kind: OuterKind::Nesterov, lr: 0.7, momentum: 0.9 }
+    }
+}
+
+impl OuterConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("outer.lr must be positive, got {}", self.lr);
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            bail!("outer.momentum must be in [0, 1), got {}", self.momentum);
+        }
+        Ok(())
+    }
+
+    /// Whether the optimizer carries a momentum buffer that must be persisted with each round.
+    pub fn has_state(&self) -> bool {
+        self.kind != OuterKind::Average
+    }
+}
+
+/// Outer optimizer state: one momentum buffer per parameter (fp32, same order as the parameters).
+pub struct OuterOptimizer {
+    pub config: OuterConfig,
+    pub momentum: Vec<Tensor>,
+}
+
+impl OuterOptimizer {
+    pub fn new(config: OuterConfig, parameters: &[Tensor]) -> Self {
+        let momentum = parameters.iter().map(|p| p.zeros_like().to_kind(Kind::Float)).collect();
+        OuterOptimizer { config, momentum }
+    }
+
+    /// Resumes from persisted momentum buffers.
+    pub fn with_momentum(config: OuterConfig, momentum: Vec<Tensor>) -> Self {
+        OuterOptimizer { config, momentum }
+    }
+
+    /// One outer step: `global` moves against the averaged pseudo-gradient `delta`, in place.
+    pub fn step(&mut self, global: &[Tensor], delta: &[Tensor]) {
+        assert_eq!(global.len(), delta.len(), "one pseudo-gradient per parameter");
+        assert_eq!(global.len(), self.momentum.len(), "optimizer built for a different parameter list");
+        let OuterConfig { kind, lr, momentum: mu } = self.config;
+        tch::no_grad(|| {
+            for ((theta, d), m) in global.iter().zip(delta).zip(self.momentum.iter_mut()) {
+                assert_eq!(theta.size(), d.size(), "pseudo-gradient shape differs from its parameter");
+                let mut theta = theta.shallow_clone();
+                match kind {
+                    OuterKind::Average => {
+                        let _ = theta.g_sub_(&(d * lr));
+                    }
+                    OuterKind::SgdMomentum => {
+                        let _ = m.g_mul_scalar_(mu).g_add_(d);
+                        let _ = theta.g_sub_(&(&*m * lr));
+                    }
+                    OuterKind::Nesterov => {
+                        let _ = m.g_mul_scalar_(mu).g_add_(d);
+                        let _ = theta.g_sub_(&((d + &*m * mu) * lr));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Δ = θ_global − θ_local, per parameter. Positive where the worker moved the weight down, so that the
+/// outer step (which subtracts) moves the global weights the way the worker went.
+pub fn pseudo_gradient(global: &[Tensor], local: &[Tensor]) -> Vec<Tensor> {
+    assert_eq!(global.len(), local.len(), "pseudo-gradient needs the same parameter list on both sides");
+    tch::no_grad(|| global.iter().zip(local).map(|(g, l)| (g - l).to_kind(Kind::Float)).collect())
+}
+
+/// Element-wise mean of several workers' pseudo-gradients, summed in the given order (callers sort
+/// contributions so every replay of a round computes bit-identical weights).
+pub fn mean(deltas: &[Vec<Tensor>]) -> Vec<Tensor> {
+    assert!(!deltas.is_empty(), "mean of no pseudo-gradients");
+    let n = deltas.len() as f64;
+    tch::no_grad(|| {
+        (0..deltas[0].len())
+            .map(|i| {
+                let mut sum = deltas[0][i].to_kind(Kind::Float).copy();
+                for d in &deltas[1..] {
+                    assert_eq!(d.len(), deltas[0].len(), "pseudo-gradients with different parameter lists");
+                    let _ = sum.g_add_(&d[i]);
+                }
+                sum / n
+            })
+            .collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scalar(v: f64) -> Tensor {
+        Tensor::from_slice(&[v as f32])
+    }
+
+    fn value(t: &Tensor) -> f64 {
+        t.double_value(&[0])
+    }
+
+    /// Two outer steps worked by hand (μ = 0.9, lr = 0.7, θ₀ = 1, Δ₁ = 0.1, Δ₂ = 0.2):
+    ///   step 1: m = 0.1;            update = 0.1 + 0.9·0.1  = 0.19;  θ = 1 − 0.7·0.19    = 0.867
+    ///   step 2: m = 0.09 + 0.2 = 0.29; update = 0.2 + 0.9·0.29 = 0.461; θ = 0.867 − 0.7·0.461 = 0.5443
+    #[test]
+    fn nesterov_matches_hand_computation() {
+        let theta = [scalar(1.0)];
+        let mut opt = OuterOptimizer::new(OuterConfig::default(), &theta);
+        opt.step(&theta, &[scalar(0.1)]);
+        assert!((value(&theta[0]) - 0.867).abs() < 1e-6, "{}", value(&theta[0]));
+        assert!((value(&opt.momentum[0]) - 0.1).abs() < 1e-7);
+        opt.step(&theta, &[scalar(0.2)]);
+        assert!((value(&theta[0]) - 0.5443).abs() < 1e-6, "{}", value(&theta[0]));
+        assert!((value(&opt.momentum[0]) - 0.29).abs() < 1e-6);
+    }
+
+    /// Heavy ball on the same inputs: θ = 1 − 0.7·0.1 = 0.93, then m = 0.29, θ = 0.93 − 0.7·0.29 = 0.727.
+    #[test]
+    fn sgd_momentum_matches_hand_computation() {
+        let theta = [scalar(1.0)];
+        let config = OuterConfig { kind: OuterKind::SgdMomentum, ..OuterConfig::default() };
+        let mut opt = OuterOptimizer::new(config, &theta);
+        opt.step(&theta, &[scalar(0.1)]);
+        assert!((value(&theta[0]) - 0.93).abs() < 1e-6);
+        opt.step(&theta, &[scalar(0.2)]);
+        assert!((value(&theta[0]) - 0.727).abs() < 1e-6);
+    }
+
+    /// Averaging with lr 1 lands exactly on the mean of the workers' weights.
+    #[test]
+    fn averaging_with_lr_one_is_the_mean_of_local_weights() {
+        let global = [Tensor::from_slice(&[1.0f32, -2.0, 0.5])];
+        let locals = [Tensor::from_slice(&[0.8f32, -1.0, 0.5]), Tensor::from_slice(&[1.4f32, -2.6, 0.1])];
+        let deltas: Vec<Vec<Tensor>> = locals.iter().map(|l| pseudo_gradient(&global, &[l.shallow_clone()])).collect();
+        let config = OuterConfig { kind: OuterKind::Average, lr: 1.0, momentum: 0.0 };
+        OuterOptimizer::new(config, &global).step(&global, &mean(&deltas));
+        let expected = (&locals[0] + &locals[1]) / 2.0;
+        assert!(global[0].allclose(&expected, 1e-6, 1e-6, false), "{global:?}");
+    }
+
+    #[test]
+    fn config_rejects_bad_values() {
+        assert!(OuterConfig { lr: 0.0, ..OuterConfig::default() }.validate().is_err());
+        assert!(OuterConfig { momentum: 1.0, ..OuterConfig::default() }.validate().is_err());
+        assert!(OuterConfig::default().validate().is_ok());
+    }
+}

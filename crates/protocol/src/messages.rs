@@ -1,0 +1,173 @@
+//! JSON messages of the coordinator's HTTP API (`/v1/...`). Field names are the wire format: renaming
+//! one is a protocol change.
+
+use crate::hash::Hash32;
+use crate::identity::WorkerId;
+use serde::{Deserialize, Serialize};
+
+/// `GET /v1/run`: everything a worker needs to take part, fixed for the life of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub protocol_version: u32,
+    pub run_id: String,
+    /// The model, as a Hugging Face `config.json` object.
+    pub model: serde_json::Value,
+    /// The inner loop: an `agora-train` `TrainConfig` object (`steps` is the whole run's inner-step count,
+    /// which the learning-rate schedule spans).
+    pub inner: serde_json::Value,
+    /// Inner steps per round (H).
+    pub inner_steps: u64,
+    /// Windows per inner step, and tokens per window (+1 for the target).
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub rounds: u64,
+    pub tokenizer_hash: Hash32,
+    /// Largest pseudo-gradient upload the coordinator accepts, in bytes.
+    pub max_delta_bytes: u64,
+    pub heartbeat_interval_ms: u64,
+}
+
+/// `POST /v1/join`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    pub protocol_version: u32,
+    pub worker: WorkerId,
+    /// Free text for tables (host name, operator); not trusted for anything.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub worker: WorkerId,
+    /// The round open now.
+    pub round: u64,
+    /// True when this id had joined before (a restart, or a rejoin after being dropped).
+    pub returning: bool,
+}
+
+/// `POST /v1/work` (long-poll): the worker's next job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum WorkResponse {
+    Assignment(Assignment),
+    /// Nothing for this worker now (it has submitted for the open round, or no data is free): ask again.
+    Wait {
+        round: u64,
+        retry_after_ms: u64,
+    },
+    /// The run is over; `global_hash` holds the final weights.
+    Finished {
+        rounds: u64,
+        global_hash: Hash32,
+    },
+}
+
+/// One round's job for one worker: start from `global_hash`, train `inner_steps` steps on `unit_hash`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub round: u64,
+    pub global_hash: Hash32,
+    pub unit: u64,
+    pub unit_hash: Hash32,
+    pub epoch: u64,
+    /// Position of this round's first inner step in the run's learning-rate schedule.
+    pub first_step: u64,
+    pub inner_steps: u64,
+    /// When the round closes without this worker if it has enough other submissions (unix ms).
+    pub deadline_unix_ms: u64,
+}
+
+/// `POST /v1/heartbeat`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// Round being trained, if any.
+    pub round: Option<u64>,
+    /// Inner steps done in that round.
+    pub step: u64,
+    pub loss: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// The round open now: a worker training an older one can stop and ask for work.
+    pub round: u64,
+    pub finished: bool,
+}
+
+/// Metadata keys every pseudo-gradient upload (`POST /v1/rounds/{round}/delta`, a safetensors body) carries.
+pub mod delta_meta {
+    pub const ROUND: &str = "agora.round";
+    pub const UNIT: &str = "agora.unit";
+    pub const BASE: &str = "agora.base";
+    pub const TRAIN_LOSS: &str = "agora.train_loss";
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitResponse {
+    pub round: u64,
+    pub delta_hash: Hash32,
+    /// False when the same delta had already been accepted (a retried upload): nothing changed.
+    pub newly_accepted: bool,
+}
+
+/// Every 4xx/5xx body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable code (`round_closed`, `unknown_worker`, `shape_mismatch`, ...).
+    pub error: String,
+    pub message: String,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub run_id: String,
+    pub round: u64,
+    pub rounds: u64,
+    pub finished: bool,
+    pub global_hash: Hash32,
+    pub round_opened_unix_ms: u64,
+    pub round_deadline_unix_ms: u64,
+    pub submissions_this_round: u64,
+    pub tokens_trained: u64,
+    pub workers: Vec<WorkerStatus>,
+    pub history: Vec<RoundSummary>,
+    pub counters: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub id: WorkerId,
+    pub name: String,
+    /// `training`, `submitted`, `idle` or `dropped`.
+    pub state: String,
+    pub active: bool,
+    pub inner_step: u64,
+    pub last_loss: Option<f64>,
+    pub last_seen_ms_ago: u64,
+    pub rounds_accepted: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundSummary {
+    pub round: u64,
+    pub contributions: u64,
+    pub train_loss: Option<f64>,
+    pub val_loss: Option<f64>,
+    pub global_hash: Hash32,
+}
+
+/// `GET /v1/contributions`: every applied pseudo-gradient, in application order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Contribution {
+    pub round: u64,
+    pub worker: WorkerId,
+    pub unit: u64,
+    pub epoch: u64,
+    pub delta_hash: Hash32,
+    pub bytes: u64,
+}
