@@ -1,1 +1,46 @@
+//! agora-coordinator: owns a DiLoCo run and serves it over HTTP.
+//!
+//! Owns: the run file, membership (join, heartbeats, drops), rounds and their deadlines, data assignment
+//! (units, epochs, reassignment), validation of uploads, the outer step and its atomic commit, durable
+//! state (sqlx: SQLite by default, PostgreSQL by URL, one schema), content-addressed blobs (object_store),
+//! status and Prometheus metrics.
+//! Must not know about: how a worker trains (it only sees pseudo-gradients), terminals or processes.
 
+pub mod blobs;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod prepare;
+pub mod run_file;
+pub mod state;
+
+pub use run_file::RunFile;
+pub use state::{Coordinator, Options};
+
+use anyhow::{Context, Result};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Serves `app` on `listener` until `shutdown` resolves, with the periodic duties (drops, deadlines)
+/// running beside it.
+pub async fn serve(
+    app: Arc<Coordinator>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let ticker = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                interval.tick().await;
+                if let Err(e) = app.tick().await {
+                    tracing::error!("periodic duties failed: {}", e.message);
+                }
+            }
+        })
+    };
+    let result = axum::serve(listener, http::router(app)).with_graceful_shutdown(shutdown).await.context("HTTP server");
+    ticker.abort();
+    result
+}

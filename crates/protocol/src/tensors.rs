@@ -7,6 +7,9 @@
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::{BTreeMap, HashMap};
 
+/// The `__metadata__` key under which agora keeps its (sorted, JSON-encoded) payload metadata.
+pub const METADATA_KEY: &str = "agora";
+
 /// Name and shape a receiver expects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorSpec {
@@ -70,7 +73,10 @@ pub fn encode_tensors(tensors: &[NamedTensor], metadata: &BTreeMap<String, Strin
             (t.name.clone(), TensorView::new(Dtype::F32, t.shape.clone(), b).expect("shape matches data"))
         })
         .collect();
-    let info: HashMap<String, String> = metadata.clone().into_iter().collect();
+    // One key holding canonical (sorted) JSON: safetensors keeps metadata in a HashMap, whose order
+    // would otherwise make the same payload hash differently from one process to the next.
+    let info: HashMap<String, String> =
+        [(METADATA_KEY.to_string(), serde_json::to_string(metadata).expect("string map serialises"))].into();
     safetensors::serialize(views, Some(info)).expect("f32 tensors with consistent shapes always serialise")
 }
 

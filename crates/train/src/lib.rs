@@ -3,7 +3,7 @@
 //! Owns: AdamW and the learning-rate schedule, gradient clipping and accumulation, validation loss,
 //! resumable checkpoints (HF model directory + optimizer moments + step), and sampling text from a model.
 //! Must not know about: how shards were made (that is `agora-data`), the network, rounds or other
-//! workers. A DiLoCo worker will call [`Trainer::train_step`] H times; nothing here changes for that.
+//! workers. A DiLoCo worker calls [`Trainer::update_on`] H times on the windows its round assigns.
 
 pub mod checkpoint;
 pub mod generate;

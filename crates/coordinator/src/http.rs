@@ -1,0 +1,269 @@
+//! The HTTP face of the coordinator: routes, request authentication, body limits and error bodies.
+//!
+//! Every refusal is a 4xx with an [`agora_protocol::ErrorBody`] and bumps `agora_requests_rejected{reason}`.
+//! Worker requests are signed (see `agora_protocol::identity`); reads of public state are not.
+
+use crate::error::ApiError;
+use crate::state::{now_ms, Coordinator};
+use agora_protocol::{
+    verify_signature, Hash32, Heartbeat, JoinRequest, WorkResponse, WorkerId, HEADER_RUN, HEADER_SIGNATURE,
+    HEADER_TIMESTAMP, HEADER_WORKER, PROTOCOL_VERSION,
+};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+type App = Arc<Coordinator>;
+
+/// JSON request bodies (everything but pseudo-gradients) are small.
+const JSON_LIMIT: u64 = 64 * 1024;
+/// How long `POST /v1/work` holds a request open waiting for work.
+const LONG_POLL: Duration = Duration::from_secs(20);
+/// Accepted clock difference between a worker's signature timestamp and ours.
+const MAX_SKEW_MS: i64 = 10 * 60 * 1000;
+
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/v1/run", get(run_info))
+        .route("/v1/join", post(join))
+        .route("/v1/leave", post(leave))
+        .route("/v1/work", post(work))
+        .route("/v1/heartbeat", post(heartbeat))
+        .route("/v1/rounds/{round}/delta", post(submit))
+        .route("/v1/blobs/{hash}", get(blob))
+        .route("/v1/status", get(status))
+        .route("/v1/contributions", get(contributions))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(|uri: Uri| async move {
+            ApiError::not_found("no_such_endpoint", format!("no endpoint {uri}")).into_response()
+        })
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on {uri}"),
+            )
+            .into_response()
+        })
+        // Bodies are read (and limited) by the handlers themselves, so that a refusal is a JSON error.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(app)
+}
+
+/// Turns a handler's result into a response, counting refusals.
+fn reply<T: Serialize>(app: &Coordinator, result: Result<T, ApiError>) -> Response {
+    match result {
+        Ok(value) => Json(value).into_response(),
+        Err(err) => {
+            app.metrics.reject(err.code);
+            if err.status.is_server_error() {
+                tracing::error!(code = err.code, "{}", err.message);
+            } else {
+                tracing::debug!(code = err.code, status = %err.status, "refused: {}", err.message);
+            }
+            err.into_response()
+        }
+    }
+}
+
+async fn read_body(app: &Coordinator, headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes, ApiError> {
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::too_large(limit));
+    }
+    let bytes = axum::body::to_bytes(body, limit as usize).await.map_err(|_| ApiError::too_large(limit))?;
+    app.metrics.bytes_in.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    Ok(bytes)
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
+    headers
+        .get(name)
+        .ok_or_else(|| {
+            ApiError::unauthorized("unsigned", format!("missing header {name}: worker requests must be signed"))
+        })?
+        .to_str()
+        .map_err(|_| ApiError::bad_request("bad_header", format!("header {name} is not ASCII")))
+}
+
+/// Checks run id, signature and timestamp; returns the signer. `must_be_known`: the worker has joined.
+fn authenticate(
+    app: &Coordinator,
+    headers: &HeaderMap,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+    must_be_known: bool,
+) -> Result<WorkerId, ApiError> {
+    let run = header_str(headers, HEADER_RUN)?;
+    if run != app.run_id {
+        return Err(ApiError::conflict("wrong_run", format!("this coordinator runs {}, not {run}", app.run_id)));
+    }
+    let worker: WorkerId = header_str(headers, HEADER_WORKER)?
+        .parse()
+        .map_err(|e| ApiError::bad_request("bad_worker_id", format!("{HEADER_WORKER}: {e}")))?;
+    let timestamp: u64 = header_str(headers, HEADER_TIMESTAMP)?
+        .parse()
+        .map_err(|_| ApiError::bad_request("bad_header", format!("{HEADER_TIMESTAMP} must be unix milliseconds")))?;
+    if (now_ms() - timestamp as i64).abs() > MAX_SKEW_MS {
+        return Err(ApiError::unauthorized(
+            "stale_request",
+            "request timestamp is more than 10 minutes from the coordinator's clock",
+        ));
+    }
+    let signature = header_str(headers, HEADER_SIGNATURE)?;
+    let message = agora_protocol::signing_message(run, method.as_str(), path, timestamp, body);
+    verify_signature(&worker, &message, signature)
+        .map_err(|e| ApiError::unauthorized("bad_signature", e.to_string()))?;
+    if must_be_known && !app.is_known(&worker) {
+        return Err(ApiError::unauthorized(
+            "unknown_worker",
+            format!("worker {} has not joined this run: POST /v1/join first", worker.short()),
+        ));
+    }
+    Ok(worker)
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request("malformed_json", format!("request body: {e}")))
+}
+
+async fn run_info(State(app): State<App>) -> Response {
+    Json(app.info.clone()).into_response()
+}
+
+async fn join(State(app): State<App>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let body = read_body(&app, &headers, body, JSON_LIMIT).await?;
+        let worker = authenticate(&app, &headers, &method, uri.path(), &body, false)?;
+        let request: JoinRequest = parse_json(&body)?;
+        if request.protocol_version != PROTOCOL_VERSION {
+            return Err(ApiError::conflict(
+                "protocol_version",
+                format!(
+                    "this coordinator speaks protocol {PROTOCOL_VERSION}, the worker {}: upgrade agora",
+                    request.protocol_version
+                ),
+            ));
+        }
+        if request.worker != worker {
+            return Err(ApiError::bad_request("bad_worker_id", "the body's worker id differs from the signer"));
+        }
+        app.join(worker, &request.name).await
+    }
+    .await;
+    reply(&app, result)
+}
+
+async fn leave(State(app): State<App>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let body = read_body(&app, &headers, body, JSON_LIMIT).await?;
+        let worker = authenticate(&app, &headers, &method, uri.path(), &body, true)?;
+        app.leave(worker).await.map(|()| serde_json::json!({ "left": true }))
+    }
+    .await;
+    reply(&app, result)
+}
+
+async fn work(State(app): State<App>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let body = read_body(&app, &headers, body, JSON_LIMIT).await?;
+        let worker = authenticate(&app, &headers, &method, uri.path(), &body, true)?;
+        let mut changes = app.subscribe();
+        let until = tokio::time::Instant::now() + LONG_POLL;
+        loop {
+            let response = app.next_work(worker).await?;
+            if !matches!(response, WorkResponse::Wait { .. }) {
+                return Ok(response);
+            }
+            match tokio::time::timeout_at(until, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return Ok(response),
+            }
+        }
+    }
+    .await;
+    reply(&app, result)
+}
+
+async fn heartbeat(State(app): State<App>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let body = read_body(&app, &headers, body, JSON_LIMIT).await?;
+        let worker = authenticate(&app, &headers, &method, uri.path(), &body, true)?;
+        let beat: Heartbeat = parse_json(&body)?;
+        Ok(app.heartbeat(worker, &beat))
+    }
+    .await;
+    reply(&app, result)
+}
+
+async fn submit(
+    State(app): State<App>,
+    Path(round): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let round: u64 = round
+            .parse()
+            .map_err(|_| ApiError::bad_request("bad_round", format!("{round:?} is not a round number")))?;
+        let body = read_body(&app, &headers, body, app.max_delta_bytes).await?;
+        let worker = authenticate(&app, &headers, &method, uri.path(), &body, true)?;
+        let (app2, body2) = (app.clone(), body.clone());
+        let (_, meta) = tokio::task::spawn_blocking(move || app2.decode_delta(&body2))
+            .await
+            .map_err(|e| ApiError::internal(anyhow::anyhow!("decoder task failed: {e}")))??;
+        app.submit(worker, round, body, &meta).await
+    }
+    .await;
+    reply(&app, result)
+}
+
+async fn blob(
+    State(app): State<App>,
+    Path(hash): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let result = async {
+        let hash: Hash32 = hash.parse().map_err(|e| ApiError::bad_request("bad_hash", format!("blob name: {e}")))?;
+        // Blobs are public (content-addressed); a signed request is attributed to its worker's byte count.
+        let worker = if headers.contains_key(HEADER_WORKER) {
+            Some(authenticate(&app, &headers, &method, uri.path(), b"", true)?)
+        } else {
+            None
+        };
+        app.blob(&hash, worker).await
+    }
+    .await;
+    match result {
+        Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
+        Err(err) => reply::<()>(&app, Err(err)),
+    }
+}
+
+async fn status(State(app): State<App>) -> Response {
+    let result = app.status().await;
+    reply(&app, result)
+}
+
+async fn contributions(State(app): State<App>) -> Response {
+    let result = app.contributions().await;
+    reply(&app, result)
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    let gauges = app.gauges().await;
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render(&gauges)).into_response()
+}

@@ -1,0 +1,83 @@
+//! First start of a run: tokenizer, validation shard, data units and initial weights, from the run file.
+
+use crate::run_file::RunFile;
+use agora_data::{prepare, train_bpe, Shard, Tokenizer};
+use agora_diloco::cut_units;
+use agora_model::{preset, LlamaConfig};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+
+pub struct Prepared {
+    pub tokenizer: Tokenizer,
+    pub model_config: LlamaConfig,
+    pub val: Shard,
+    pub units: Vec<Shard>,
+}
+
+/// Tokenizes the corpus (training a tokenizer first if the run file names none) into `work_dir`, and cuts
+/// the training tokens into units of one round of one worker's data.
+pub fn prepare_data(run: &RunFile, work_dir: &Path) -> Result<Prepared> {
+    let tokenizer = match (&run.data.tokenizer, run.data.vocab_size) {
+        (Some(path), _) => Tokenizer::from_file(path)?,
+        (None, vocab) => {
+            let vocab = vocab
+                .or_else(|| run.model.preset.as_deref().and_then(agora_model::config::preset_vocab_size))
+                .unwrap_or(4096);
+            tracing::info!(vocab, "training a BPE tokenizer on the corpus");
+            train_bpe(&run.data.files, vocab)?
+        }
+    };
+    let report = prepare(&run.data.files, &tokenizer, work_dir, run.data.val_fraction)?;
+    let train = Shard::open(&report.train_path)?;
+    let val = Shard::open(&report.val_path)?;
+    let seq_len = run.inner.seq_len;
+    if val.len() <= seq_len {
+        bail!(
+            "the validation split has {} tokens, fewer than one window of {}: add data or raise [data] val_fraction",
+            val.len(),
+            seq_len + 1
+        );
+    }
+    let cut = cut_units(train.tokens(), seq_len, run.windows_per_unit(), run.seed);
+    if cut.units.is_empty() {
+        bail!(
+            "the training split has {} windows of {} tokens but one round of one worker needs {} \
+             ([inner] steps × batch_size): add data or lower them",
+            cut.total_windows,
+            seq_len + 1,
+            run.windows_per_unit()
+        );
+    }
+    tracing::info!(
+        units = cut.units.len(),
+        windows = cut.total_windows,
+        unused_windows = cut.dropped_windows,
+        "cut the training data into units"
+    );
+    let vocab = tokenizer.vocab_size();
+    let units = cut
+        .units
+        .into_iter()
+        .map(|tokens| Shard::from_tokens(tokens, tokenizer.hash(), vocab))
+        .collect::<Result<Vec<_>>>()?;
+
+    let mut model_config = match (&run.model.preset, &run.model.config) {
+        (Some(name), None) => preset(name, Some(vocab))?,
+        (None, Some(path)) => LlamaConfig::from_file(path)?,
+        _ => bail!("[model]: give exactly one of preset or config"),
+    };
+    if model_config.vocab_size < vocab {
+        bail!("model vocab_size {} is smaller than the tokenizer's {vocab}", model_config.vocab_size);
+    }
+    if seq_len > model_config.max_position_embeddings {
+        bail!(
+            "[inner] seq_len {seq_len} exceeds the model's max_position_embeddings {}",
+            model_config.max_position_embeddings
+        );
+    }
+    model_config.bos_token_id = Some(tokenizer.bos_id());
+    model_config.eos_token_id = Some(tokenizer.eos_id().into());
+    std::fs::write(work_dir.join("tokenizer.json"), tokenizer.to_json_string())
+        .with_context(|| format!("{}: cannot write the tokenizer", work_dir.display()))?;
+    Ok(Prepared { tokenizer, model_config, val, units })
+}

@@ -1,0 +1,228 @@
+//! The run file (TOML): everything that defines a run. Validated on load; its canonical JSON form is
+//! hashed into the run id, so a coordinator restarted with a different file refuses to continue.
+
+use agora_diloco::OuterConfig;
+use agora_train::AdamWConfig;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunFile {
+    /// Seeds the initial weights, the data units and their epoch order.
+    #[serde(default)]
+    pub seed: u64,
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub inner: InnerSection,
+    #[serde(default)]
+    pub outer: OuterConfig,
+    pub rounds: RoundsSection,
+    #[serde(default)]
+    pub eval: EvalSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A preset name (`agora info` lists them) ...
+    pub preset: Option<String>,
+    /// ... or a Hugging Face `config.json`.
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Corpus files or directories (.txt, .jsonl, .parquet); relative paths are relative to the run file.
+    pub files: Vec<PathBuf>,
+    /// A `tokenizer.json`; without it a byte-level BPE of `vocab_size` tokens is trained on the corpus.
+    pub tokenizer: Option<PathBuf>,
+    pub vocab_size: Option<usize>,
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
+}
+
+fn default_val_fraction() -> f64 {
+    0.1
+}
+
+/// The inner loop every worker runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InnerSection {
+    /// Inner AdamW steps per round (H).
+    pub steps: u64,
+    /// Windows per inner step, per worker.
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub grad_clip: f64,
+    pub adamw: AdamWConfig,
+}
+
+impl Default for InnerSection {
+    fn default() -> Self {
+        InnerSection {
+            steps: 50,
+            batch_size: 16,
+            seq_len: 128,
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup_steps: 50,
+            grad_clip: 1.0,
+            adamw: AdamWConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundsSection {
+    /// Outer steps in the run.
+    pub count: u64,
+    /// A round needs at least this many accepted pseudo-gradients to close.
+    #[serde(default = "one")]
+    pub min_workers: u64,
+    /// Seconds after a round opens when it closes without the workers still training (if it has
+    /// `min_workers` submissions).
+    #[serde(default = "default_deadline")]
+    pub deadline_secs: u64,
+    /// A worker silent (no heartbeat or request) for this long is dropped and its data reassigned.
+    #[serde(default = "default_heartbeat_timeout")]
+    pub heartbeat_timeout_secs: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+fn default_deadline() -> u64 {
+    600
+}
+fn default_heartbeat_timeout() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSection {
+    /// Validation loss of the global weights every this many rounds (and always after the last).
+    pub every_rounds: u64,
+    /// Validation batches (of `inner.batch_size` windows) per evaluation.
+    pub batches: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection { every_rounds: 1, batches: 20 }
+    }
+}
+
+impl RunFile {
+    pub fn load(path: &Path) -> Result<RunFile> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("{}: cannot read run file", path.display()))?;
+        let mut run: RunFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &PathBuf| {
+            let joined = if p.is_absolute() { p.clone() } else { base.join(p) };
+            std::fs::canonicalize(&joined).unwrap_or(joined)
+        };
+        run.data.files = run.data.files.iter().map(resolve).collect();
+        run.data.tokenizer = run.data.tokenizer.as_ref().map(resolve);
+        run.model.config = run.model.config.as_ref().map(resolve);
+        run.validate().with_context(|| format!("{}: invalid run file", path.display()))?;
+        Ok(run)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        match (&self.model.preset, &self.model.config) {
+            (Some(name), None) => {
+                agora_model::preset(name, None)?;
+            }
+            (None, Some(path)) => {
+                if !path.is_file() {
+                    bail!("[model] config: {} does not exist", path.display());
+                }
+            }
+            _ => bail!("[model]: give exactly one of preset = \"NAME\" or config = \"config.json\""),
+        }
+        if self.data.files.is_empty() {
+            bail!("[data] files: name at least one corpus file");
+        }
+        for f in &self.data.files {
+            if !f.exists() {
+                bail!("[data] files: {} does not exist", f.display());
+            }
+        }
+        match (&self.data.tokenizer, self.data.vocab_size) {
+            (Some(t), None) if !t.is_file() => bail!("[data] tokenizer: {} does not exist", t.display()),
+            (Some(_), Some(_)) => bail!("[data]: give tokenizer or vocab_size, not both"),
+            (None, Some(v)) if v < 260 => bail!("[data] vocab_size must be at least 260 (bytes + specials), got {v}"),
+            _ => {}
+        }
+        if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
+            bail!("[data] val_fraction must be strictly between 0 and 1, got {}", self.data.val_fraction);
+        }
+        let i = &self.inner;
+        if i.steps == 0 || i.batch_size == 0 || i.seq_len == 0 {
+            bail!("[inner] steps, batch_size and seq_len must be positive");
+        }
+        self.train_config().validate().context("[inner]")?;
+        self.outer.validate().context("[outer]")?;
+        let r = &self.rounds;
+        if r.count == 0 {
+            bail!("[rounds] count must be positive");
+        }
+        if r.min_workers == 0 {
+            bail!("[rounds] min_workers must be at least 1");
+        }
+        if r.deadline_secs == 0 || r.heartbeat_timeout_secs == 0 {
+            bail!("[rounds] deadline_secs and heartbeat_timeout_secs must be positive");
+        }
+        if self.eval.every_rounds == 0 || self.eval.batches == 0 {
+            bail!("[eval] every_rounds and batches must be positive");
+        }
+        Ok(())
+    }
+
+    /// The inner loop as `agora-train` runs it: the schedule spans every inner step of the run.
+    pub fn train_config(&self) -> agora_train::TrainConfig {
+        let i = &self.inner;
+        agora_train::TrainConfig {
+            seed: self.seed,
+            steps: self.rounds.count * i.steps,
+            batch_size: i.batch_size,
+            seq_len: i.seq_len,
+            grad_accum: 1,
+            lr: i.lr,
+            min_lr: i.min_lr,
+            warmup_steps: i.warmup_steps,
+            grad_clip: i.grad_clip,
+            adamw: i.adamw,
+            eval_every: 0,
+            eval_batches: self.eval.batches,
+            checkpoint_every: 0,
+        }
+    }
+
+    /// Windows in one data unit: one worker's data for one round.
+    pub fn windows_per_unit(&self) -> usize {
+        self.inner.steps as usize * self.inner.batch_size
+    }
+
+    /// The run id: a hash of the canonical form of this file (paths included) and the corpus contents' sizes.
+    pub fn run_id(&self) -> Result<String> {
+        let mut h = blake3::Hasher::new_derive_key("agora-coordinator run id v1");
+        h.update(serde_json::to_string(self)?.as_bytes());
+        for f in &self.data.files {
+            let len = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+            h.update(&len.to_le_bytes());
+        }
+        Ok(h.finalize().to_hex()[..16].to_string())
+    }
+}

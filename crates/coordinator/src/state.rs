@@ -1,0 +1,980 @@
+//! The run's state machine: membership, data assignment, submissions, and the round commit.
+//!
+//! The database is the truth. Every change is one transaction, taken under one async lock (`live`), so
+//! requests are serialised and each sees the state the previous one committed. Blobs are written (and
+//! fsynced) before the transaction that names them, so after a crash at any instant the store holds
+//! either the round before a commit or the round after it, never a mixture: an accepted pseudo-gradient
+//! is in `submissions` before the worker hears "accepted", and it is marked applied in the same
+//! transaction that records the outer step that used it.
+
+use crate::blobs::BlobStore;
+use crate::error::ApiError;
+use crate::metrics::{Gauges, Metrics};
+use crate::prepare::prepare_data;
+use crate::run_file::RunFile;
+use agora_data::Shard;
+use agora_diloco::tensors::{from_named, load_weights, model_weights, param_specs, to_named};
+use agora_diloco::{mean, unit_order, OuterOptimizer};
+use agora_model::{Llama, LlamaConfig};
+use agora_protocol::messages::delta_meta;
+use agora_protocol::{
+    decode_tensors, encode_tensors, Assignment, Contribution, Hash32, Heartbeat, HeartbeatResponse, JoinResponse,
+    NamedTensor, RoundSummary, RunInfo, StatusReport, SubmitResponse, TensorSpec, WorkResponse, WorkerId, WorkerStatus,
+    PROTOCOL_VERSION,
+};
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tch::Device;
+use tokio::sync::{watch, Mutex};
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as i64
+}
+
+/// Where the coordinator keeps its state.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub run_file: PathBuf,
+    /// Working directory: the SQLite database, blobs and prepared data unless given elsewhere.
+    pub dir: PathBuf,
+    /// `sqlite://...` or `postgres://...`; default `sqlite://DIR/coordinator.db`.
+    pub database: Option<String>,
+    /// A directory or object-store URL; default `DIR/blobs`.
+    pub blobs: Option<String>,
+}
+
+/// What changes between rounds, cached from the database.
+struct Live {
+    round: u64,
+    opened_ms: i64,
+    global_hash: Hash32,
+    momentum_hash: Option<Hash32>,
+    finished: bool,
+}
+
+/// What a worker last told us; kept outside `live` so heartbeats never wait for an outer step.
+#[derive(Clone)]
+struct Presence {
+    last_seen: Instant,
+    round: Option<u64>,
+    step: u64,
+    loss: Option<f64>,
+}
+
+pub struct Coordinator {
+    pub run: RunFile,
+    pub run_id: String,
+    pub info: RunInfo,
+    pub model_config: LlamaConfig,
+    pub specs: Vec<TensorSpec>,
+    pub max_delta_bytes: u64,
+    pub blobs: BlobStore,
+    pub metrics: Metrics,
+    db: AnyPool,
+    val: Shard,
+    units: Vec<Hash32>,
+    live: Mutex<Live>,
+    /// Known worker ids (joined at some point) and their names.
+    known: std::sync::Mutex<HashMap<WorkerId, String>>,
+    presence: std::sync::Mutex<HashMap<WorkerId, Presence>>,
+    /// Bumped on every state change that a long-polling worker may be waiting for.
+    changes: watch::Sender<u64>,
+    started: Instant,
+    /// Mirrors of `live.round` and `live.finished` for readers that must not wait for the lock.
+    open_round: AtomicU64,
+    finished: AtomicBool,
+}
+
+fn hash_col(row: &AnyRow, col: &str) -> Result<Hash32> {
+    let s: String = row.try_get(col)?;
+    s.parse().map_err(|e| anyhow::anyhow!("database column {col} holds {s:?}, not a hash: {e}"))
+}
+
+fn worker_col(row: &AnyRow, col: &str) -> Result<WorkerId> {
+    let s: String = row.try_get(col)?;
+    s.parse().map_err(|e| anyhow::anyhow!("database column {col} holds {s:?}, not a worker id: {e}"))
+}
+
+/// One assignment row.
+struct AssignmentRow {
+    epoch: u64,
+    unit: u64,
+    state: String,
+}
+
+impl Coordinator {
+    /// Opens (or creates) the run's store and, on first start, prepares its data and initial weights.
+    pub async fn open(options: &Options) -> Result<Arc<Coordinator>> {
+        let run = RunFile::load(&options.run_file)?;
+        let run_id = run.run_id()?;
+        std::fs::create_dir_all(&options.dir)
+            .with_context(|| format!("{}: cannot create the coordinator directory", options.dir.display()))?;
+        let database = match &options.database {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}?mode=rwc", options.dir.join("coordinator.db").display()),
+        };
+        let db = connect(&database).await?;
+        let blobs = match &options.blobs {
+            Some(location) => BlobStore::open(location)?,
+            None => BlobStore::local(&options.dir.join("blobs"))?,
+        };
+
+        let existing = sqlx::query("SELECT id, model_config, tokenizer_hash, val_hash, finished FROM run")
+            .fetch_optional(&db)
+            .await?;
+        let (model_config, tokenizer_hash, val_hash) = match existing {
+            Some(row) => {
+                let stored: String = row.try_get("id")?;
+                if stored != run_id {
+                    bail!(
+                        "{database} holds run {stored}, but {} defines run {run_id} (the run file or its corpus changed); \
+                         use a new --dir/--database for a new run",
+                        options.run_file.display()
+                    );
+                }
+                let config: String = row.try_get("model_config")?;
+                let config = LlamaConfig::from_json_str(&config)?;
+                (config, hash_col(&row, "tokenizer_hash")?, hash_col(&row, "val_hash")?)
+            }
+            None => Self::initialise(&run, &run_id, &options.dir, &db, &blobs).await?,
+        };
+        let val_bytes = blobs.get(&val_hash).await.context("the validation shard blob")?;
+        let val = Shard::from_bytes(&val_bytes)?;
+        let units: Vec<Hash32> = sqlx::query("SELECT hash FROM units ORDER BY id")
+            .fetch_all(&db)
+            .await?
+            .iter()
+            .map(|r| hash_col(r, "hash"))
+            .collect::<Result<_>>()?;
+
+        let round_row =
+            sqlx::query("SELECT round, global_hash, momentum_hash, opened_ms FROM rounds ORDER BY round DESC LIMIT 1")
+                .fetch_one(&db)
+                .await?;
+        let finished: i64 = sqlx::query("SELECT finished FROM run").fetch_one(&db).await?.try_get("finished")?;
+        let momentum: Option<String> = round_row.try_get("momentum_hash")?;
+        let live = Live {
+            round: round_row.try_get::<i64, _>("round")? as u64,
+            opened_ms: round_row.try_get("opened_ms")?,
+            global_hash: hash_col(&round_row, "global_hash")?,
+            momentum_hash: momentum.map(|m| m.parse()).transpose().map_err(|e: String| anyhow::anyhow!(e))?,
+            finished: finished != 0,
+        };
+
+        let specs = param_specs(&model_config);
+        let parameters: usize = specs.iter().map(|s| s.shape.iter().product::<usize>()).sum();
+        let max_delta_bytes = (parameters * 4 + 1024 * 1024) as u64;
+        let info = RunInfo {
+            protocol_version: PROTOCOL_VERSION,
+            run_id: run_id.clone(),
+            model: model_config.to_hf_json(),
+            inner: serde_json::to_value(run.train_config())?,
+            inner_steps: run.inner.steps,
+            batch_size: run.inner.batch_size,
+            seq_len: run.inner.seq_len,
+            rounds: run.rounds.count,
+            tokenizer_hash,
+            max_delta_bytes,
+            heartbeat_interval_ms: (run.rounds.heartbeat_timeout_secs * 1000 / 6).clamp(200, 5000),
+        };
+
+        let now = Instant::now();
+        let mut known = HashMap::new();
+        let mut presence = HashMap::new();
+        for row in sqlx::query("SELECT id, name, active FROM workers").fetch_all(&db).await? {
+            let id = worker_col(&row, "id")?;
+            known.insert(id, row.try_get::<String, _>("name")?);
+            if row.try_get::<i64, _>("active")? != 0 {
+                // A restart is not the workers' fault: everyone active gets a fresh timeout.
+                presence.insert(id, Presence { last_seen: now, round: None, step: 0, loss: None });
+            }
+        }
+        let (live_round, live_finished) = (live.round, live.finished);
+        let metrics = Metrics::default();
+        let counters: Vec<(String, u64)> = sqlx::query("SELECT name, value FROM counters")
+            .fetch_all(&db)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get::<String, _>("name")?, r.try_get::<i64, _>("value")? as u64)))
+            .collect::<Result<_>>()?;
+        metrics.restore(&counters);
+        tracing::info!(run_id, round = live.round, finished = live.finished, units = units.len(), "run opened");
+        Ok(Arc::new(Coordinator {
+            run,
+            run_id,
+            info,
+            model_config,
+            specs,
+            max_delta_bytes,
+            blobs,
+            metrics,
+            db,
+            val,
+            units,
+            live: Mutex::new(live),
+            known: std::sync::Mutex::new(known),
+            presence: std::sync::Mutex::new(presence),
+            changes: watch::channel(0).0,
+            started: now,
+            open_round: AtomicU64::new(live_round),
+            finished: AtomicBool::new(live_finished),
+        }))
+    }
+
+    /// First start: data, tokenizer and initial weights into blobs, then the run, its units and round 0 in
+    /// one transaction (a crash before it commits just repeats the preparation).
+    async fn initialise(
+        run: &RunFile,
+        run_id: &str,
+        dir: &std::path::Path,
+        db: &AnyPool,
+        blobs: &BlobStore,
+    ) -> Result<(LlamaConfig, Hash32, Hash32)> {
+        let (run2, work_dir) = (run.clone(), dir.join("prepared"));
+        let prepared = tokio::task::spawn_blocking(move || prepare_data(&run2, &work_dir)).await??;
+        let tokenizer_hash = blobs.put(Bytes::from(prepared.tokenizer.to_json_string().into_bytes())).await?;
+        let val_hash = blobs.put(Bytes::from(prepared.val.to_bytes())).await?;
+        let mut unit_hashes = Vec::with_capacity(prepared.units.len());
+        for unit in &prepared.units {
+            unit_hashes.push((blobs.put(Bytes::from(unit.to_bytes())).await?, unit.len()));
+        }
+        let (config, seed, val, seq, batch, eval_batches) = (
+            prepared.model_config.clone(),
+            run.seed,
+            prepared.val.clone(),
+            run.inner.seq_len,
+            run.inner.batch_size,
+            run.eval.batches,
+        );
+        let (init_bytes, val_loss) = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, f64)> {
+            let model = Llama::new(&config, Device::Cpu, seed);
+            let specs = param_specs(&config);
+            let bytes = encode_tensors(&to_named(&specs, &model_weights(&model)), &round_meta(0));
+            let loss = agora_train::evaluate(&model, &val, seq, batch, eval_batches)?;
+            Ok((bytes, loss))
+        })
+        .await??;
+        let init_hash = blobs.put(Bytes::from(init_bytes)).await?;
+
+        let mut tx = db.begin().await?;
+        sqlx::query(
+            "INSERT INTO run (id, run_file, model_config, tokenizer_hash, val_hash, units, created_ms, finished) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0)",
+        )
+        .bind(run_id)
+        .bind(serde_json::to_string(run)?)
+        .bind(serde_json::to_string(&prepared.model_config.to_hf_json())?)
+        .bind(tokenizer_hash.hex())
+        .bind(val_hash.hex())
+        .bind(unit_hashes.len() as i64)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        for (i, (hash, tokens)) in unit_hashes.iter().enumerate() {
+            sqlx::query("INSERT INTO units (id, hash, tokens) VALUES ($1, $2, $3)")
+                .bind(i as i64)
+                .bind(hash.hex())
+                .bind(*tokens as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO rounds (round, global_hash, momentum_hash, opened_ms, closed_ms, contributions, train_loss, val_loss) \
+             VALUES (0, $1, NULL, $2, NULL, 0, NULL, $3)",
+        )
+        .bind(init_hash.hex())
+        .bind(now_ms())
+        .bind(val_loss)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::info!(run_id, units = unit_hashes.len(), val_loss, "run initialised");
+        Ok((prepared.model_config, tokenizer_hash, val_hash))
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn notify(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    pub fn is_known(&self, worker: &WorkerId) -> bool {
+        self.known.lock().expect("known lock").contains_key(worker)
+    }
+
+    fn touch(&self, worker: &WorkerId) {
+        let mut presence = self.presence.lock().expect("presence lock");
+        let p =
+            presence.entry(*worker).or_insert(Presence { last_seen: Instant::now(), round: None, step: 0, loss: None });
+        p.last_seen = Instant::now();
+    }
+
+    /// The round's deadline: its opening time plus the run's deadline, but never earlier than a
+    /// heartbeat timeout after this process started (workers need a moment to find a restarted coordinator).
+    fn deadline_ms(&self, live: &Live) -> i64 {
+        let by_round = live.opened_ms + (self.run.rounds.deadline_secs * 1000) as i64;
+        let started_ago = self.started.elapsed().as_millis() as i64;
+        let grace = now_ms() - started_ago + (self.run.rounds.heartbeat_timeout_secs * 1000) as i64;
+        by_round.max(grace)
+    }
+
+    pub async fn join(&self, worker: WorkerId, name: &str) -> Result<JoinResponse, ApiError> {
+        let name: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
+        let live = self.live.lock().await;
+        let existing =
+            sqlx::query("SELECT id FROM workers WHERE id = $1").bind(worker.hex()).fetch_optional(&self.db).await?;
+        if existing.is_some() {
+            sqlx::query("UPDATE workers SET active = 1, name = $2 WHERE id = $1")
+                .bind(worker.hex())
+                .bind(&name)
+                .execute(&self.db)
+                .await?;
+        } else {
+            sqlx::query(
+                "INSERT INTO workers (id, name, joined_ms, active, rounds_accepted, bytes_sent, bytes_received) \
+                 VALUES ($1, $2, $3, 1, 0, 0, 0)",
+            )
+            .bind(worker.hex())
+            .bind(&name)
+            .bind(now_ms())
+            .execute(&self.db)
+            .await?;
+        }
+        self.known.lock().expect("known lock").insert(worker, name.clone());
+        self.touch(&worker);
+        tracing::info!(
+            worker = worker.short(),
+            name,
+            returning = existing.is_some(),
+            round = live.round,
+            "worker joined"
+        );
+        self.notify();
+        Ok(JoinResponse { worker, round: live.round, returning: existing.is_some() })
+    }
+
+    /// A worker leaves on purpose: like being dropped, without waiting for the timeout.
+    pub async fn leave(&self, worker: WorkerId) -> Result<(), ApiError> {
+        let mut live = self.live.lock().await;
+        self.drop_worker(&live, &worker, "left").await?;
+        self.presence.lock().expect("presence lock").remove(&worker);
+        self.maybe_close_round(&mut live).await?;
+        Ok(())
+    }
+
+    pub fn heartbeat(&self, worker: WorkerId, beat: &Heartbeat) -> HeartbeatResponse {
+        {
+            let mut presence = self.presence.lock().expect("presence lock");
+            let p = presence.entry(worker).or_insert(Presence {
+                last_seen: Instant::now(),
+                round: None,
+                step: 0,
+                loss: None,
+            });
+            p.last_seen = Instant::now();
+            p.round = beat.round;
+            p.step = beat.step;
+            p.loss = beat.loss.filter(|l| l.is_finite());
+        }
+        HeartbeatResponse {
+            round: self.open_round.load(Ordering::Relaxed),
+            finished: self.finished.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn assignment_row(&self, round: u64, worker: &WorkerId) -> Result<Option<AssignmentRow>, ApiError> {
+        let row = sqlx::query("SELECT epoch, unit, state FROM assignments WHERE round = $1 AND worker = $2")
+            .bind(round as i64)
+            .bind(worker.hex())
+            .fetch_optional(&self.db)
+            .await?;
+        Ok(match row {
+            Some(r) => Some(AssignmentRow {
+                epoch: r.try_get::<i64, _>("epoch")? as u64,
+                unit: r.try_get::<i64, _>("unit")? as u64,
+                state: r.try_get("state")?,
+            }),
+            None => None,
+        })
+    }
+
+    fn assignment(&self, live: &Live, row: &AssignmentRow) -> Assignment {
+        Assignment {
+            round: live.round,
+            global_hash: live.global_hash,
+            unit: row.unit,
+            unit_hash: self.units[row.unit as usize],
+            epoch: row.epoch,
+            first_step: live.round * self.run.inner.steps,
+            inner_steps: self.run.inner.steps,
+            deadline_unix_ms: self.deadline_ms(live) as u64,
+        }
+    }
+
+    /// The worker's job for the open round: its current assignment, a new one, or "wait".
+    pub async fn next_work(&self, worker: WorkerId) -> Result<WorkResponse, ApiError> {
+        let live = self.live.lock().await;
+        self.touch(&worker);
+        if live.finished {
+            return Ok(WorkResponse::Finished { rounds: live.round, global_hash: live.global_hash });
+        }
+        sqlx::query("UPDATE workers SET active = 1 WHERE id = $1 AND active = 0")
+            .bind(worker.hex())
+            .execute(&self.db)
+            .await?;
+        match self.assignment_row(live.round, &worker).await? {
+            Some(row) if row.state == "training" => return Ok(WorkResponse::Assignment(self.assignment(&live, &row))),
+            Some(row) if row.state == "submitted" || row.state == "applied" => {
+                return Ok(WorkResponse::Wait { round: live.round, retry_after_ms: 1000 })
+            }
+            _ => {}
+        }
+        let row = self.take_unit(&live, &worker).await?;
+        tracing::info!(worker = worker.short(), round = live.round, unit = row.unit, epoch = row.epoch, "assigned");
+        self.notify();
+        Ok(WorkResponse::Assignment(self.assignment(&live, &row)))
+    }
+
+    /// Hands the worker the first pending unit of the earliest epoch (opening the next epoch when every
+    /// unit of the current ones is assigned or done), in one transaction.
+    async fn take_unit(&self, live: &Live, worker: &WorkerId) -> Result<AssignmentRow, ApiError> {
+        let mut tx = self.db.begin().await?;
+        let pending =
+            "SELECT epoch, position, unit FROM work_queue WHERE state = 'pending' ORDER BY epoch, position LIMIT 1";
+        let mut row = sqlx::query(pending).fetch_optional(&mut *tx).await?;
+        if row.is_none() {
+            let next: i64 = sqlx::query("SELECT COALESCE(MAX(epoch) + 1, 0) AS next FROM work_queue")
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("next")?;
+            for (position, unit) in unit_order(self.run.seed, next as u64, self.units.len()).into_iter().enumerate() {
+                sqlx::query("INSERT INTO work_queue (epoch, position, unit, state) VALUES ($1, $2, $3, 'pending')")
+                    .bind(next)
+                    .bind(position as i64)
+                    .bind(unit as i64)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            row = sqlx::query(pending).fetch_optional(&mut *tx).await?;
+        }
+        let row = row.context("a freshly opened epoch has pending units")?;
+        let (epoch, position, unit): (i64, i64, i64) =
+            (row.try_get("epoch")?, row.try_get("position")?, row.try_get("unit")?);
+        sqlx::query("UPDATE work_queue SET state = 'assigned' WHERE epoch = $1 AND position = $2")
+            .bind(epoch)
+            .bind(position)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM assignments WHERE round = $1 AND worker = $2")
+            .bind(live.round as i64)
+            .bind(worker.hex())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO assignments (round, worker, epoch, position, unit, state, assigned_ms) \
+             VALUES ($1, $2, $3, $4, $5, 'training', $6)",
+        )
+        .bind(live.round as i64)
+        .bind(worker.hex())
+        .bind(epoch)
+        .bind(position)
+        .bind(unit)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(AssignmentRow { epoch: epoch as u64, unit: unit as u64, state: "training".into() })
+    }
+
+    /// Validates a pseudo-gradient upload without touching state (runs before taking the lock).
+    pub fn decode_delta(&self, body: &[u8]) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>), ApiError> {
+        Ok(decode_tensors(body, Some(&self.specs))?)
+    }
+
+    /// Accepts a validated pseudo-gradient for `round`, durably, then closes the round if it is complete.
+    pub async fn submit(
+        &self,
+        worker: WorkerId,
+        round: u64,
+        body: Bytes,
+        meta: &BTreeMap<String, String>,
+    ) -> Result<SubmitResponse, ApiError> {
+        let mut live = self.live.lock().await;
+        self.touch(&worker);
+        if live.finished {
+            return Err(ApiError::conflict("run_finished", format!("the run finished after round {}", live.round)));
+        }
+        if round < live.round {
+            return Err(ApiError::conflict(
+                "round_closed",
+                format!("round {round} is closed (the run is at round {}); ask for new work", live.round),
+            ));
+        }
+        if round > live.round {
+            return Err(ApiError::conflict(
+                "wrong_round",
+                format!("round {round} is not open; the open round is {}", live.round),
+            ));
+        }
+        let Some(row) = self.assignment_row(round, &worker).await? else {
+            return Err(ApiError::conflict("no_assignment", format!("this worker has no assignment in round {round}")));
+        };
+        match row.state.as_str() {
+            "training" => {}
+            "released" => {
+                return Err(ApiError::conflict(
+                    "assignment_released",
+                    format!(
+                        "this worker's round-{round} data was reassigned (it was dropped or left); ask for new work"
+                    ),
+                ))
+            }
+            _ => {
+                let existing = sqlx::query("SELECT delta_hash FROM submissions WHERE round = $1 AND worker = $2")
+                    .bind(round as i64)
+                    .bind(worker.hex())
+                    .fetch_one(&self.db)
+                    .await?;
+                return Ok(SubmitResponse {
+                    round,
+                    delta_hash: hash_col(&existing, "delta_hash")?,
+                    newly_accepted: false,
+                });
+            }
+        }
+        let expect = |key: &str, want: String| -> Result<(), ApiError> {
+            match meta.get(key) {
+                Some(v) if *v == want => Ok(()),
+                Some(v) => Err(ApiError::unprocessable(
+                    "wrong_metadata",
+                    format!("metadata {key} is {v:?}, expected {want:?}"),
+                )),
+                None => Err(ApiError::unprocessable("wrong_metadata", format!("metadata {key} is missing"))),
+            }
+        };
+        expect(delta_meta::ROUND, round.to_string())?;
+        expect(delta_meta::UNIT, row.unit.to_string())?;
+        expect(delta_meta::BASE, live.global_hash.hex())?;
+        let train_loss: Option<f64> =
+            meta.get(delta_meta::TRAIN_LOSS).and_then(|v| v.parse().ok()).filter(|v: &f64| v.is_finite());
+
+        let bytes = body.len() as i64;
+        let hash = self.blobs.put(body).await?;
+        let mut tx = self.db.begin().await?;
+        sqlx::query(
+            "INSERT INTO submissions (round, worker, epoch, unit, delta_hash, bytes, train_loss, received_ms, applied) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0)",
+        )
+        .bind(round as i64)
+        .bind(worker.hex())
+        .bind(row.epoch as i64)
+        .bind(row.unit as i64)
+        .bind(hash.hex())
+        .bind(bytes)
+        .bind(train_loss)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE assignments SET state = 'submitted' WHERE round = $1 AND worker = $2")
+            .bind(round as i64)
+            .bind(worker.hex())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE workers SET bytes_sent = bytes_sent + $2 WHERE id = $1")
+            .bind(worker.hex())
+            .bind(bytes)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.metrics.submissions_accepted.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(worker = worker.short(), round, unit = row.unit, bytes, train_loss, "pseudo-gradient accepted");
+        self.notify();
+        self.maybe_close_round(&mut live).await?;
+        Ok(SubmitResponse { round, delta_hash: hash, newly_accepted: true })
+    }
+
+    /// Periodic duties: drop silent workers, close a round whose deadline has passed.
+    pub async fn tick(&self) -> Result<(), ApiError> {
+        let mut live = self.live.lock().await;
+        if live.finished {
+            return Ok(());
+        }
+        let timeout = Duration::from_secs(self.run.rounds.heartbeat_timeout_secs);
+        let silent: Vec<WorkerId> = {
+            let presence = self.presence.lock().expect("presence lock");
+            presence.iter().filter(|(_, p)| p.last_seen.elapsed() > timeout).map(|(id, _)| *id).collect()
+        };
+        for worker in silent {
+            self.drop_worker(&live, &worker, "silent").await?;
+            self.presence.lock().expect("presence lock").remove(&worker);
+        }
+        self.maybe_close_round(&mut live).await
+    }
+
+    /// Marks a worker inactive and puts its unfinished data for the open round back in the queue.
+    async fn drop_worker(&self, live: &Live, worker: &WorkerId, why: &str) -> Result<(), ApiError> {
+        let mut tx = self.db.begin().await?;
+        sqlx::query("UPDATE workers SET active = 0 WHERE id = $1").bind(worker.hex()).execute(&mut *tx).await?;
+        let released = release_training(&mut tx, live.round, Some(worker)).await?;
+        tx.commit().await?;
+        tracing::warn!(worker = worker.short(), why, round = live.round, released, "worker dropped");
+        self.notify();
+        Ok(())
+    }
+
+    async fn maybe_close_round(&self, live: &mut Live) -> Result<(), ApiError> {
+        if live.finished {
+            return Ok(());
+        }
+        let counts = sqlx::query(
+            "SELECT COALESCE(SUM(CASE WHEN state = 'submitted' THEN 1 ELSE 0 END), 0) AS submitted, \
+                    COALESCE(SUM(CASE WHEN state = 'training' THEN 1 ELSE 0 END), 0) AS training \
+             FROM assignments WHERE round = $1",
+        )
+        .bind(live.round as i64)
+        .fetch_one(&self.db)
+        .await?;
+        let submitted: i64 = counts.try_get("submitted")?;
+        let training: i64 = counts.try_get("training")?;
+        let enough = submitted as u64 >= self.run.rounds.min_workers;
+        let past_deadline = now_ms() >= self.deadline_ms(live);
+        if enough && (training == 0 || past_deadline) {
+            self.close_round(live).await?;
+        }
+        Ok(())
+    }
+
+    /// The outer step: average the round's accepted pseudo-gradients (in worker-id order, so a replay
+    /// after a crash computes the same bits), apply the outer optimizer, publish the new global weights
+    /// and momentum as blobs, then commit the round in one transaction.
+    async fn close_round(&self, live: &mut Live) -> Result<(), ApiError> {
+        let round = live.round;
+        let rows = sqlx::query(
+            "SELECT worker, delta_hash, train_loss FROM submissions WHERE round = $1 AND applied = 0 ORDER BY worker",
+        )
+        .bind(round as i64)
+        .fetch_all(&self.db)
+        .await?;
+        let started = Instant::now();
+        let mut deltas = Vec::with_capacity(rows.len());
+        let mut losses = Vec::new();
+        let mut contributors = Vec::new();
+        for row in &rows {
+            let hash = hash_col(row, "delta_hash")?;
+            deltas.push(self.blobs.get(&hash).await?);
+            contributors.push(row.try_get::<String, _>("worker")?);
+            if let Some(l) = row.try_get::<Option<f64>, _>("train_loss")? {
+                losses.push(l);
+            }
+        }
+        let global = self.blobs.get(&live.global_hash).await?;
+        let momentum = match &live.momentum_hash {
+            Some(h) => Some(self.blobs.get(h).await?),
+            None => None,
+        };
+        let next = round + 1;
+        let evaluate = next % self.run.eval.every_rounds == 0 || next == self.run.rounds.count;
+        let (specs, outer, config, val) =
+            (self.specs.clone(), self.run.outer, self.model_config.clone(), self.val.clone());
+        let (seq, batch, eval_batches) = (self.run.inner.seq_len, self.run.inner.batch_size, self.run.eval.batches);
+        let (global_bytes, momentum_bytes, val_loss) =
+            tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, Option<Vec<u8>>, Option<f64>)> {
+                let decode = |b: &[u8]| -> Result<Vec<tch::Tensor>> {
+                    Ok(from_named(&decode_tensors(b, Some(&specs))?.0, Device::Cpu))
+                };
+                let theta = decode(&global)?;
+                let deltas = deltas.iter().map(|d| decode(d)).collect::<Result<Vec<_>>>()?;
+                let mut optimizer = match &momentum {
+                    Some(m) => OuterOptimizer::with_momentum(outer, decode(m)?),
+                    None => OuterOptimizer::new(outer, &theta),
+                };
+                optimizer.step(&theta, &mean(&deltas));
+                let global_bytes = encode_tensors(&to_named(&specs, &theta), &round_meta(next));
+                let momentum_bytes = outer
+                    .has_state()
+                    .then(|| encode_tensors(&to_named(&specs, &optimizer.momentum), &round_meta(next)));
+                let val_loss = if evaluate {
+                    let model = Llama::zeros(&config, Device::Cpu);
+                    load_weights(&model, &theta);
+                    Some(agora_train::evaluate(&model, &val, seq, batch, eval_batches)?)
+                } else {
+                    None
+                };
+                Ok((global_bytes, momentum_bytes, val_loss))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("outer step task failed: {e}"))??;
+        let global_hash = self.blobs.put(Bytes::from(global_bytes)).await?;
+        let momentum_hash = match momentum_bytes {
+            Some(b) => Some(self.blobs.put(Bytes::from(b)).await?),
+            None => None,
+        };
+        let train_loss = (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64);
+        let finished = next >= self.run.rounds.count;
+        let now = now_ms();
+
+        let mut tx = self.db.begin().await?;
+        sqlx::query("UPDATE rounds SET closed_ms = $2, contributions = $3, train_loss = $4 WHERE round = $1")
+            .bind(round as i64)
+            .bind(now)
+            .bind(rows.len() as i64)
+            .bind(train_loss)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE submissions SET applied = 1 WHERE round = $1").bind(round as i64).execute(&mut *tx).await?;
+        sqlx::query(
+            "UPDATE work_queue SET state = 'done' WHERE EXISTS (SELECT 1 FROM assignments a WHERE a.round = $1 \
+             AND a.state = 'submitted' AND a.epoch = work_queue.epoch AND a.position = work_queue.position)",
+        )
+        .bind(round as i64)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE assignments SET state = 'applied' WHERE round = $1 AND state = 'submitted'")
+            .bind(round as i64)
+            .execute(&mut *tx)
+            .await?;
+        let late = release_training(&mut tx, round, None).await?;
+        for worker in &contributors {
+            sqlx::query("UPDATE workers SET rounds_accepted = rounds_accepted + 1 WHERE id = $1")
+                .bind(worker)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO rounds (round, global_hash, momentum_hash, opened_ms, closed_ms, contributions, train_loss, val_loss) \
+             VALUES ($1, $2, $3, $4, NULL, 0, NULL, $5)",
+        )
+        .bind(next as i64)
+        .bind(global_hash.hex())
+        .bind(momentum_hash.map(|h| h.hex()))
+        .bind(now)
+        .bind(val_loss)
+        .execute(&mut *tx)
+        .await?;
+        if finished {
+            sqlx::query("UPDATE run SET finished = 1").execute(&mut *tx).await?;
+        }
+        for (name, value) in self.metrics.snapshot() {
+            sqlx::query(
+                "INSERT INTO counters (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            )
+            .bind(name)
+            .bind(value as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+
+        *live = Live { round: next, opened_ms: now, global_hash, momentum_hash, finished };
+        self.open_round.store(next, Ordering::Relaxed);
+        self.finished.store(finished, Ordering::Relaxed);
+        tracing::info!(
+            round,
+            contributions = rows.len(),
+            released_late = late,
+            train_loss,
+            val_loss,
+            secs = started.elapsed().as_secs_f64(),
+            finished,
+            "round closed: outer step committed"
+        );
+        self.notify();
+        Ok(())
+    }
+
+    pub async fn blob(&self, hash: &Hash32, worker: Option<WorkerId>) -> Result<Bytes, ApiError> {
+        if !self.blobs.contains(hash).await {
+            return Err(ApiError::not_found("unknown_blob", format!("no blob {hash}")));
+        }
+        let bytes = self.blobs.get(hash).await?;
+        self.metrics.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if let Some(worker) = worker {
+            self.touch(&worker);
+            sqlx::query("UPDATE workers SET bytes_received = bytes_received + $2 WHERE id = $1")
+                .bind(worker.hex())
+                .bind(bytes.len() as i64)
+                .execute(&self.db)
+                .await?;
+        }
+        Ok(bytes)
+    }
+
+    pub async fn status(&self) -> Result<StatusReport, ApiError> {
+        let (round, finished, global_hash, opened_ms, deadline) = {
+            let live = self.live.lock().await;
+            (live.round, live.finished, live.global_hash, live.opened_ms, self.deadline_ms(&live))
+        };
+        let history =
+            sqlx::query("SELECT round, contributions, train_loss, val_loss, global_hash FROM rounds ORDER BY round")
+                .fetch_all(&self.db)
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok(RoundSummary {
+                        round: r.try_get::<i64, _>("round")? as u64,
+                        contributions: r.try_get::<i64, _>("contributions")? as u64,
+                        train_loss: r.try_get("train_loss")?,
+                        val_loss: r.try_get("val_loss")?,
+                        global_hash: hash_col(r, "global_hash")?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+        let states: HashMap<String, String> = sqlx::query("SELECT worker, state FROM assignments WHERE round = $1")
+            .bind(round as i64)
+            .fetch_all(&self.db)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("worker")?, r.try_get("state")?)))
+            .collect::<Result<_>>()?;
+        let presence = self.presence.lock().expect("presence lock").clone();
+        let mut workers = Vec::new();
+        for r in sqlx::query(
+            "SELECT id, name, active, rounds_accepted, bytes_sent, bytes_received FROM workers ORDER BY joined_ms, id",
+        )
+        .fetch_all(&self.db)
+        .await?
+        {
+            let id = worker_col(&r, "id")?;
+            let active = r.try_get::<i64, _>("active")? != 0;
+            let p = presence.get(&id);
+            let state = if !active {
+                "dropped"
+            } else {
+                match states.get(&id.hex()).map(String::as_str) {
+                    Some("training") => "training",
+                    Some("submitted") | Some("applied") => "submitted",
+                    _ => "idle",
+                }
+            };
+            workers.push(WorkerStatus {
+                id,
+                name: r.try_get("name")?,
+                state: state.to_string(),
+                active,
+                inner_step: p.filter(|p| p.round == Some(round)).map_or(0, |p| p.step),
+                last_loss: p.and_then(|p| p.loss),
+                last_seen_ms_ago: p.map_or(u64::MAX, |p| p.last_seen.elapsed().as_millis() as u64),
+                rounds_accepted: r.try_get::<i64, _>("rounds_accepted")? as u64,
+                bytes_sent: r.try_get::<i64, _>("bytes_sent")? as u64,
+                bytes_received: r.try_get::<i64, _>("bytes_received")? as u64,
+            });
+        }
+        let applied: i64 = sqlx::query("SELECT COUNT(*) AS n FROM submissions WHERE applied = 1")
+            .fetch_one(&self.db)
+            .await?
+            .try_get("n")?;
+        let tokens_trained = applied as u64 * (self.run.windows_per_unit() * self.run.inner.seq_len) as u64;
+        let counters = self.metrics.snapshot();
+        Ok(StatusReport {
+            run_id: self.run_id.clone(),
+            round,
+            rounds: self.run.rounds.count,
+            finished,
+            global_hash,
+            round_opened_unix_ms: opened_ms as u64,
+            round_deadline_unix_ms: deadline as u64,
+            submissions_this_round: states.values().filter(|s| *s == "submitted").count() as u64,
+            tokens_trained,
+            workers,
+            history,
+            counters,
+        })
+    }
+
+    pub async fn contributions(&self) -> Result<Vec<Contribution>, ApiError> {
+        sqlx::query("SELECT round, worker, epoch, unit, delta_hash, bytes FROM submissions WHERE applied = 1 ORDER BY round, worker")
+            .fetch_all(&self.db)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(Contribution {
+                    round: r.try_get::<i64, _>("round")? as u64,
+                    worker: worker_col(r, "worker")?,
+                    epoch: r.try_get::<i64, _>("epoch")? as u64,
+                    unit: r.try_get::<i64, _>("unit")? as u64,
+                    delta_hash: hash_col(r, "delta_hash")?,
+                    bytes: r.try_get::<i64, _>("bytes")? as u64,
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map_err(ApiError::from)
+    }
+
+    pub async fn gauges(&self) -> Gauges {
+        let (round, finished) = {
+            let live = self.live.lock().await;
+            (live.round, live.finished)
+        };
+        let last = sqlx::query("SELECT train_loss FROM rounds WHERE closed_ms IS NOT NULL ORDER BY round DESC LIMIT 1")
+            .fetch_optional(&self.db)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|r| r.try_get::<Option<f64>, _>("train_loss").ok().flatten());
+        let val = sqlx::query("SELECT val_loss FROM rounds WHERE val_loss IS NOT NULL ORDER BY round DESC LIMIT 1")
+            .fetch_optional(&self.db)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|r| r.try_get::<Option<f64>, _>("val_loss").ok().flatten());
+        let active = sqlx::query("SELECT COUNT(*) AS n FROM workers WHERE active = 1")
+            .fetch_one(&self.db)
+            .await
+            .ok()
+            .and_then(|r| r.try_get::<i64, _>("n").ok())
+            .unwrap_or(0) as u64;
+        Gauges { round, rounds_closed: round, active_workers: active, train_loss: last, val_loss: val, finished }
+    }
+}
+
+/// Releases the `training` assignments of `round` (one worker's, or all) and puts their units back in
+/// the queue for whoever asks next. Returns how many were released.
+async fn release_training(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    round: u64,
+    worker: Option<&WorkerId>,
+) -> Result<u64, ApiError> {
+    let worker = worker.map(|w| w.hex()).unwrap_or_default();
+    let filter = "round = $1 AND state = 'training' AND ($2 = '' OR worker = $2)";
+    let requeue = format!(
+        "UPDATE work_queue SET state = 'pending' WHERE EXISTS (SELECT 1 FROM assignments a WHERE a.round = $1 \
+         AND a.state = 'training' AND ($2 = '' OR a.worker = $2) AND a.epoch = work_queue.epoch AND a.position = work_queue.position)"
+    );
+    sqlx::query(&requeue).bind(round as i64).bind(&worker).execute(&mut **tx).await?;
+    let released = sqlx::query(&format!("UPDATE assignments SET state = 'released' WHERE {filter}"))
+        .bind(round as i64)
+        .bind(&worker)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    Ok(released)
+}
+
+fn round_meta(round: u64) -> BTreeMap<String, String> {
+    BTreeMap::from([("agora.round".to_string(), round.to_string())])
+}
+
+async fn connect(url: &str) -> Result<AnyPool> {
+    sqlx::any::install_default_drivers();
+    let sqlite = url.starts_with("sqlite:");
+    let pool = AnyPoolOptions::new()
+        // SQLite has one writer anyway; one connection also keeps `:memory:` databases whole.
+        .max_connections(if sqlite { 1 } else { 8 })
+        .connect(url)
+        .await
+        .with_context(|| format!("cannot open the database {url}"))?;
+    sqlx::migrate!("./migrations")
+        .run(&pool)
+        .await
+        .with_context(|| format!("cannot apply the schema migrations to {url}"))?;
+    Ok(pool)
+}
