@@ -1,6 +1,6 @@
-//! The smaller subcommands: eval, generate, tokenizer, data, info, demo, bench.
+//! The smaller subcommands: eval, generate, tokenizer, data, info, bench.
 
-use crate::run::{resolve_checkpoint, run_training, TrainArgs};
+use crate::run::resolve_checkpoint;
 use agora_data::shard::DEFAULT_VAL_FRACTION;
 use agora_data::{prepare, train_bpe, MarkovSource, Shard, Tokenizer};
 use agora_model::{config::PRESETS, load_pretrained, preset, Llama, LlamaConfig};
@@ -303,97 +303,6 @@ fn human(n: f64) -> String {
         n if n >= 1e6 => format!("{:.2}M", n / 1e6),
         n => format!("{:.0}K", n / 1e3),
     }
-}
-
-#[derive(Args)]
-pub struct DemoArgs {
-    #[arg(long, default_value = "runs/demo")]
-    pub out: PathBuf,
-    /// A corpus to use instead of the generated one.
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-    #[arg(long, default_value_t = 400)]
-    pub steps: u64,
-    #[arg(long)]
-    pub threads: Option<usize>,
-}
-
-pub fn demo(args: DemoArgs) -> Result<()> {
-    let threads = set_threads(args.threads);
-    // The demo starts afresh, but only ever deletes a directory that an earlier demo made.
-    if args.out.exists() {
-        let earlier_demo = args.out.join("metrics.jsonl").is_file() || args.out.join("corpus.txt").is_file();
-        let empty = std::fs::read_dir(&args.out).map(|mut d| d.next().is_none()).unwrap_or(false);
-        if !earlier_demo && !empty {
-            bail!("{}: exists and is not an earlier demo run; choose another --out", args.out.display());
-        }
-        std::fs::remove_dir_all(&args.out)
-            .with_context(|| format!("{}: cannot clear the earlier demo run", args.out.display()))?;
-    }
-    std::fs::create_dir_all(&args.out)?;
-    let source = MarkovSource::new(1);
-    let corpus = match &args.data {
-        Some(path) => path.clone(),
-        None => {
-            let path = args.out.join("corpus.txt");
-            std::fs::write(&path, source.generate(250_000, 1))?;
-            println!(
-                "corpus: {} ({} KB) from a Markov source with a known entropy rate of {:.4} bits/word",
-                path.display(),
-                std::fs::metadata(&path)?.len() / 1024,
-                source.entropy_rate_bits_per_word()
-            );
-            path
-        }
-    };
-    let train_args = TrainArgs {
-        preset: Some("tiny".into()),
-        data: vec![corpus.clone()],
-        steps: Some(args.steps),
-        out: Some(args.out.clone()),
-        batch_size: Some(16),
-        seq_len: Some(128),
-        lr: Some(3e-3),
-        warmup_steps: Some(30),
-        eval_every: Some((args.steps / 5).max(1)),
-        runtime: RuntimeArgs { threads: Some(threads), device: None },
-        ..Default::default()
-    };
-    let summary = run_training(train_args)?;
-    println!(
-        "trained {} parameters for {} steps in {:.0}s ({:.0} tokens/s)",
-        summary.parameters, summary.steps, summary.seconds, summary.tokens_per_second
-    );
-    println!("validation loss {:.4} nats/token (perplexity {:.2})", summary.val_loss, summary.val_perplexity);
-    let model = load_pretrained(&summary.checkpoint, Device::Cpu)?;
-    let tokenizer = checkpoint::read_tokenizer(&summary.checkpoint)?;
-    let text = std::fs::read_to_string(&corpus).with_context(|| format!("{}: cannot read", corpus.display()))?;
-    if args.data.is_none() {
-        // The ideal model's loss: the source's entropy, spread over the tokens that encode it.
-        let chars_per_token = text.len() as f64 / tokenizer.encode(&text)?.len() as f64;
-        let floor = source.loss_floor_nats_per_token(chars_per_token);
-        println!(
-            "entropy floor {floor:.4} nats/token ({chars_per_token:.2} chars/token): the model is {:.4} nats above it",
-            summary.val_loss - floor
-        );
-    }
-    let first_words: Vec<String> =
-        text.lines().filter_map(|l| l.split_whitespace().next().map(str::to_string)).take(3).collect();
-    println!("\nsamples (temperature 0.8, top-p 0.95):");
-    for (i, prompt) in first_words.iter().enumerate() {
-        let c = complete(&model, &tokenizer, prompt, 48, 0.8, 0.95, i as u64)?;
-        println!("--- {}", c.text.trim_end().replace('\n', "\n    "));
-        if args.data.is_none() {
-            if let Ok(bits) = source.empirical_bits_per_word(&c.text) {
-                println!(
-                    "    (under the true source: {bits:.2} bits/word; the source averages {:.2})",
-                    source.entropy_rate_bits_per_word()
-                );
-            }
-        }
-    }
-    println!("\ncheckpoint (Hugging Face layout): {}", summary.checkpoint.display());
-    Ok(())
 }
 
 #[derive(Args)]

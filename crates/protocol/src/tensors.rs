@@ -87,7 +87,11 @@ pub fn decode_tensors(
     expected: Option<&[TensorSpec]>,
 ) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>), TensorError> {
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| TensorError::Malformed(e.to_string()))?;
-    let metadata: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
+    let metadata: BTreeMap<String, String> = match header.metadata().as_ref().and_then(|m| m.get(METADATA_KEY)) {
+        Some(json) => serde_json::from_str(json)
+            .map_err(|e| TensorError::Malformed(format!("metadata {METADATA_KEY:?} is not a JSON string map: {e}")))?,
+        None => BTreeMap::new(),
+    };
     let parsed = SafeTensors::deserialize(bytes).map_err(|e| TensorError::Malformed(e.to_string()))?;
     let mut names: Vec<String> = parsed.names().into_iter().map(str::to_string).collect();
     names.sort();

@@ -167,9 +167,35 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
                         "pseudo-gradient accepted"
                     );
                 }
-                Err(CallError::Rejected { status, body: err }) => {
+                // Too late (the round closed, or this worker was dropped and its data reassigned): the
+                // work is lost, but the run goes on; ask for the next job.
+                Err(CallError::Rejected { status, body: err }) if status == reqwest::StatusCode::CONFLICT => {
                     summary.rounds_rejected += 1;
-                    tracing::warn!(round = assignment.round, %status, code = err.error, "pseudo-gradient refused: {}", err.message);
+                    tracing::warn!(
+                        round = assignment.round,
+                        code = err.error,
+                        "pseudo-gradient refused: {}",
+                        err.message
+                    );
+                }
+                Err(CallError::Rejected { status, body: err }) if err.error == "unknown_worker" => {
+                    tracing::warn!(%status, "the coordinator does not know this worker (was its state reset?); joining again");
+                    client.post_json::<JoinResponse>(
+                        "/v1/join",
+                        &JoinRequest {
+                            protocol_version: PROTOCOL_VERSION,
+                            worker: identity.id(),
+                            name: options.name.clone(),
+                        },
+                    )?;
+                }
+                // The coordinator refuses the payload itself: retraining would produce the same, so stop.
+                Err(CallError::Rejected { status, body: err }) => {
+                    bail!(
+                        "the coordinator refused this worker's pseudo-gradient ({status} {}): {}",
+                        err.error,
+                        err.message
+                    );
                 }
                 Err(CallError::Failed(e)) => return Err(e),
             }
