@@ -828,13 +828,17 @@ impl Coordinator {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-        let states: HashMap<String, String> = sqlx::query("SELECT worker, state FROM assignments WHERE round = $1")
-            .bind(round as i64)
-            .fetch_all(&self.db)
-            .await?
-            .iter()
-            .map(|r| Ok((r.try_get("worker")?, r.try_get("state")?)))
-            .collect::<Result<_>>()?;
+        let assigned: HashMap<String, (String, u64, u64)> =
+            sqlx::query("SELECT worker, state, epoch, unit FROM assignments WHERE round = $1")
+                .bind(round as i64)
+                .fetch_all(&self.db)
+                .await?
+                .iter()
+                .map(|r| {
+                    let (epoch, unit): (i64, i64) = (r.try_get("epoch")?, r.try_get("unit")?);
+                    Ok((r.try_get("worker")?, (r.try_get("state")?, epoch as u64, unit as u64)))
+                })
+                .collect::<Result<_>>()?;
         let presence = self.presence.lock().expect("presence lock").clone();
         let mut workers = Vec::new();
         for r in sqlx::query(
@@ -849,7 +853,7 @@ impl Coordinator {
             let state = if !active {
                 "dropped"
             } else {
-                match states.get(&id.hex()).map(String::as_str) {
+                match assigned.get(&id.hex()).map(|a| a.0.as_str()) {
                     Some("training") => "training",
                     Some("submitted") | Some("applied") => "submitted",
                     _ => "idle",
@@ -860,6 +864,7 @@ impl Coordinator {
                 name: r.try_get("name")?,
                 state: state.to_string(),
                 active,
+                assignment: assigned.get(&id.hex()).filter(|a| a.0 != "released").map(|a| (a.1, a.2)),
                 inner_step: p.filter(|p| p.round == Some(round)).map_or(0, |p| p.step),
                 last_loss: p.and_then(|p| p.loss),
                 last_seen_ms_ago: p.map_or(u64::MAX, |p| p.last_seen.elapsed().as_millis() as u64),
@@ -882,7 +887,7 @@ impl Coordinator {
             global_hash,
             round_opened_unix_ms: opened_ms as u64,
             round_deadline_unix_ms: deadline as u64,
-            submissions_this_round: states.values().filter(|s| *s == "submitted").count() as u64,
+            submissions_this_round: assigned.values().filter(|a| a.0 == "submitted").count() as u64,
             tokens_trained,
             workers,
             history,
@@ -966,6 +971,11 @@ fn round_meta(round: u64) -> BTreeMap<String, String> {
 async fn connect(url: &str) -> Result<AnyPool> {
     sqlx::any::install_default_drivers();
     let sqlite = url.starts_with("sqlite:");
+    use sqlx::migrate::MigrateDatabase;
+    if !sqlx::Any::database_exists(url).await.unwrap_or(false) {
+        tracing::info!("creating database {url}");
+        sqlx::Any::create_database(url).await.with_context(|| format!("cannot create the database {url}"))?;
+    }
     let pool = AnyPoolOptions::new()
         // SQLite has one writer anyway; one connection also keeps `:memory:` databases whole.
         .max_connections(if sqlite { 1 } else { 8 })

@@ -144,6 +144,8 @@ pub struct WorkerStatus {
     /// `training`, `submitted`, `idle` or `dropped`.
     pub state: String,
     pub active: bool,
+    /// The data this worker holds in the open round: (epoch, unit).
+    pub assignment: Option<(u64, u64)>,
     pub inner_step: u64,
     pub last_loss: Option<f64>,
     pub last_seen_ms_ago: u64,
