@@ -41,16 +41,12 @@ pub fn router(app: App) -> Router {
         .route("/v1/contributions", get(contributions))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .fallback(|uri: Uri| async move {
-            ApiError::not_found("no_such_endpoint", format!("no endpoint {uri}")).into_response()
+        .fallback(|State(app): State<App>, uri: Uri| async move {
+            reply::<()>(&app, Err(ApiError::not_found("no_such_endpoint", format!("no endpoint {uri}"))))
         })
-        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{method} is not allowed on {uri}"),
-            )
-            .into_response()
+        .method_not_allowed_fallback(|State(app): State<App>, method: Method, uri: Uri| async move {
+            let message = format!("{method} is not allowed on {uri}");
+            reply::<()>(&app, Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", message)))
         })
         // Bodies are read (and limited) by the handlers themselves, so that a refusal is a JSON error.
         .layer(DefaultBodyLimit::disable())

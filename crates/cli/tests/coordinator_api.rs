@@ -1,0 +1,308 @@
+//! The coordinator's HTTP API under bad input: every refusal is a 4xx with a JSON error body and a
+//! counter, and none of them disturbs the run (a valid pseudo-gradient afterwards still closes the round).
+
+mod common;
+
+use agora_diloco::tensors::param_specs;
+use agora_model::LlamaConfig;
+use agora_protocol::messages::delta_meta;
+use agora_protocol::*;
+use common::*;
+use reqwest::blocking::{Client, RequestBuilder};
+use reqwest::StatusCode;
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+struct Api {
+    http: Client,
+    url: String,
+    run_id: String,
+    identity: Identity,
+}
+
+impl Api {
+    fn signed(&self, method: &str, path: &str, body: Vec<u8>) -> RequestBuilder {
+        self.signed_as(&self.identity, &self.run_id, method, path, body.clone(), &body)
+    }
+
+    /// A request whose signature covers `signed_body` (which may differ from the body sent).
+    fn signed_as(
+        &self,
+        id: &Identity,
+        run: &str,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+        signed_body: &[u8],
+    ) -> RequestBuilder {
+        let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        let sig = id.sign_request(run, method, path, ts, signed_body);
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        self.http
+            .request(m, format!("{}{path}", self.url))
+            .header(HEADER_RUN, run)
+            .header(HEADER_WORKER, id.id().hex())
+            .header(HEADER_TIMESTAMP, ts.to_string())
+            .header(HEADER_SIGNATURE, sig)
+            .body(body)
+    }
+}
+
+/// Sends, expects `status` and error `code`, returns nothing.
+fn refused(request: RequestBuilder, status: StatusCode, code: &str) {
+    let response = request.send().unwrap();
+    assert_eq!(response.status(), status, "expected {status} {code}");
+    let body: ErrorBody = response.json().unwrap_or_else(|e| panic!("{code}: the error body is not JSON: {e}"));
+    assert_eq!(body.error, code, "{}", body.message);
+    assert!(!body.message.is_empty());
+}
+
+/// Writes `head` on a raw connection and returns what comes back (the server closes it).
+fn raw_request(url: &str, head: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(url.trim_start_matches("http://")).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+        if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A safetensors payload built by hand, so that dtypes and metadata can be anything.
+fn raw_safetensors(
+    tensors: &[(String, &str, Vec<usize>, Vec<u8>)],
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    if let Some(m) = metadata {
+        header.insert("__metadata__".into(), serde_json::json!({ "agora": serde_json::to_string(m).unwrap() }));
+    }
+    let mut offset = 0;
+    let mut data = Vec::new();
+    for (name, dtype, shape, bytes) in tensors {
+        header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes.len()] }),
+        );
+        offset += bytes.len();
+        data.extend_from_slice(bytes);
+    }
+    let mut header = serde_json::to_vec(&header).unwrap();
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend(header);
+    out.extend(data);
+    out
+}
+
+fn api_refuses_bad_input(database: Option<String>) {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = RunSpec { rounds: 3, inner_steps: 2, min_workers: 1, ..RunSpec::default() };
+    let cluster = Cluster::start(dir.path(), &spec, database);
+    let http = Client::new();
+    let info: RunInfo = http.get(format!("{}/v1/run", cluster.url)).send().unwrap().json().unwrap();
+    let api =
+        Api { http, url: cluster.url.clone(), run_id: info.run_id.clone(), identity: Identity::generate().unwrap() };
+    let specs = param_specs(&LlamaConfig::from_json_str(&info.model.to_string()).unwrap());
+
+    // Authentication and membership.
+    refused(api.http.post(format!("{}/v1/work", api.url)).body("{}"), StatusCode::UNAUTHORIZED, "unsigned");
+    refused(
+        api.signed_as(&api.identity, "not-this-run", "POST", "/v1/work", b"{}".to_vec(), b"{}"),
+        StatusCode::CONFLICT,
+        "wrong_run",
+    );
+    refused(
+        api.signed_as(&api.identity, &api.run_id, "POST", "/v1/work", b"{}".to_vec(), b"{ }"),
+        StatusCode::UNAUTHORIZED,
+        "bad_signature",
+    );
+    refused(api.signed("POST", "/v1/work", b"{}".to_vec()), StatusCode::UNAUTHORIZED, "unknown_worker");
+    refused(api.signed("POST", "/v1/join", b"{not json".to_vec()), StatusCode::BAD_REQUEST, "malformed_json");
+    let impostor = JoinRequest {
+        protocol_version: PROTOCOL_VERSION,
+        worker: Identity::generate().unwrap().id(),
+        name: "x".into(),
+    };
+    refused(
+        api.signed("POST", "/v1/join", serde_json::to_vec(&impostor).unwrap()),
+        StatusCode::BAD_REQUEST,
+        "bad_worker_id",
+    );
+    let join = JoinRequest { protocol_version: PROTOCOL_VERSION, worker: api.identity.id(), name: "prober".into() };
+    let old = JoinRequest { protocol_version: 0, ..join.clone() };
+    refused(
+        api.signed("POST", "/v1/join", serde_json::to_vec(&old).unwrap()),
+        StatusCode::CONFLICT,
+        "protocol_version",
+    );
+    let joined = api.signed("POST", "/v1/join", serde_json::to_vec(&join).unwrap()).send().unwrap();
+    assert_eq!(joined.status(), StatusCode::OK);
+    refused(
+        api.signed("POST", "/v1/heartbeat", b"{\"round\":\"x\"}".to_vec()),
+        StatusCode::BAD_REQUEST,
+        "malformed_json",
+    );
+
+    let work: WorkResponse = api.signed("POST", "/v1/work", b"{}".to_vec()).send().unwrap().json().unwrap();
+    let WorkResponse::Assignment(assignment) = work else { panic!("expected an assignment, got {work:?}") };
+    assert_eq!(assignment.round, 0);
+    let meta = BTreeMap::from([
+        (delta_meta::ROUND.to_string(), "0".to_string()),
+        (delta_meta::UNIT.to_string(), assignment.unit.to_string()),
+        (delta_meta::BASE.to_string(), assignment.global_hash.hex()),
+        (delta_meta::TRAIN_LOSS.to_string(), "5.0".to_string()),
+    ]);
+    let zeros: Vec<NamedTensor> = specs
+        .iter()
+        .map(|s| NamedTensor {
+            name: s.name.clone(),
+            shape: s.shape.clone(),
+            data: vec![0.0; s.shape.iter().product()],
+        })
+        .collect();
+    let delta = |tensors: &[NamedTensor], meta: &BTreeMap<String, String>| encode_tensors(tensors, meta);
+    let path = "/v1/rounds/0/delta";
+
+    // Bad pseudo-gradients.
+    refused(api.signed("POST", "/v1/rounds/7/delta", delta(&zeros, &meta)), StatusCode::CONFLICT, "wrong_round");
+    refused(api.signed("POST", "/v1/rounds/x/delta", delta(&zeros, &meta)), StatusCode::BAD_REQUEST, "bad_round");
+    // The refusal comes as soon as the headers announce too much, before any of the body is read.
+    let answer = raw_request(
+        &api.url,
+        &format!("POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", info.max_delta_bytes + 1),
+    );
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"error\":\"body_too_large\""), "{answer}");
+    refused(
+        api.signed("POST", path, b"definitely not safetensors".to_vec()),
+        StatusCode::BAD_REQUEST,
+        "malformed_tensors",
+    );
+    let mut wrong_shape = zeros.clone();
+    let matrix = wrong_shape.iter_mut().find(|t| t.shape.len() == 2).expect("the model has matrices");
+    matrix.shape = vec![matrix.data.len()];
+    refused(api.signed("POST", path, delta(&wrong_shape, &meta)), StatusCode::UNPROCESSABLE_ENTITY, "shape_mismatch");
+    refused(api.signed("POST", path, delta(&zeros[1..], &meta)), StatusCode::UNPROCESSABLE_ENTITY, "shape_mismatch");
+    let mut nan = zeros.clone();
+    nan[2].data[0] = f32::NAN;
+    refused(api.signed("POST", path, delta(&nan, &meta)), StatusCode::UNPROCESSABLE_ENTITY, "non_finite");
+    let mut inf = zeros.clone();
+    inf[0].data[3] = f32::INFINITY;
+    refused(api.signed("POST", path, delta(&inf, &meta)), StatusCode::UNPROCESSABLE_ENTITY, "non_finite");
+    let half: Vec<(String, &str, Vec<usize>, Vec<u8>)> =
+        zeros.iter().map(|t| (t.name.clone(), "F16", t.shape.clone(), vec![0u8; t.data.len() * 2])).collect();
+    refused(
+        api.signed("POST", path, raw_safetensors(&half, Some(&meta))),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "dtype_mismatch",
+    );
+    refused(
+        api.signed("POST", path, delta(&zeros, &BTreeMap::new())),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "wrong_metadata",
+    );
+    let mut stale = meta.clone();
+    stale.insert(delta_meta::BASE.into(), hash_bytes(b"other weights").hex());
+    refused(api.signed("POST", path, delta(&zeros, &stale)), StatusCode::UNPROCESSABLE_ENTITY, "wrong_metadata");
+    let stranger = Identity::generate().unwrap();
+    refused(
+        api.signed_as(&stranger, &api.run_id, "POST", path, delta(&zeros, &meta), &delta(&zeros, &meta)),
+        StatusCode::UNAUTHORIZED,
+        "unknown_worker",
+    );
+
+    // Other endpoints.
+    refused(api.http.get(format!("{}/v1/nothing", api.url)), StatusCode::NOT_FOUND, "no_such_endpoint");
+    refused(api.http.delete(format!("{}/v1/status", api.url)), StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+    refused(api.http.get(format!("{}/v1/blobs/xyz", api.url)), StatusCode::BAD_REQUEST, "bad_hash");
+    refused(
+        api.http.get(format!("{}/v1/blobs/{}", api.url, hash_bytes(b"nope").hex())),
+        StatusCode::NOT_FOUND,
+        "unknown_blob",
+    );
+
+    // None of that changed the run: a valid pseudo-gradient is accepted (once) and closes round 0.
+    let ok: SubmitResponse = api.signed("POST", path, delta(&zeros, &meta)).send().unwrap().json().unwrap();
+    assert!(ok.newly_accepted);
+    let report = cluster.wait_for("round 0 to close", std::time::Duration::from_secs(60), |r| r.round == 1);
+    assert_eq!(report.history[0].contributions, 1);
+    // The same upload again is too late now.
+    refused(api.signed("POST", path, delta(&zeros, &meta)), StatusCode::CONFLICT, "round_closed");
+    assert_eq!(cluster.contributions().len(), 1);
+
+    let metrics = cluster.metrics();
+    for code in [
+        "unsigned",
+        "wrong_run",
+        "bad_signature",
+        "unknown_worker",
+        "malformed_json",
+        "bad_worker_id",
+        "protocol_version",
+        "wrong_round",
+        "bad_round",
+        "body_too_large",
+        "malformed_tensors",
+        "shape_mismatch",
+        "non_finite",
+        "dtype_mismatch",
+        "wrong_metadata",
+        "no_such_endpoint",
+        "bad_hash",
+        "unknown_blob",
+        "round_closed",
+    ] {
+        assert!(
+            metrics.contains(&format!("agora_requests_rejected{{reason=\"{code}\"}}")),
+            "no counter for {code}:\n{metrics}"
+        );
+    }
+    assert!(metrics.contains("agora_requests_rejected{reason=\"shape_mismatch\"} 2"), "{metrics}");
+    assert!(metrics.contains("agora_requests_rejected{reason=\"non_finite\"} 2"), "{metrics}");
+    let log = std::fs::read_to_string(cluster.log("coordinator")).unwrap();
+    assert!(!log.contains("panicked"), "the coordinator panicked:\n{log}");
+}
+
+#[test]
+fn api_refuses_bad_input_sqlite() {
+    api_refuses_bad_input(None);
+}
+
+#[test]
+fn api_refuses_bad_input_postgres() {
+    if let Some(base) = postgres_base() {
+        api_refuses_bad_input(Some(fresh_postgres_db(&base, "api")));
+    }
+}
+
+/// `agora status` reads a live coordinator, as a table and as JSON.
+#[test]
+fn status_command_reports_the_run() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), &RunSpec::default(), None);
+    let out = std::process::Command::new(AGORA).args(["status", &cluster.url, "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: StatusReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((report.round, report.rounds, report.finished), (0, 5, false));
+    assert!(report.history[0].val_loss.unwrap() > 5.0, "untrained loss is near ln(300)");
+    let out = std::process::Command::new(AGORA).args(["status", &cluster.url]).output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(&format!("run {}", report.run_id)) && text.contains("round 0/5"), "{text}");
+    let out = std::process::Command::new(AGORA).args(["status", "http://127.0.0.1:9"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}
