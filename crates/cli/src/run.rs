@@ -446,11 +446,15 @@ mod tests {
     #[test]
     fn the_readme_run_file_is_valid() {
         let readme = include_str!("../../../README.md");
-        let start = readme.find("```toml\n").expect("README has a TOML example") + "```toml\n".len();
-        let end = start + readme[start..].find("```").expect("closed code block");
+        let block = readme
+            .split("```toml\n")
+            .skip(1)
+            .map(|b| &b[..b.find("```").expect("closed code block")])
+            .find(|b| b.contains("[train]"))
+            .expect("README has a training run file");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run.toml");
-        std::fs::write(&path, &readme[start..end]).unwrap();
+        std::fs::write(&path, block).unwrap();
         let run = RunFile::load(&path).unwrap();
         assert_eq!(run.model.preset.as_deref(), Some("small"));
         assert_eq!(run.train.unwrap(), TrainConfig { steps: 1000, eval_batches: 20, ..TrainConfig::default() });

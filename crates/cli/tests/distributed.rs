@@ -185,3 +185,29 @@ fn coordinator_killed_and_restarted_postgres() {
         coordinator_killed_and_restarted(Some(fresh_postgres_db(&base, "restart")));
     }
 }
+
+/// A worker killed and restarted with the same data directory comes back as the same worker (same
+/// identity, no second entry), with its AdamW moments from where it stopped.
+#[test]
+fn worker_restarts_with_its_identity_and_optimizer_state() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = RunSpec { rounds: 5, inner_steps: 10, min_workers: 1, ..RunSpec::default() };
+    let mut cluster = Cluster::start(dir.path(), &spec, None);
+    cluster.start_worker("w");
+    cluster.wait_for("two rounds", LONG, |r| r.round >= 2);
+    cluster.kill_worker("w");
+    let log_before = std::fs::read_to_string(cluster.log("w")).unwrap();
+    cluster.workers.clear();
+    cluster.start_worker("w");
+    let report = cluster.wait_for("the run to finish", LONG, |r| r.finished);
+    cluster.finish_workers(Duration::from_secs(60));
+    assert_eq!(report.workers.len(), 1, "the restarted worker is the same worker: {:?}", report.workers);
+    assert_eq!(report.workers[0].rounds_accepted, 5);
+    let log = std::fs::read_to_string(cluster.log("w")).unwrap();
+    assert!(!log_before.contains("resumed optimizer state"));
+    let resumed = log.lines().find(|l| l.contains("resumed optimizer state")).unwrap_or_else(|| panic!("{log}"));
+    assert!(!resumed.contains("step=0 "), "the moments came back with their step count: {resumed}");
+    assert!(log.contains("returning=true"), "{log}");
+    check_contributions(&cluster.contributions(), 5);
+}

@@ -226,3 +226,67 @@ impl RunFile {
         Ok(h.finalize().to_hex()[..16].to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        std::fs::write(dir.join("corpus.txt"), "some text\n").unwrap();
+        let path = dir.join("run.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_readme_diloco_run_file_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let block = readme
+            .split("```toml\n")
+            .skip(1)
+            .map(|b| &b[..b.find("```").expect("closed code block")])
+            .find(|b| b.contains("[rounds]"))
+            .expect("README has a DiLoCo run file");
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunFile::load(&write(dir.path(), block)).unwrap();
+        assert_eq!(run.inner.steps, 50);
+        assert_eq!(run.outer, OuterConfig::default());
+        assert_eq!(run.rounds.count, 40);
+        assert_eq!(run.train_config().steps, 40 * 50, "the schedule spans every inner step of the run");
+        assert_eq!(run.data.files, vec![std::fs::canonicalize(dir.path().join("corpus.txt")).unwrap()]);
+        assert_eq!(run.run_id().unwrap(), run.run_id().unwrap());
+    }
+
+    #[test]
+    fn invalid_run_files_say_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let base =
+            "[model]\npreset = \"tiny\"\n[data]\nfiles = [\"corpus.txt\"]\nvocab_size = 300\n[rounds]\ncount = 3\n";
+        assert!(RunFile::load(&write(dir.path(), base)).is_ok());
+        let cases = [
+            (base.replace("preset = \"tiny\"", "preset = \"huge\""), "huge"),
+            (base.replace("corpus.txt", "missing.txt"), "does not exist"),
+            (base.replace("count = 3", "count = 0"), "count must be positive"),
+            (format!("{base}min_workers = 0\n"), "min_workers"),
+            (format!("{base}[outer]\nmomentum = 1.5\n"), "outer.momentum"),
+            (format!("{base}[outer]\nkind = \"adam\"\n"), "unknown variant"),
+            (format!("{base}[inner]\nsteps = 0\n"), "[inner]"),
+            (format!("{base}[inner]\nlr = -1.0\n"), "lr must be positive"),
+            (format!("{base}surprise = 1\n"), "unknown field"),
+            (base.replace("vocab_size = 300", "vocab_size = 10"), "at least 260"),
+        ];
+        for (text, expected) in cases {
+            let err = format!("{:#}", RunFile::load(&write(dir.path(), &text)).unwrap_err());
+            assert!(err.contains(expected), "expected {expected:?} in: {err}");
+        }
+    }
+
+    #[test]
+    fn the_run_id_changes_with_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = "[model]\npreset = \"tiny\"\n[data]\nfiles = [\"corpus.txt\"]\n[rounds]\ncount = 3\n";
+        let a = RunFile::load(&write(dir.path(), base)).unwrap().run_id().unwrap();
+        let b = RunFile::load(&write(dir.path(), &base.replace("count = 3", "count = 4"))).unwrap().run_id().unwrap();
+        assert_ne!(a, b);
+    }
+}

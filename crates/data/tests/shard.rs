@@ -148,3 +148,31 @@ fn prepare_multi_document_corpus_splits_by_document() {
     let e = msg(prepare(&[tiny], &tok, &out, 0.1).unwrap_err());
     assert!(e.contains("too small to split"), "{e}");
 }
+
+mod untrusted_bytes {
+    use agora_data::Shard;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1000, .. ProptestConfig::default() })]
+        /// Shards arrive from the network as blobs: any corruption is an error, never a panic or a
+        /// silently different token list.
+        #[test]
+        fn corrupted_shard_bytes_fail_cleanly(tokens in proptest::collection::vec(0u32..300, 1..200), index in any::<usize>(), value in any::<u8>(), cut in any::<bool>()) {
+            let shard = Shard::from_tokens(tokens.clone(), [7; 32], 300).unwrap();
+            let mut bytes = shard.to_bytes();
+            prop_assert_eq!(Shard::from_bytes(&bytes).unwrap().tokens(), &tokens[..]);
+            let i = index % bytes.len();
+            if cut { bytes.truncate(i) } else { bytes[i] = value }
+            if let Ok(parsed) = Shard::from_bytes(&bytes) {
+                // Only a change that leaves the payload intact (or a no-op) may parse.
+                prop_assert_eq!(parsed.tokens(), &tokens[..]);
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Shard::from_bytes(&bytes);
+        }
+    }
+}
