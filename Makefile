@@ -18,7 +18,8 @@ build: setup
 	@$(ENV) cargo build --release -p agora-cli
 	@[ -e target ] || $(ENV) ln -s "$$CARGO_TARGET_DIR" target
 
-# The main job: generate a corpus with a known entropy floor, train the tiny model on it, print samples.
+# The main job: a coordinator and 4 worker processes train the tiny model with DiLoCo over loopback, then
+# the same token budget in one process for comparison (runs/demo; `agora demo --help` for options).
 demo: build
 	@$(ENV) "$$CARGO_TARGET_DIR/release/agora" demo
 
