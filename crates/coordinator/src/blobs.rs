@@ -108,3 +108,34 @@ impl BlobStore {
         self.store.head(&self.path(hash)).await.is_ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_blobs_are_content_addressed_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path().to_str().unwrap()).unwrap();
+        let hash = store.put(Bytes::from_static(b"weights")).await.unwrap();
+        assert_eq!(hash, hash_bytes(b"weights"));
+        assert_eq!(store.put(Bytes::from_static(b"weights")).await.unwrap(), hash, "idempotent");
+        assert_eq!(&store.get(&hash).await.unwrap()[..], b"weights");
+        assert!(store.contains(&hash).await);
+        assert!(!store.contains(&hash_bytes(b"other")).await);
+        assert!(store.get(&hash_bytes(b"other")).await.is_err());
+        // A blob whose bytes changed on disk is refused, not served.
+        let file = dir.path().join(&hash.hex()[..2]).join(hash.hex());
+        std::fs::write(&file, b"tampered").unwrap();
+        let err = format!("{:#}", store.get(&hash).await.unwrap_err());
+        assert!(err.contains("corrupt"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn object_store_urls_work() {
+        let store = BlobStore::open("memory:///agora").unwrap();
+        let hash = store.put(Bytes::from_static(b"delta")).await.unwrap();
+        assert_eq!(&store.get(&hash).await.unwrap()[..], b"delta");
+        assert!(BlobStore::open("nonsense://x").is_err());
+    }
+}

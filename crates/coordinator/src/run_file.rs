@@ -83,8 +83,12 @@ impl Default for InnerSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoundsSection {
-    /// Outer steps in the run.
-    pub count: u64,
+    /// Outer steps in the run ...
+    pub count: Option<u64>,
+    /// ... or a token budget: the run ends with the round that brings the tokens trained into applied
+    /// pseudo-gradients to at least this many. The learning-rate schedule then assumes `min_workers`
+    /// contributions per round.
+    pub tokens: Option<u64>,
     /// A round needs at least this many accepted pseudo-gradients to close.
     #[serde(default = "one")]
     pub min_workers: u64,
@@ -168,19 +172,22 @@ impl RunFile {
         if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
             bail!("[data] val_fraction must be strictly between 0 and 1, got {}", self.data.val_fraction);
         }
+        let r = &self.rounds;
+        match (r.count, r.tokens) {
+            (Some(0), None) => bail!("[rounds] count must be positive"),
+            (None, Some(0)) => bail!("[rounds] tokens must be positive"),
+            (Some(_), None) | (None, Some(_)) => {}
+            _ => bail!("[rounds]: give exactly one of count = ROUNDS or tokens = BUDGET"),
+        }
+        if r.min_workers == 0 {
+            bail!("[rounds] min_workers must be at least 1");
+        }
         let i = &self.inner;
         if i.steps == 0 || i.batch_size == 0 || i.seq_len == 0 {
             bail!("[inner] steps, batch_size and seq_len must be positive");
         }
         self.train_config().validate().context("[inner]")?;
         self.outer.validate().context("[outer]")?;
-        let r = &self.rounds;
-        if r.count == 0 {
-            bail!("[rounds] count must be positive");
-        }
-        if r.min_workers == 0 {
-            bail!("[rounds] min_workers must be at least 1");
-        }
         if r.deadline_secs == 0 || r.heartbeat_timeout_secs == 0 {
             bail!("[rounds] deadline_secs and heartbeat_timeout_secs must be positive");
         }
@@ -195,7 +202,7 @@ impl RunFile {
         let i = &self.inner;
         agora_train::TrainConfig {
             seed: self.seed,
-            steps: self.rounds.count * i.steps,
+            steps: self.planned_rounds() * i.steps,
             batch_size: i.batch_size,
             seq_len: i.seq_len,
             grad_accum: 1,
@@ -207,6 +214,29 @@ impl RunFile {
             eval_every: 0,
             eval_batches: self.eval.batches,
             checkpoint_every: 0,
+        }
+    }
+
+    /// Rounds the run is planned for: `count`, or the token budget at `min_workers` units per round.
+    pub fn planned_rounds(&self) -> u64 {
+        match (self.rounds.count, self.rounds.tokens) {
+            (Some(count), _) => count,
+            (None, Some(tokens)) => tokens.div_ceil(self.rounds.min_workers * self.tokens_per_unit()).max(1),
+            (None, None) => unreachable!("validated: count or tokens"),
+        }
+    }
+
+    /// Training tokens (predicted positions) in one data unit.
+    pub fn tokens_per_unit(&self) -> u64 {
+        (self.windows_per_unit() * self.inner.seq_len) as u64
+    }
+
+    /// Whether the run is over after `rounds` closed rounds that applied `units_applied` units in all.
+    pub fn is_finished(&self, rounds: u64, units_applied: u64) -> bool {
+        match (self.rounds.count, self.rounds.tokens) {
+            (Some(count), _) => rounds >= count,
+            (None, Some(tokens)) => units_applied * self.tokens_per_unit() >= tokens,
+            (None, None) => unreachable!("validated: count or tokens"),
         }
     }
 
@@ -251,7 +281,7 @@ mod tests {
         let run = RunFile::load(&write(dir.path(), block)).unwrap();
         assert_eq!(run.inner.steps, 50);
         assert_eq!(run.outer, OuterConfig::default());
-        assert_eq!(run.rounds.count, 40);
+        assert_eq!(run.rounds.count, Some(40));
         assert_eq!(run.train_config().steps, 40 * 50, "the schedule spans every inner step of the run");
         assert_eq!(run.data.files, vec![std::fs::canonicalize(dir.path().join("corpus.txt")).unwrap()]);
         assert_eq!(run.run_id().unwrap(), run.run_id().unwrap());
@@ -267,6 +297,8 @@ mod tests {
             (base.replace("preset = \"tiny\"", "preset = \"huge\""), "huge"),
             (base.replace("corpus.txt", "missing.txt"), "does not exist"),
             (base.replace("count = 3", "count = 0"), "count must be positive"),
+            (base.replace("count = 3", "count = 3\ntokens = 100"), "exactly one of count"),
+            (base.replace("count = 3", "min_workers = 1"), "exactly one of count"),
             (format!("{base}min_workers = 0\n"), "min_workers"),
             (format!("{base}[outer]\nmomentum = 1.5\n"), "outer.momentum"),
             (format!("{base}[outer]\nkind = \"adam\"\n"), "unknown variant"),
@@ -279,6 +311,18 @@ mod tests {
             let err = format!("{:#}", RunFile::load(&write(dir.path(), &text)).unwrap_err());
             assert!(err.contains(expected), "expected {expected:?} in: {err}");
         }
+    }
+
+    #[test]
+    fn a_token_budget_plans_rounds_and_ends_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "[model]\npreset = \"tiny\"\n[data]\nfiles = [\"corpus.txt\"]\n[inner]\nsteps = 10\nbatch_size = 4\nseq_len = 32\n[rounds]\ntokens = 25600\nmin_workers = 2\n";
+        let run = RunFile::load(&write(dir.path(), text)).unwrap();
+        assert_eq!(run.tokens_per_unit(), 10 * 4 * 32);
+        assert_eq!(run.planned_rounds(), 10, "25600 tokens at 2 units of 1280 tokens per round");
+        assert_eq!(run.train_config().steps, 100);
+        assert!(!run.is_finished(5, 19));
+        assert!(run.is_finished(5, 20), "the budget counts applied units, however many rounds they took");
     }
 
     #[test]

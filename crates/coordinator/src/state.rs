@@ -102,6 +102,13 @@ fn worker_col(row: &AnyRow, col: &str) -> Result<WorkerId> {
     s.parse().map_err(|e| anyhow::anyhow!("database column {col} holds {s:?}, not a worker id: {e}"))
 }
 
+/// What the outer step computes off the async runtime: the new global weights, momentum and val loss.
+struct OuterStepOutput {
+    global_bytes: Vec<u8>,
+    momentum_bytes: Option<Vec<u8>>,
+    val_loss: Option<f64>,
+}
+
 /// One assignment row.
 struct AssignmentRow {
     epoch: u64,
@@ -179,7 +186,7 @@ impl Coordinator {
             inner_steps: run.inner.steps,
             batch_size: run.inner.batch_size,
             seq_len: run.inner.seq_len,
-            rounds: run.rounds.count,
+            rounds: run.planned_rounds(),
             tokenizer_hash,
             max_delta_bytes,
             heartbeat_interval_ms: (run.rounds.heartbeat_timeout_secs * 1000 / 6).clamp(200, 5000),
@@ -682,12 +689,17 @@ impl Coordinator {
             None => None,
         };
         let next = round + 1;
-        let evaluate = next % self.run.eval.every_rounds == 0 || next == self.run.rounds.count;
+        let applied_before: i64 = sqlx::query("SELECT COUNT(*) AS n FROM submissions WHERE applied = 1")
+            .fetch_one(&self.db)
+            .await?
+            .try_get("n")?;
+        let finished = self.run.is_finished(next, applied_before as u64 + rows.len() as u64);
+        let evaluate = next.is_multiple_of(self.run.eval.every_rounds) || finished;
         let (specs, outer, config, val) =
             (self.specs.clone(), self.run.outer, self.model_config.clone(), self.val.clone());
         let (seq, batch, eval_batches) = (self.run.inner.seq_len, self.run.inner.batch_size, self.run.eval.batches);
-        let (global_bytes, momentum_bytes, val_loss) =
-            tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, Option<Vec<u8>>, Option<f64>)> {
+        let OuterStepOutput { global_bytes, momentum_bytes, val_loss } =
+            tokio::task::spawn_blocking(move || -> Result<OuterStepOutput> {
                 let decode = |b: &[u8]| -> Result<Vec<tch::Tensor>> {
                     Ok(from_named(&decode_tensors(b, Some(&specs))?.0, Device::Cpu))
                 };
@@ -709,7 +721,7 @@ impl Coordinator {
                 } else {
                     None
                 };
-                Ok((global_bytes, momentum_bytes, val_loss))
+                Ok(OuterStepOutput { global_bytes, momentum_bytes, val_loss })
             })
             .await
             .map_err(|e| anyhow::anyhow!("outer step task failed: {e}"))??;
@@ -719,7 +731,6 @@ impl Coordinator {
             None => None,
         };
         let train_loss = (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64);
-        let finished = next >= self.run.rounds.count;
         let now = now_ms();
 
         let mut tx = self.db.begin().await?;
@@ -877,12 +888,12 @@ impl Coordinator {
             .fetch_one(&self.db)
             .await?
             .try_get("n")?;
-        let tokens_trained = applied as u64 * (self.run.windows_per_unit() * self.run.inner.seq_len) as u64;
+        let tokens_trained = applied as u64 * self.run.tokens_per_unit();
         let counters = self.metrics.snapshot();
         Ok(StatusReport {
             run_id: self.run_id.clone(),
             round,
-            rounds: self.run.rounds.count,
+            rounds: self.run.planned_rounds(),
             finished,
             global_hash,
             round_opened_unix_ms: opened_ms as u64,
@@ -950,11 +961,9 @@ async fn release_training(
 ) -> Result<u64, ApiError> {
     let worker = worker.map(|w| w.hex()).unwrap_or_default();
     let filter = "round = $1 AND state = 'training' AND ($2 = '' OR worker = $2)";
-    let requeue = format!(
-        "UPDATE work_queue SET state = 'pending' WHERE EXISTS (SELECT 1 FROM assignments a WHERE a.round = $1 \
-         AND a.state = 'training' AND ($2 = '' OR a.worker = $2) AND a.epoch = work_queue.epoch AND a.position = work_queue.position)"
-    );
-    sqlx::query(&requeue).bind(round as i64).bind(&worker).execute(&mut **tx).await?;
+    let requeue = "UPDATE work_queue SET state = 'pending' WHERE EXISTS (SELECT 1 FROM assignments a WHERE a.round = $1 \
+         AND a.state = 'training' AND ($2 = '' OR a.worker = $2) AND a.epoch = work_queue.epoch AND a.position = work_queue.position)";
+    sqlx::query(requeue).bind(round as i64).bind(&worker).execute(&mut **tx).await?;
     let released = sqlx::query(&format!("UPDATE assignments SET state = 'released' WHERE {filter}"))
         .bind(round as i64)
         .bind(&worker)

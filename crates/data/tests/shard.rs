@@ -161,7 +161,8 @@ mod untrusted_bytes {
         fn corrupted_shard_bytes_fail_cleanly(tokens in proptest::collection::vec(0u32..300, 1..200), index in any::<usize>(), value in any::<u8>(), cut in any::<bool>()) {
             let shard = Shard::from_tokens(tokens.clone(), [7; 32], 300).unwrap();
             let mut bytes = shard.to_bytes();
-            prop_assert_eq!(Shard::from_bytes(&bytes).unwrap().tokens(), &tokens[..]);
+            let parsed = Shard::from_bytes(&bytes).unwrap();
+            prop_assert_eq!(parsed.tokens(), &tokens[..]);
             let i = index % bytes.len();
             if cut { bytes.truncate(i) } else { bytes[i] = value }
             if let Ok(parsed) = Shard::from_bytes(&bytes) {
