@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# agora's training step against the same Llama in PyTorch eager (bench/pytorch_llama.py), same machine,
-# same thread count, same run. Prints a Markdown table and appends it to BENCHMARKS.md.
+# 1. agora's training step against the same Llama in PyTorch eager (bench/pytorch_llama.py), same machine,
+#    same thread count, same run; 2. the DiLoCo sweep (`agora bench diloco`: DiLoCo with k workers and H
+#    inner steps against data-parallel training at an equal token budget, on tinyshakespeare). Prints the
+#    Markdown tables and appends them to BENCHMARKS.md.
 #
-#   bench/run.sh            full run: 3 alternating rounds per configuration (a few minutes)
-#   bench/run.sh --quick    smoke run: 1 round, few steps; prints the table, leaves BENCHMARKS.md alone
+#   bench/run.sh            full run: 3 alternating rounds per step-time configuration (a few minutes),
+#                           then the full DiLoCo sweep (~25 minutes on 2 idle cores)
+#   bench/run.sh --quick    smoke run: 1 round, few steps, `agora bench diloco --quick`; prints the
+#                           tables, leaves BENCHMARKS.md alone
 #
 # Environment: THREADS (default 2), ROUNDS, STEPS, WARMUP override the defaults below;
-# BENCH_CONFIGS="preset:batch:seq ..." overrides the configurations; NO_APPEND=1 skips BENCHMARKS.md.
+# BENCH_CONFIGS="preset:batch:seq ..." overrides the configurations; NO_APPEND=1 skips BENCHMARKS.md;
+# SPEED=0 skips the step-time comparison, DILOCO=0 the DiLoCo sweep; DILOCO_DATA (default
+# ../shared/data/tinyshakespeare.txt) and DILOCO_ARGS (extra `agora bench diloco` flags) change the sweep.
 # Needs scripts/setup.sh --test (the full torch wheel for the Python side) and a Rust toolchain.
 set -euo pipefail
 
@@ -17,7 +23,7 @@ quick=0
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;;
-    -h | --help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench/run.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -32,15 +38,24 @@ else
 fi
 # preset:batch:seq — a step of each takes ~0.5–2 s on 2 cores.
 BENCH_CONFIGS=${BENCH_CONFIGS:-"small:8:256 base:4:512"}
+SPEED=${SPEED:-1}
+DILOCO=${DILOCO:-1}
+DILOCO_DATA=${DILOCO_DATA:-../shared/data/tinyshakespeare.txt}
+read -r -a diloco_args <<< "${DILOCO_ARGS:-}"
 
 # --- environment -------------------------------------------------------------------------------------
 [ -f scripts/env.sh ] || die "scripts/env.sh not found (run from an agora checkout)"
 # shellcheck source=../scripts/env.sh
 . scripts/env.sh || die "scripts/env.sh failed: run scripts/setup.sh --test first"
 command -v cargo > /dev/null || die "cargo not found: install a Rust toolchain (https://rustup.rs)"
-[ -x "${AGORA_PYTHON:-}" ] || die "no Python at AGORA_PYTHON=${AGORA_PYTHON:-} (run scripts/setup.sh --test)"
-if ! torch_version=$("$AGORA_PYTHON" -c 'import torch; print(torch.__version__)' 2> /dev/null); then
-  die "'import torch' fails in $AGORA_PYTHON: the PyTorch side needs the full wheel; run scripts/setup.sh --test"
+if [ "$SPEED" = 1 ]; then
+  [ -x "${AGORA_PYTHON:-}" ] || die "no Python at AGORA_PYTHON=${AGORA_PYTHON:-} (run scripts/setup.sh --test)"
+  if ! torch_version=$("$AGORA_PYTHON" -c 'import torch; print(torch.__version__)' 2> /dev/null); then
+    die "'import torch' fails in $AGORA_PYTHON: the PyTorch side needs the full wheel; run scripts/setup.sh --test"
+  fi
+fi
+if [ "$DILOCO" = 1 ] && [ ! -f "$DILOCO_DATA" ]; then
+  die "DiLoCo sweep: $DILOCO_DATA not found (set DILOCO_DATA=FILE, or DILOCO=0 to skip the sweep)"
 fi
 
 echo "bench: building agora (release)" >&2
@@ -54,6 +69,7 @@ results="$work/results.jsonl"
 : > "$results"
 
 # --- measure: agora and PyTorch alternately, never at the same time ---------------------------------
+[ "$SPEED" = 1 ] || BENCH_CONFIGS=""
 for cfg in $BENCH_CONFIGS; do
   IFS=: read -r preset batch seq <<< "$cfg"
   [ -n "$preset" ] && [ -n "$batch" ] && [ -n "$seq" ] || die "bad BENCH_CONFIGS entry '$cfg' (want preset:batch:seq)"
@@ -70,6 +86,7 @@ for cfg in $BENCH_CONFIGS; do
 done
 
 # --- summarize -----------------------------------------------------------------------------------------
+if [ "$SPEED" = 1 ]; then
 "$AGORA_PYTHON" - "$results" > "$work/table.md" << 'EOF'
 import json, math, sys
 from collections import defaultdict
@@ -104,6 +121,20 @@ print("\n".join(notes))
 EOF
 echo
 cat "$work/table.md"
+fi
+
+# --- the DiLoCo sweep: one process, workers run one after another (see crates/cli/src/bench_diloco.rs) ---
+if [ "$DILOCO" = 1 ]; then
+  diloco_cmd=(agora bench diloco --data "$DILOCO_DATA" --threads "$THREADS")
+  [ "$quick" = 1 ] && diloco_cmd+=(--quick)
+  diloco_cmd+=("${diloco_args[@]}")
+  echo "bench: ${diloco_cmd[*]}" >&2
+  started=$(date +%s)
+  "$agora" "${diloco_cmd[@]:1}" > "$work/diloco.md" || die "agora bench diloco failed"
+  diloco_minutes=$(( ($(date +%s) - started + 30) / 60 ))
+  echo
+  cat "$work/diloco.md"
+fi
 
 if [ "$quick" = 1 ] || [ "${NO_APPEND:-0}" = 1 ]; then
   echo >&2
@@ -115,14 +146,26 @@ commit=$(git rev-parse --short HEAD 2> /dev/null || echo unknown)
 if [ -n "$(git status --porcelain 2> /dev/null)" ]; then commit="$commit+dirty"; fi
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 mem=$(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)
-{
-  echo
-  echo "## $(date -u '+%Y-%m-%d %H:%M UTC')"
-  echo
-  echo "Machine: $(nproc) cores, ${cpu:-unknown CPU}, $mem RAM. torch $torch_version (libtorch for both)."
-  echo "Commit $commit. \`bench/run.sh\`: threads $THREADS, $ROUNDS alternating rounds × ($WARMUP warmup + $STEPS timed steps)."
-  echo
-  cat "$work/table.md"
-} >> BENCHMARKS.md
+if [ "$SPEED" = 1 ]; then
+  {
+    echo
+    echo "## $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "Machine: $(nproc) cores, ${cpu:-unknown CPU}, $mem RAM. torch $torch_version (libtorch for both)."
+    echo "Commit $commit. \`bench/run.sh\`: threads $THREADS, $ROUNDS alternating rounds × ($WARMUP warmup + $STEPS timed steps)."
+    echo
+    cat "$work/table.md"
+  } >> BENCHMARKS.md
+fi
+if [ "$DILOCO" = 1 ]; then
+  {
+    echo
+    echo "## DiLoCo sweep, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "Machine: $(nproc) cores, ${cpu:-unknown CPU}, $mem RAM. Commit $commit. \`${diloco_cmd[*]}\` ($diloco_minutes min)."
+    echo
+    cat "$work/diloco.md"
+  } >> BENCHMARKS.md
+fi
 echo >&2
 echo "bench: appended to BENCHMARKS.md" >&2

@@ -2,7 +2,10 @@
 //!
 //! Must not know about: tensor math or file formats beyond calling the crates that own them.
 
+mod bench_diloco;
 mod commands;
+mod demo;
+mod net;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -31,10 +34,17 @@ enum Command {
     Data(DataCommand),
     /// Parameters, FLOPs per token and training memory of a preset or config.
     Info(commands::InfoArgs),
-    /// The main job, end to end: make a corpus, train a tokenizer and the tiny model, print samples.
-    Demo(commands::DemoArgs),
-    /// Time optimizer steps (ms/step, tokens/s, MFU) for the benchmark table.
-    Bench(commands::BenchArgs),
+    /// The main job: a coordinator and N worker processes train one model over loopback (DiLoCo).
+    Demo(demo::DemoArgs),
+    /// Time optimizer steps (ms/step, tokens/s, MFU) for the benchmark table; `bench diloco`: DiLoCo vs
+    /// data-parallel training at an equal token budget.
+    Bench(Box<bench_diloco::BenchCommand>),
+    /// Serve a DiLoCo run: membership, rounds, data assignment, the outer step (HTTP).
+    Coordinator(net::CoordinatorArgs),
+    /// Join a run: train H inner steps per round on assigned data and send pseudo-gradients.
+    Worker(net::WorkerArgs),
+    /// Show a coordinator's run: round, workers, losses, bytes.
+    Status(net::StatusArgs),
 }
 
 #[derive(Subcommand)]
@@ -115,8 +125,11 @@ fn main() {
         }
         Command::Data(DataCommand::Synthetic { out, words, seed }) => commands::data_synthetic(&out, words, seed),
         Command::Info(args) => commands::info(args),
-        Command::Demo(args) => commands::demo(args),
-        Command::Bench(args) => commands::bench(args),
+        Command::Demo(args) => demo::demo(args),
+        Command::Bench(args) => bench_diloco::bench(*args),
+        Command::Coordinator(args) => net::coordinator(args),
+        Command::Worker(args) => net::worker(args),
+        Command::Status(args) => net::status(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -1,0 +1,681 @@
+//! `agora bench diloco`: DiLoCo against synchronous data-parallel training at an equal token budget, in one
+//! process, calling exactly the `agora-diloco` functions the networked coordinator and workers call
+//! ([`train_round`], [`mean`], [`OuterOptimizer::step`], [`cut_units`], [`unit_order`]).
+//!
+//! Design (as in "Scaling laws for DiLoCo"): a fixed global batch of `G` windows per inner step and `S` inner
+//! steps in total, so every configuration trains on `S·G·seq_len` tokens with the same warmup + cosine
+//! learning-rate schedule over `S` steps.
+//! - *Data-parallel baseline*: one [`Trainer`] with batch `G` for `S` steps. Synchronous data parallelism over
+//!   any number of workers that average their gradients every step computes exactly this update (the mean of
+//!   the workers' per-shard mean gradients is the mean gradient of the global batch), so one process stands
+//!   in for all of them. Each worker would send one fp32 gradient per step: `S · 4 · parameters` bytes.
+//! - *DiLoCo with k workers and H inner steps*: `S/H` rounds; in each, every worker starts from the global
+//!   weights, takes `H` AdamW steps with batch `G/k` on its own data unit ([`train_round`]; each worker keeps
+//!   its own AdamW moments across rounds, as real workers do), then the pseudo-gradients are averaged
+//!   ([`mean`]) and the outer optimizer moves the global weights ([`OuterOptimizer::step`]). Each worker sends
+//!   one fp32 pseudo-gradient per round: `S/H · 4 · parameters` bytes, H× fewer than data-parallel.
+//!
+//! The workers run one after another in this process: the result is what k machines would compute (they
+//! only meet at the average), deterministic for a given thread count, and the wall time is not a DiLoCo
+//! speed measurement.
+//!
+//! Data: the training split is cut into windows of `seq_len + 1` tokens; every configuration draws from the
+//! same pool — the first `P` windows, `P` the largest multiple of every configuration's unit size that fits —
+//! so no configuration drops windows the others train on. The baseline's units are single steps (`G`
+//! windows), DiLoCo's are one worker's round (`H·G/k` windows); units are visited in [`unit_order`] epoch
+//! order, worker `i` of round `r` taking the `(r·k + i)`-th unit of that sequence. Validation loss is
+//! [`evaluate`] over every window of the held-out split (the end of the corpus), the same for all.
+
+use crate::commands::{bench as bench_steps, set_threads, BenchArgs};
+use agora_data::{prepare, train_bpe, Shard};
+use agora_diloco::tensors::{load_weights, model_weights};
+use agora_diloco::{cut_units, mean, train_round, unit_batches, unit_order, OuterConfig, OuterKind, OuterOptimizer};
+use agora_model::{preset, Llama, LlamaConfig};
+use agora_train::{evaluate, TrainConfig, Trainer};
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::Device;
+
+/// `agora bench` times optimizer steps; `agora bench diloco` runs the DiLoCo sweep.
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchCommand {
+    #[command(subcommand)]
+    pub command: Option<BenchSubcommand>,
+    #[command(flatten)]
+    pub steps: BenchArgs,
+}
+
+#[derive(Subcommand)]
+pub enum BenchSubcommand {
+    /// DiLoCo (k workers, H inner steps) against data-parallel training at an equal token budget: final
+    /// validation loss, gap to the baseline, bytes sent per worker; and an outer-optimizer comparison.
+    Diloco(DilocoArgs),
+}
+
+pub fn bench(cmd: BenchCommand) -> Result<()> {
+    match cmd.command {
+        None => bench_steps(cmd.steps),
+        Some(BenchSubcommand::Diloco(args)) => diloco(args),
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct DilocoArgs {
+    /// Training text; its last 10% is the validation split.
+    #[arg(long, default_value = "../shared/data/tinyshakespeare.txt")]
+    pub data: PathBuf,
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// BPE vocabulary trained on --data (default: the preset's).
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
+    /// Total inner steps S of every configuration (default 1000; --quick 24). Divisible by every H.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Windows per step summed over the workers, G (default 16; --quick 8). Divisible by every k.
+    #[arg(long)]
+    pub global_batch: Option<usize>,
+    /// Tokens per window (default 64; --quick 32).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Worker counts k to sweep (default 1,2,4,8; --quick 1,2).
+    #[arg(long, value_delimiter = ',')]
+    pub workers: Option<Vec<usize>>,
+    /// Inner steps per round H to sweep (default 10,50,200; --quick 4,12).
+    #[arg(long, value_delimiter = ',')]
+    pub inner_steps: Option<Vec<u64>>,
+    /// Peak inner AdamW learning rate, the same for every configuration (cosine to a tenth of it).
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
+    /// Warmup steps of the inner schedule (default: S/20).
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Outer learning rate of the Nesterov grid.
+    #[arg(long, default_value_t = 0.7)]
+    pub outer_lr: f64,
+    /// Outer momentum of the Nesterov grid.
+    #[arg(long, default_value_t = 0.9)]
+    pub outer_momentum: f64,
+    /// Where to compare the outer optimizers, "K:H" (default 4:50; --quick 2:4), or "none".
+    #[arg(long)]
+    pub outer_compare: Option<String>,
+    /// Model initialisation and data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// libtorch threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// A smoke run: small defaults (a few seconds after tokenization); explicit flags still win.
+    #[arg(long)]
+    pub quick: bool,
+    /// Print the results as one line of JSON instead of Markdown tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The sweep after defaults and validation.
+#[derive(Debug, Clone, Serialize)]
+struct Plan {
+    steps: u64,
+    global_batch: usize,
+    seq_len: usize,
+    workers: Vec<usize>,
+    inner_steps: Vec<u64>,
+    lr: f64,
+    min_lr: f64,
+    warmup: u64,
+    outer: OuterConfig,
+    /// (k, H) of the outer-optimizer comparison.
+    compare: Option<(usize, u64)>,
+    seed: u64,
+}
+
+fn parse_compare(s: &str) -> Result<Option<(usize, u64)>> {
+    if s == "none" {
+        return Ok(None);
+    }
+    let parsed = s.split_once(':').and_then(|(k, h)| Some((k.trim().parse().ok()?, h.trim().parse().ok()?)));
+    match parsed {
+        Some(kh) => Ok(Some(kh)),
+        None => bail!("--outer-compare {s:?}: want K:H (e.g. 4:50) or none"),
+    }
+}
+
+impl Plan {
+    fn from_args(a: &DilocoArgs) -> Result<Plan> {
+        let q = a.quick;
+        let steps = a.steps.unwrap_or(if q { 24 } else { 1000 });
+        let global_batch = a.global_batch.unwrap_or(if q { 8 } else { 16 });
+        let seq_len = a.seq_len.unwrap_or(if q { 32 } else { 64 });
+        let workers = a.workers.clone().unwrap_or(if q { vec![1, 2] } else { vec![1, 2, 4, 8] });
+        let inner_steps = a.inner_steps.clone().unwrap_or(if q { vec![4, 12] } else { vec![10, 50, 200] });
+        let compare = match &a.outer_compare {
+            Some(s) => parse_compare(s)?,
+            None => Some(if q { (2, 4) } else { (4, 50) }),
+        };
+        let plan = Plan {
+            steps,
+            global_batch,
+            seq_len,
+            workers,
+            inner_steps,
+            lr: a.lr,
+            min_lr: a.lr / 10.0,
+            warmup: a.warmup.unwrap_or((steps / 20).max(1)),
+            outer: OuterConfig { kind: OuterKind::Nesterov, lr: a.outer_lr, momentum: a.outer_momentum },
+            compare,
+            seed: a.seed,
+        };
+        plan.validate()?;
+        Ok(plan)
+    }
+
+    fn validate(&self) -> Result<()> {
+        ensure!(self.steps > 0, "--steps must be positive");
+        ensure!(self.global_batch > 0, "--global-batch must be positive");
+        ensure!(self.seq_len > 0, "--seq-len must be positive");
+        ensure!(!self.workers.is_empty(), "--workers needs at least one worker count");
+        ensure!(!self.inner_steps.is_empty(), "--inner-steps needs at least one value");
+        ensure!(self.lr.is_finite() && self.lr > 0.0, "--lr must be positive, got {}", self.lr);
+        ensure!(self.warmup <= self.steps, "--warmup {} exceeds --steps {}", self.warmup, self.steps);
+        self.outer.validate().context("--outer-lr / --outer-momentum")?;
+        let ks = self.workers.iter().copied().chain(self.compare.map(|(k, _)| k));
+        for k in ks {
+            ensure!(k > 0, "a worker count must be at least 1");
+            ensure!(
+                self.global_batch.is_multiple_of(k),
+                "--global-batch {} is not divisible by {k} workers (each worker takes G/k windows per step)",
+                self.global_batch
+            );
+        }
+        for h in self.inner_steps.iter().copied().chain(self.compare.map(|(_, h)| h)) {
+            ensure!(h > 0, "inner steps per round must be at least 1");
+            ensure!(
+                self.steps.is_multiple_of(h),
+                "--steps {} is not divisible by H = {h} (every configuration runs S/H whole rounds)",
+                self.steps
+            );
+        }
+        Ok(())
+    }
+
+    /// Every (k, H) the sweep runs, the comparison point included.
+    fn grid(&self) -> Vec<(usize, u64)> {
+        let mut grid: Vec<(usize, u64)> =
+            self.workers.iter().flat_map(|&k| self.inner_steps.iter().map(move |&h| (k, h))).collect();
+        if let Some(kh) = self.compare {
+            if !grid.contains(&kh) {
+                grid.push(kh);
+            }
+        }
+        grid
+    }
+
+    /// The size of the window pool: the largest multiple of every unit size (G for the baseline, H·G/k for
+    /// DiLoCo) that the training split holds.
+    fn pool_windows(&self, available: usize) -> Result<usize> {
+        let mut l = self.global_batch;
+        for (k, h) in self.grid() {
+            let unit = h as usize * (self.global_batch / k);
+            l = lcm(l, unit).context("the unit sizes' least common multiple overflows")?;
+        }
+        ensure!(
+            available >= l,
+            "the training split holds {available} windows of {} tokens, fewer than {l} (the least common multiple \
+             of every configuration's unit of H·G/k windows); use a larger corpus or smaller --inner-steps, \
+             --global-batch or --seq-len",
+            self.seq_len + 1
+        );
+        Ok(available / l * l)
+    }
+
+    fn train_config(&self, batch_size: usize) -> TrainConfig {
+        TrainConfig {
+            seed: self.seed,
+            steps: self.steps,
+            batch_size,
+            seq_len: self.seq_len,
+            lr: self.lr,
+            min_lr: self.min_lr,
+            warmup_steps: self.warmup,
+            ..TrainConfig::default()
+        }
+    }
+}
+
+fn lcm(a: usize, b: usize) -> Option<usize> {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    (a / gcd(a, b)).checked_mul(b)
+}
+
+/// What one configuration reached.
+#[derive(Debug, Clone, Serialize)]
+struct Outcome {
+    /// "data_parallel" or "diloco".
+    method: &'static str,
+    /// DiLoCo workers (None for the baseline, whose update does not depend on the worker count).
+    workers: Option<usize>,
+    inner_steps: u64,
+    rounds: u64,
+    outer: Option<OuterConfig>,
+    val_loss: f64,
+    /// 100 · (val_loss − baseline) / baseline.
+    gap_percent: f64,
+    bytes_sent_per_worker: u64,
+    /// Data-parallel bytes per worker ÷ these.
+    fewer_bytes: f64,
+    /// Mean training loss over the last round's inner steps (each worker's local loss, averaged).
+    last_train_loss: f64,
+    seconds: f64,
+}
+
+/// Shared by every configuration: the model shape, the window pool and the validation split.
+struct Setup {
+    plan: Plan,
+    model: LlamaConfig,
+    parameters: u64,
+    /// The training split cut to the pool: `pool_windows · seq_len + 1` tokens.
+    pool: Vec<u32>,
+    pool_windows: usize,
+    tokenizer_hash: [u8; 32],
+    val: Shard,
+}
+
+impl Setup {
+    fn bytes_per_sync(&self) -> u64 {
+        4 * self.parameters
+    }
+
+    /// The pool cut into units of `windows` windows, each a shard of its own.
+    fn units(&self, windows: usize) -> Result<Vec<Shard>> {
+        let cut = cut_units(&self.pool, self.plan.seq_len, windows, self.plan.seed);
+        assert_eq!(cut.dropped_windows, 0, "the pool is a multiple of every unit size");
+        cut.units.into_iter().map(|u| Shard::from_tokens(u, self.tokenizer_hash, self.model.vocab_size)).collect()
+    }
+
+    fn val_loss(&self, model: &Llama) -> Result<f64> {
+        evaluate(model, &self.val, self.plan.seq_len, self.plan.global_batch, usize::MAX)
+    }
+}
+
+/// The sequence of units the run visits: epoch after epoch, each in its [`unit_order`].
+struct UnitCursor {
+    seed: u64,
+    n: usize,
+    next: u64,
+    order: Vec<u64>,
+}
+
+impl UnitCursor {
+    fn new(seed: u64, n: usize) -> Self {
+        UnitCursor { seed, n, next: 0, order: Vec::new() }
+    }
+
+    fn next(&mut self) -> usize {
+        let (epoch, i) = (self.next / self.n as u64, (self.next % self.n as u64) as usize);
+        if i == 0 {
+            self.order = unit_order(self.seed, epoch, self.n);
+        }
+        self.next += 1;
+        self.order[i] as usize
+    }
+}
+
+fn log_progress(label: &str, done: u64, total: u64, started: Instant, loss: f64) {
+    tracing::info!("{label}: {done}/{total} steps, train loss {loss:.3}, {:.0}s", started.elapsed().as_secs_f64());
+}
+
+fn run_baseline(s: &Setup) -> Result<Outcome> {
+    let p = &s.plan;
+    let started = Instant::now();
+    let units = s.units(p.global_batch)?;
+    let mut cursor = UnitCursor::new(p.seed, units.len());
+    let mut trainer = Trainer::new(Llama::new(&s.model, Device::Cpu, p.seed), p.train_config(p.global_batch))?;
+    let schedule = trainer.config.schedule();
+    let batch = unit_batches(units[0].len(), p.global_batch, p.seq_len, 1);
+    let report_every = (p.steps / 10).max(1);
+    let (mut recent, mut recent_n) = (0.0, 0);
+    let mut last_train_loss = f64::NAN;
+    for step in 0..p.steps {
+        let stats = trainer.update_on(&units[cursor.next()], &batch, schedule.lr(step))?;
+        recent += stats.loss;
+        recent_n += 1;
+        if (step + 1) % report_every == 0 || step + 1 == p.steps {
+            last_train_loss = recent / recent_n as f64;
+            log_progress("data-parallel", step + 1, p.steps, started, last_train_loss);
+            (recent, recent_n) = (0.0, 0);
+        }
+    }
+    let val_loss = s.val_loss(&trainer.model)?;
+    Ok(Outcome {
+        method: "data_parallel",
+        workers: None,
+        inner_steps: 1,
+        rounds: p.steps,
+        outer: None,
+        val_loss,
+        gap_percent: 0.0,
+        bytes_sent_per_worker: p.steps * s.bytes_per_sync(),
+        fewer_bytes: 1.0,
+        last_train_loss,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn run_diloco(s: &Setup, k: usize, h: u64, outer: OuterConfig) -> Result<Outcome> {
+    let p = &s.plan;
+    let started = Instant::now();
+    let batch = p.global_batch / k;
+    let units = s.units(h as usize * batch)?;
+    let mut cursor = UnitCursor::new(p.seed, units.len());
+    let global_model = Llama::new(&s.model, Device::Cpu, p.seed);
+    let global = model_weights(&global_model);
+    let mut workers: Vec<Trainer> = (0..k)
+        .map(|_| Trainer::new(Llama::zeros(&s.model, Device::Cpu), p.train_config(batch)))
+        .collect::<Result<_>>()?;
+    let mut outer_opt = OuterOptimizer::new(outer, &global);
+    let rounds = p.steps / h;
+    let report_every = (rounds / 10).max(1);
+    let label = format!("DiLoCo k={k} H={h} {:?}", outer.kind);
+    let mut last_train_loss = f64::NAN;
+    for round in 0..rounds {
+        let mut deltas = Vec::with_capacity(k);
+        let mut loss = 0.0;
+        for worker in workers.iter_mut() {
+            let unit = &units[cursor.next()];
+            let (delta, stats) = train_round(worker, &global, unit, round * h, h, |_, _| {})?;
+            deltas.push(delta);
+            loss += stats.mean_loss / k as f64;
+        }
+        outer_opt.step(&global, &mean(&deltas));
+        last_train_loss = loss;
+        if (round + 1) % report_every == 0 || round + 1 == rounds {
+            log_progress(&label, (round + 1) * h, p.steps, started, loss);
+        }
+    }
+    load_weights(&global_model, &global);
+    let val_loss = s.val_loss(&global_model)?;
+    let bytes = rounds * s.bytes_per_sync();
+    Ok(Outcome {
+        method: "diloco",
+        workers: Some(k),
+        inner_steps: h,
+        rounds,
+        outer: Some(outer),
+        val_loss,
+        gap_percent: 0.0,
+        bytes_sent_per_worker: bytes,
+        fewer_bytes: (p.steps * s.bytes_per_sync()) as f64 / bytes as f64,
+        last_train_loss,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn prepare_setup(a: &DilocoArgs, plan: Plan) -> Result<(Setup, serde_json::Value)> {
+    ensure!(a.data.is_file(), "{}: no such file (pass --data FILE)", a.data.display());
+    let vocab = match a.vocab_size {
+        Some(v) => v,
+        None => agora_model::config::preset_vocab_size(&a.preset)
+            .with_context(|| format!("--preset {}: unknown preset", a.preset))?,
+    };
+    let started = Instant::now();
+    let tokenizer = train_bpe(std::slice::from_ref(&a.data), vocab)?;
+    let scratch = tempfile::tempdir()?;
+    let report = prepare(std::slice::from_ref(&a.data), &tokenizer, scratch.path(), 0.1)?;
+    let train = Shard::open(&report.train_path)?;
+    let val = Shard::open(&report.val_path)?;
+    tracing::info!(
+        "{}: {}-token BPE, {} training and {} validation tokens ({:.1}s)",
+        a.data.display(),
+        tokenizer.vocab_size(),
+        train.len(),
+        val.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let mut model = preset(&a.preset, Some(tokenizer.vocab_size()))?;
+    model.bos_token_id = Some(tokenizer.bos_id());
+    model.eos_token_id = Some(tokenizer.eos_id().into());
+    ensure!(
+        plan.seq_len <= model.max_position_embeddings,
+        "--seq-len {} exceeds the {} preset's context of {}",
+        plan.seq_len,
+        a.preset,
+        model.max_position_embeddings
+    );
+    ensure!(
+        val.len() > plan.seq_len,
+        "the validation split ({} tokens) is shorter than one window of --seq-len {} + 1",
+        val.len(),
+        plan.seq_len
+    );
+    let available = train.len().saturating_sub(1) / plan.seq_len;
+    let pool_windows = plan.pool_windows(available)?;
+    let pool = train.tokens()[..pool_windows * plan.seq_len + 1].to_vec();
+    let parameters = Llama::zeros(&model, Device::Cpu).num_parameters() as u64;
+    let data = serde_json::json!({
+        "path": a.data, "vocab_size": tokenizer.vocab_size(), "train_tokens": train.len(),
+        "val_tokens": val.len(), "available_windows": available, "pool_windows": pool_windows,
+    });
+    let setup = Setup { plan, model, parameters, pool, pool_windows, tokenizer_hash: tokenizer.hash(), val };
+    Ok((setup, data))
+}
+
+pub fn diloco(args: DilocoArgs) -> Result<()> {
+    let plan = Plan::from_args(&args)?;
+    let threads = set_threads(args.threads);
+    let sweep_started = Instant::now();
+    let (setup, data) = prepare_setup(&args, plan)?;
+    let p = &setup.plan;
+    let init = setup.val_loss(&Llama::new(&setup.model, Device::Cpu, p.seed))?;
+    let nesterov_grid = p.grid();
+    let extra = p.compare.map_or(0, |_| 2);
+    let total = 1 + nesterov_grid.len() + extra;
+    tracing::info!(
+        "{} parameters; {} configurations of {} steps × {} windows × {} tokens; initial validation loss {init:.4}",
+        setup.parameters,
+        total,
+        p.steps,
+        p.global_batch,
+        p.seq_len
+    );
+
+    tracing::info!("[1/{total}] data-parallel baseline, batch {}", p.global_batch);
+    let baseline = run_baseline(&setup)?;
+    tracing::info!("data-parallel: validation loss {:.4} ({:.0}s)", baseline.val_loss, baseline.seconds);
+    let with_gap = |mut o: Outcome| {
+        o.gap_percent = 100.0 * (o.val_loss - baseline.val_loss) / baseline.val_loss;
+        tracing::info!(
+            "validation loss {:.4}, {:+.2}% vs data-parallel ({:.0}s)",
+            o.val_loss,
+            o.gap_percent,
+            o.seconds
+        );
+        o
+    };
+    let mut grid = Vec::new();
+    for (i, &(k, h)) in nesterov_grid.iter().enumerate() {
+        tracing::info!("[{}/{total}] DiLoCo k={k} H={h}, batch {} per worker", i + 2, p.global_batch / k);
+        grid.push(with_gap(run_diloco(&setup, k, h, p.outer)?));
+    }
+    let mut compare = Vec::new();
+    if let Some((k, h)) = p.compare {
+        let nesterov = grid.iter().find(|o| o.workers == Some(k) && o.inner_steps == h).expect("in the grid");
+        compare.push(nesterov.clone());
+        let others = [
+            OuterConfig { kind: OuterKind::Average, lr: 1.0, momentum: 0.0 },
+            OuterConfig { kind: OuterKind::SgdMomentum, lr: p.outer.lr, momentum: p.outer.momentum },
+        ];
+        for (i, outer) in others.into_iter().enumerate() {
+            tracing::info!("[{}/{total}] DiLoCo k={k} H={h}, outer {:?}", nesterov_grid.len() + i + 2, outer.kind);
+            compare.push(with_gap(run_diloco(&setup, k, h, outer)?));
+        }
+    }
+    // The comparison point was only added to the grid to share its Nesterov run; keep it out of the grid
+    // table unless the sweep asked for it.
+    grid.retain(|o| p.workers.contains(&o.workers.unwrap_or(0)) && p.inner_steps.contains(&o.inner_steps));
+    let seconds = sweep_started.elapsed().as_secs_f64();
+
+    let tokens = p.steps * (p.global_batch * p.seq_len) as u64;
+    let epochs = (p.steps as usize * p.global_batch) as f64 / setup.pool_windows as f64;
+    if args.json {
+        let out = serde_json::json!({
+            "preset": args.preset, "parameters": setup.parameters, "threads": threads, "data": data,
+            "plan": p, "tokens_per_configuration": tokens, "epochs": epochs,
+            "initial_val_loss": init, "baseline": baseline, "grid": grid, "outer_comparison": compare,
+            "seconds": seconds,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "`{}` ({:.2}M parameters, {}-token BPE) on `{}`: S = {} steps × G = {} windows × {} tokens = {} tokens per \
+         configuration ({:.2} epochs of a {}-window pool). Inner AdamW lr {:.1e} → {:.1e} (warmup {}, cosine), batch G/k \
+         per worker; outer Nesterov lr {}, momentum {}. Validation: {} tokens held out, initial loss {:.4}. \
+         Seed {}, {} threads, {:.1} min in all.",
+        args.preset,
+        setup.parameters as f64 / 1e6,
+        setup.model.vocab_size,
+        args.data.display(),
+        p.steps,
+        p.global_batch,
+        p.seq_len,
+        tokens,
+        epochs,
+        setup.pool_windows,
+        p.lr,
+        p.min_lr,
+        p.warmup,
+        p.outer.lr,
+        p.outer.momentum,
+        setup.val.len(),
+        init,
+        p.seed,
+        threads,
+        seconds / 60.0
+    );
+    println!();
+    println!(
+        "| config | k | H | rounds | final val loss | gap vs baseline | bytes sent/worker | × fewer bytes than DP | time |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| data-parallel (baseline) | any | 1 | {} | {:.4} | — | {} | 1× | {:.0}s |",
+        baseline.rounds,
+        baseline.val_loss,
+        human_bytes(baseline.bytes_sent_per_worker),
+        baseline.seconds
+    );
+    for o in &grid {
+        println!(
+            "| DiLoCo | {} | {} | {} | {:.4} | {:+.2}% | {} | {:.0}× | {:.0}s |",
+            o.workers.unwrap_or(0),
+            o.inner_steps,
+            o.rounds,
+            o.val_loss,
+            o.gap_percent,
+            human_bytes(o.bytes_sent_per_worker),
+            o.fewer_bytes,
+            o.seconds
+        );
+    }
+    if let Some((k, h)) = p.compare {
+        println!();
+        println!("Outer optimizer at k = {k}, H = {h} (same inner runs' data and schedule):");
+        println!();
+        println!("| outer optimizer | outer lr | momentum | final val loss | gap vs baseline | time |");
+        println!("|---|---:|---:|---:|---:|---:|");
+        for o in &compare {
+            let c = o.outer.expect("DiLoCo runs have an outer optimizer");
+            let name = match c.kind {
+                OuterKind::Nesterov => "Nesterov",
+                OuterKind::Average => "plain averaging",
+                OuterKind::SgdMomentum => "SGD with momentum",
+            };
+            println!(
+                "| {name} | {} | {} | {:.4} | {:+.2}% | {:.0}s |",
+                c.lr, c.momentum, o.val_loss, o.gap_percent, o.seconds
+            );
+        }
+    }
+    Ok(())
+}
+
+fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    match b {
+        b if b >= 1e9 => format!("{:.2} GB", b / 1e9),
+        b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
+        b => format!("{:.0} kB", b / 1e3),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> DilocoArgs {
+        DilocoArgs {
+            data: PathBuf::new(),
+            preset: "tiny".into(),
+            vocab_size: None,
+            steps: None,
+            global_batch: None,
+            seq_len: None,
+            workers: None,
+            inner_steps: None,
+            lr: 3e-3,
+            warmup: None,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+            outer_compare: None,
+            seed: 0,
+            threads: None,
+            quick: false,
+            json: false,
+        }
+    }
+
+    #[test]
+    fn default_plan_is_valid_and_its_pool_fits_every_unit() {
+        let plan = Plan::from_args(&args()).unwrap();
+        assert_eq!(plan.grid().len(), 12, "4:50 is in the default grid");
+        // Units: 16 (baseline) and H·16/k; the largest is 200·16 = 3200 and every other one divides it.
+        assert_eq!(plan.pool_windows(8283).unwrap(), 6400);
+        assert!(plan.pool_windows(3199).is_err());
+        Plan::from_args(&DilocoArgs { quick: true, ..args() }).unwrap();
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        let bad = |a: DilocoArgs| Plan::from_args(&a).unwrap_err().to_string();
+        assert!(bad(DilocoArgs { workers: Some(vec![3]), ..args() }).contains("not divisible by 3 workers"));
+        assert!(bad(DilocoArgs { inner_steps: Some(vec![30]), ..args() }).contains("not divisible by H = 30"));
+        assert!(bad(DilocoArgs { outer_compare: Some("4x50".into()), ..args() }).contains("want K:H"));
+        assert!(bad(DilocoArgs { outer_lr: 0.0, ..args() }).contains("outer"));
+        assert!(bad(DilocoArgs { steps: Some(0), ..args() }).contains("--steps"));
+        assert!(Plan::from_args(&DilocoArgs { outer_compare: Some("none".into()), ..args() })
+            .unwrap()
+            .compare
+            .is_none());
+    }
+
+    #[test]
+    fn the_cursor_visits_every_unit_once_per_epoch() {
+        let mut c = UnitCursor::new(3, 5);
+        for _ in 0..3 {
+            let mut epoch: Vec<usize> = (0..5).map(|_| c.next()).collect();
+            epoch.sort();
+            assert_eq!(epoch, vec![0, 1, 2, 3, 4]);
+        }
+    }
+}

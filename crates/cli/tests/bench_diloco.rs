@@ -1,0 +1,72 @@
+//! `agora bench diloco` end to end on a small synthetic corpus (a few seconds; no ../shared/data needed).
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+
+fn agora() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agora"));
+    cmd.env_remove("RUST_LOG");
+    cmd
+}
+
+fn sweep(corpus: &Path) -> Value {
+    let out = agora()
+        .args(["bench", "diloco", "--quick", "--data"])
+        .arg(corpus)
+        .args(["--steps", "8", "--global-batch", "4", "--seq-len", "16", "--workers", "2", "--inner-steps", "2"])
+        .args(["--outer-compare", "2:2", "--threads", "1", "--json"])
+        .output()
+        .expect("agora runs");
+    assert!(out.status.success(), "bench diloco failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+#[test]
+fn diloco_sweep_runs_and_every_configuration_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    let made =
+        agora().args(["data", "synthetic", "--words", "20000", "--out"]).arg(&corpus).output().expect("agora runs");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+
+    let r = sweep(&corpus);
+    let initial = r["initial_val_loss"].as_f64().unwrap();
+    let baseline = &r["baseline"];
+    assert_eq!(baseline["rounds"], 8);
+    let grid = r["grid"].as_array().unwrap();
+    assert_eq!(grid.len(), 1);
+    let diloco = &grid[0];
+    assert_eq!((diloco["workers"].as_u64(), diloco["inner_steps"].as_u64()), (Some(2), Some(2)));
+    assert_eq!(diloco["rounds"], 4);
+    assert_eq!(diloco["fewer_bytes"].as_f64(), Some(2.0), "H = 2: half the syncs of data-parallel");
+    let params = r["parameters"].as_u64().unwrap();
+    assert_eq!(diloco["bytes_sent_per_worker"].as_u64(), Some(4 * 4 * params), "4 rounds of fp32 pseudo-gradients");
+
+    let compare = r["outer_comparison"].as_array().unwrap();
+    let kinds: Vec<&str> = compare.iter().map(|o| o["outer"]["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["nesterov", "average", "sgd_momentum"]);
+    for o in std::iter::once(baseline).chain(grid).chain(compare) {
+        let loss = o["val_loss"].as_f64().unwrap();
+        assert!(loss.is_finite() && loss < initial - 0.3, "{o}: validation loss {loss} did not fall from {initial}");
+        let gap = o["gap_percent"].as_f64().unwrap();
+        let expected = 100.0 * (loss - baseline["val_loss"].as_f64().unwrap()) / baseline["val_loss"].as_f64().unwrap();
+        assert!((gap - expected).abs() < 1e-9);
+    }
+
+    // Workers run one after another in one process: a rerun computes the same weights.
+    let again = sweep(&corpus);
+    assert_eq!(again["grid"][0]["val_loss"], diloco["val_loss"]);
+    assert_eq!(again["baseline"]["val_loss"], baseline["val_loss"]);
+}
+
+#[test]
+fn bad_sweeps_are_refused_with_one_line() {
+    let out = agora().args(["bench", "diloco", "--steps", "100", "--inner-steps", "30"]).output().expect("agora runs");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.trim().starts_with("error: --steps 100 is not divisible by H = 30"), "{stderr}");
+    let out = agora().args(["bench", "diloco", "--data", "/nonexistent/corpus.txt"]).output().expect("agora runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such file"));
+}
