@@ -239,8 +239,24 @@ fn api_refuses_bad_input(database: Option<String>) {
     assert!(ok.newly_accepted);
     let report = cluster.wait_for("round 0 to close", std::time::Duration::from_secs(60), |r| r.round == 1);
     assert_eq!(report.history[0].contributions, 1);
-    // The same upload again is too late now.
-    refused(api.signed("POST", path, delta(&zeros, &meta)), StatusCode::CONFLICT, "round_closed");
+    // The same upload again (a retry whose answer was lost) is still "accepted", not applied twice.
+    let again: SubmitResponse = api.signed("POST", path, delta(&zeros, &meta)).send().unwrap().json().unwrap();
+    assert_eq!((again.newly_accepted, again.delta_hash), (false, ok.delta_hash));
+    // A worker whose round closed without it is refused: too late.
+    let late = Identity::generate().unwrap();
+    let late_join = JoinRequest { protocol_version: PROTOCOL_VERSION, worker: late.id(), name: "late".into() };
+    let body = serde_json::to_vec(&late_join).unwrap();
+    assert!(api
+        .signed_as(&late, &api.run_id, "POST", "/v1/join", body.clone(), &body)
+        .send()
+        .unwrap()
+        .status()
+        .is_success());
+    refused(
+        api.signed_as(&late, &api.run_id, "POST", path, delta(&zeros, &meta), &delta(&zeros, &meta)),
+        StatusCode::CONFLICT,
+        "round_closed",
+    );
     assert_eq!(cluster.contributions().len(), 1);
 
     let metrics = cluster.metrics();

@@ -517,6 +517,16 @@ impl Coordinator {
     ) -> Result<SubmitResponse, ApiError> {
         let mut live = self.live.lock().await;
         self.touch(&worker);
+        // A retried upload (the answer to the first was lost, perhaps to a coordinator restart) is
+        // answered as accepted, even if its round has closed since: it was, and it was applied.
+        let existing = sqlx::query("SELECT delta_hash FROM submissions WHERE round = $1 AND worker = $2")
+            .bind(round as i64)
+            .bind(worker.hex())
+            .fetch_optional(&self.db)
+            .await?;
+        if let Some(existing) = existing {
+            return Ok(SubmitResponse { round, delta_hash: hash_col(&existing, "delta_hash")?, newly_accepted: false });
+        }
         if live.finished {
             return Err(ApiError::conflict("run_finished", format!("the run finished after round {}", live.round)));
         }
@@ -545,17 +555,11 @@ impl Coordinator {
                     ),
                 ))
             }
-            _ => {
-                let existing = sqlx::query("SELECT delta_hash FROM submissions WHERE round = $1 AND worker = $2")
-                    .bind(round as i64)
-                    .bind(worker.hex())
-                    .fetch_one(&self.db)
-                    .await?;
-                return Ok(SubmitResponse {
-                    round,
-                    delta_hash: hash_col(&existing, "delta_hash")?,
-                    newly_accepted: false,
-                });
+            other => {
+                return Err(ApiError::internal(anyhow::anyhow!(
+                    "assignment of {} in round {round} is {other:?} but it has no submission",
+                    worker.short()
+                )))
             }
         }
         let expect = |key: &str, want: String| -> Result<(), ApiError> {
