@@ -211,3 +211,32 @@ fn worker_restarts_with_its_identity_and_optimizer_state() {
     assert!(log.contains("returning=true"), "{log}");
     check_contributions(&cluster.contributions(), 5);
 }
+
+/// `agora demo --json`: coordinator and worker processes, then one JSON summary with the promised fields.
+#[test]
+fn demo_prints_a_json_summary() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let output = std::process::Command::new(AGORA)
+        .args(["demo", "--workers", "2", "--rounds", "2", "--inner-steps", "3", "--batch-size", "4", "--seq-len", "32"])
+        .args(["--json", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    for key in ["final_val_loss", "baseline_val_loss", "tokens", "bytes_sent_per_worker", "rounds", "sample"] {
+        assert!(summary.get(key).is_some(), "missing {key}: {summary}");
+    }
+    assert_eq!(summary["rounds"], 2);
+    assert_eq!(summary["tokens"], 2 * 2 * 3 * 4 * 32, "workers × rounds × steps × batch × seq");
+    let sent = summary["bytes_sent_per_worker"].as_object().unwrap();
+    assert_eq!(sent.len(), 2);
+    assert!(sent.values().all(|b| b.as_u64().unwrap() > 0));
+    let loss = summary["final_val_loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss < (512f64).ln(), "trained below uniform: {loss}");
+    assert!(summary["sample"].as_str().unwrap().len() > 3);
+    assert!(stderr.contains("round"), "the live view goes to stderr with --json: {stderr}");
+}
