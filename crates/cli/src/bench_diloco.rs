@@ -19,12 +19,14 @@
 //! only meet at the average), deterministic for a given thread count, and the wall time is not a DiLoCo
 //! speed measurement.
 //!
-//! Data: the training split is cut into windows of `seq_len + 1` tokens; every configuration draws from the
-//! same pool — the first `P` windows, `P` the largest multiple of every configuration's unit size that fits —
-//! so no configuration drops windows the others train on. The baseline's units are single steps (`G`
-//! windows), DiLoCo's are one worker's round (`H·G/k` windows); units are visited in [`unit_order`] epoch
-//! order, worker `i` of round `r` taking the `(r·k + i)`-th unit of that sequence. Validation loss is
-//! [`evaluate`] over every window of the held-out split (the end of the corpus), the same for all.
+//! Data: [`cut_units`] cuts the training split into windows of `seq_len + 1` tokens, shuffles them with the
+//! seed (the same permutation whatever the unit size) and groups consecutive ones into units: the baseline's
+//! units are single steps (`G` windows), DiLoCo's are one worker's round (`H·G/k` windows). Every
+//! configuration keeps only its first `P/unit` units, `P` the largest multiple of every unit size that the
+//! split holds, so all of them train on the same `P` windows — a random subset spread over the whole split,
+//! not a prefix of it. Units are visited in [`unit_order`] epoch order, worker `i` of round `r` taking the
+//! `(r·k + i)`-th unit of that sequence. Validation loss is [`evaluate`] over every window of the held-out
+//! split (the end of the corpus), the same for all.
 
 use crate::commands::{bench as bench_steps, set_threads, BenchArgs};
 use agora_data::{prepare, train_bpe, Shard};
@@ -284,8 +286,8 @@ struct Setup {
     plan: Plan,
     model: LlamaConfig,
     parameters: u64,
-    /// The training split cut to the pool: `pool_windows · seq_len + 1` tokens.
-    pool: Vec<u32>,
+    train: Shard,
+    /// Windows every configuration trains on (the first this many of [`cut_units`]' shuffled order).
     pool_windows: usize,
     tokenizer_hash: [u8; 32],
     val: Shard,
@@ -296,11 +298,17 @@ impl Setup {
         4 * self.parameters
     }
 
-    /// The pool cut into units of `windows` windows, each a shard of its own.
+    /// The pool cut into units of `windows` windows, each a shard of its own. [`cut_units`] shuffles the
+    /// windows independently of the unit size and unit `j` holds windows `j·u .. (j+1)·u` of that order, so
+    /// the first `pool_windows / u` units of any size `u` hold the same windows.
     fn units(&self, windows: usize) -> Result<Vec<Shard>> {
-        let cut = cut_units(&self.pool, self.plan.seq_len, windows, self.plan.seed);
-        assert_eq!(cut.dropped_windows, 0, "the pool is a multiple of every unit size");
-        cut.units.into_iter().map(|u| Shard::from_tokens(u, self.tokenizer_hash, self.model.vocab_size)).collect()
+        assert_eq!(self.pool_windows % windows, 0, "the pool is a multiple of every unit size");
+        let cut = cut_units(self.train.tokens(), self.plan.seq_len, windows, self.plan.seed);
+        cut.units
+            .into_iter()
+            .take(self.pool_windows / windows)
+            .map(|u| Shard::from_tokens(u, self.tokenizer_hash, self.model.vocab_size))
+            .collect()
     }
 
     fn val_loss(&self, model: &Llama) -> Result<f64> {
@@ -460,13 +468,12 @@ fn prepare_setup(a: &DilocoArgs, plan: Plan) -> Result<(Setup, serde_json::Value
     );
     let available = train.len().saturating_sub(1) / plan.seq_len;
     let pool_windows = plan.pool_windows(available)?;
-    let pool = train.tokens()[..pool_windows * plan.seq_len + 1].to_vec();
     let parameters = Llama::zeros(&model, Device::Cpu).num_parameters() as u64;
     let data = serde_json::json!({
         "path": a.data, "vocab_size": tokenizer.vocab_size(), "train_tokens": train.len(),
         "val_tokens": val.len(), "available_windows": available, "pool_windows": pool_windows,
     });
-    let setup = Setup { plan, model, parameters, pool, pool_windows, tokenizer_hash: tokenizer.hash(), val };
+    let setup = Setup { plan, model, parameters, train, pool_windows, tokenizer_hash: tokenizer.hash(), val };
     Ok((setup, data))
 }
 
@@ -667,6 +674,34 @@ mod tests {
             .unwrap()
             .compare
             .is_none());
+    }
+
+    /// Every unit size keeps the same windows: a random subset of the split, not a prefix.
+    #[test]
+    fn every_unit_size_trains_on_the_same_pool() {
+        let plan =
+            Plan { workers: vec![1, 2], inner_steps: vec![3], compare: None, ..Plan::from_args(&args()).unwrap() };
+        let seq_len = plan.seq_len;
+        let n = 1000 * seq_len + 1;
+        let train = Shard::from_tokens((0..n as u32).collect(), [0; 32], n).unwrap();
+        let val = Shard::from_tokens(vec![0; 200], [0; 32], 512).unwrap();
+        let pool_windows = plan.pool_windows(1000).unwrap();
+        assert_eq!(pool_windows, 960, "units of 16, 48 and 24 windows");
+        let model = preset("tiny", Some(n)).unwrap();
+        let setup = Setup { plan, model, parameters: 0, train, pool_windows, tokenizer_hash: [0; 32], val };
+        let windows = |unit: usize| {
+            let units = setup.units(unit).unwrap();
+            assert_eq!(units.len() * unit, pool_windows);
+            let mut starts: Vec<u32> =
+                units.iter().flat_map(|u| u.tokens().chunks(seq_len + 1).map(|w| w[0])).collect();
+            starts.sort();
+            starts
+        };
+        let pool = windows(16);
+        assert_eq!(pool, windows(48));
+        assert_eq!(pool, windows(24));
+        assert!(pool.windows(2).all(|w| w[0] != w[1]), "no window twice");
+        assert!(*pool.last().unwrap() as usize > 990 * seq_len, "drawn from the whole split, not a prefix");
     }
 
     #[test]
