@@ -30,8 +30,12 @@
 
 use crate::commands::{bench as bench_steps, set_threads, BenchArgs};
 use agora_data::{prepare, train_bpe, Shard};
-use agora_diloco::tensors::{load_weights, model_weights};
-use agora_diloco::{cut_units, mean, train_round, unit_batches, unit_order, OuterConfig, OuterKind, OuterOptimizer};
+use agora_diloco::codec::{self, Accumulator, Expected};
+use agora_diloco::tensors::{from_named, load_weights, model_weights, param_specs};
+use agora_diloco::{
+    cut_units, train_round, unit_batches, unit_order, CompressionConfig, FragmentPlan, OuterConfig, OuterKind,
+    OuterOptimizer, SyncState,
+};
 use agora_model::{preset, Llama, LlamaConfig};
 use agora_train::{evaluate, TrainConfig, Trainer};
 use anyhow::{bail, ensure, Context, Result};
@@ -56,12 +60,21 @@ pub enum BenchSubcommand {
     /// DiLoCo (k workers, H inner steps) against data-parallel training at an equal token budget: final
     /// validation loss, gap to the baseline, bytes sent per worker; and an outer-optimizer comparison.
     Diloco(DilocoArgs),
+    /// Every pseudo-gradient codec (fp32, bf16, int8, int4, top-k and DCT top-k with and without error
+    /// feedback, Streaming DiLoCo fragments) at an equal token budget: bytes per worker per round, ratios
+    /// against fp32 DiLoCo and per-step synchronous training, validation loss.
+    Compression(crate::bench_compression::CompressionArgs),
+    /// Coordinator-side aggregation: decode-and-accumulate throughput and peak memory, per codec, for a
+    /// given number of simulated submitters.
+    Aggregate(crate::bench_aggregate::AggregateArgs),
 }
 
 pub fn bench(cmd: BenchCommand) -> Result<()> {
     match cmd.command {
         None => bench_steps(cmd.steps),
         Some(BenchSubcommand::Diloco(args)) => diloco(args),
+        Some(BenchSubcommand::Compression(args)) => crate::bench_compression::compression(args),
+        Some(BenchSubcommand::Aggregate(args)) => crate::bench_aggregate::aggregate(args),
     }
 }
 
@@ -121,19 +134,19 @@ pub struct DilocoArgs {
 
 /// The sweep after defaults and validation.
 #[derive(Debug, Clone, Serialize)]
-struct Plan {
-    steps: u64,
-    global_batch: usize,
-    seq_len: usize,
-    workers: Vec<usize>,
-    inner_steps: Vec<u64>,
-    lr: f64,
-    min_lr: f64,
-    warmup: u64,
-    outer: OuterConfig,
+pub(crate) struct Plan {
+    pub(crate) steps: u64,
+    pub(crate) global_batch: usize,
+    pub(crate) seq_len: usize,
+    pub(crate) workers: Vec<usize>,
+    pub(crate) inner_steps: Vec<u64>,
+    pub(crate) lr: f64,
+    pub(crate) min_lr: f64,
+    pub(crate) warmup: u64,
+    pub(crate) outer: OuterConfig,
     /// (k, H) of the outer-optimizer comparison.
-    compare: Option<(usize, u64)>,
-    seed: u64,
+    pub(crate) compare: Option<(usize, u64)>,
+    pub(crate) seed: u64,
 }
 
 fn parse_compare(s: &str) -> Result<Option<(usize, u64)>> {
@@ -148,7 +161,7 @@ fn parse_compare(s: &str) -> Result<Option<(usize, u64)>> {
 }
 
 impl Plan {
-    fn from_args(a: &DilocoArgs) -> Result<Plan> {
+    pub(crate) fn from_args(a: &DilocoArgs) -> Result<Plan> {
         let q = a.quick;
         let steps = a.steps.unwrap_or(if q { 24 } else { 1000 });
         let global_batch = a.global_batch.unwrap_or(if q { 8 } else { 16 });
@@ -176,7 +189,7 @@ impl Plan {
         Ok(plan)
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         ensure!(self.steps > 0, "--steps must be positive");
         ensure!(self.global_batch > 0, "--global-batch must be positive");
         ensure!(self.seq_len > 0, "--seq-len must be positive");
@@ -262,30 +275,31 @@ fn lcm(a: usize, b: usize) -> Option<usize> {
 
 /// What one configuration reached.
 #[derive(Debug, Clone, Serialize)]
-struct Outcome {
+pub(crate) struct Outcome {
     /// "data_parallel" or "diloco".
-    method: &'static str,
+    pub(crate) method: &'static str,
     /// DiLoCo workers (None for the baseline, whose update does not depend on the worker count).
-    workers: Option<usize>,
-    inner_steps: u64,
-    rounds: u64,
-    outer: Option<OuterConfig>,
-    val_loss: f64,
+    pub(crate) workers: Option<usize>,
+    pub(crate) inner_steps: u64,
+    pub(crate) rounds: u64,
+    pub(crate) outer: Option<OuterConfig>,
+    pub(crate) val_loss: f64,
     /// 100 · (val_loss − baseline) / baseline.
-    gap_percent: f64,
-    bytes_sent_per_worker: u64,
+    pub(crate) gap_percent: f64,
+    /// Every payload byte a worker uploaded (for DiLoCo: the agora header and checksum included).
+    pub(crate) bytes_sent_per_worker: u64,
     /// Data-parallel bytes per worker ÷ these.
-    fewer_bytes: f64,
+    pub(crate) fewer_bytes: f64,
     /// Mean training loss over the last round's inner steps (each worker's local loss, averaged).
-    last_train_loss: f64,
-    seconds: f64,
+    pub(crate) last_train_loss: f64,
+    pub(crate) seconds: f64,
 }
 
 /// Shared by every configuration: the model shape, the window pool and the validation split.
-struct Setup {
-    plan: Plan,
-    model: LlamaConfig,
-    parameters: u64,
+pub(crate) struct Setup {
+    pub(crate) plan: Plan,
+    pub(crate) model: LlamaConfig,
+    pub(crate) parameters: u64,
     train: Shard,
     /// Windows every configuration trains on (the first this many of [`cut_units`]' shuffled order).
     pool_windows: usize,
@@ -294,7 +308,7 @@ struct Setup {
 }
 
 impl Setup {
-    fn bytes_per_sync(&self) -> u64 {
+    pub(crate) fn bytes_per_sync(&self) -> u64 {
         4 * self.parameters
     }
 
@@ -311,7 +325,7 @@ impl Setup {
             .collect()
     }
 
-    fn val_loss(&self, model: &Llama) -> Result<f64> {
+    pub(crate) fn val_loss(&self, model: &Llama) -> Result<f64> {
         evaluate(model, &self.val, self.plan.seq_len, self.plan.global_batch, usize::MAX)
     }
 }
@@ -380,7 +394,17 @@ fn run_baseline(s: &Setup) -> Result<Outcome> {
     })
 }
 
-fn run_diloco(s: &Setup, k: usize, h: u64, outer: OuterConfig) -> Result<Outcome> {
+/// DiLoCo with k workers and H inner steps per round, every pseudo-gradient encoded with `compression`
+/// (fp32 for the plain sweep) exactly as networked workers encode it: [`SyncState`] carries each worker's
+/// error-feedback residual and, with fragments, its own weights; the coordinator's [`Accumulator`] sums the
+/// parsed payloads; the outer step moves the round's fragment.
+pub(crate) fn run_diloco(
+    s: &Setup,
+    k: usize,
+    h: u64,
+    outer: OuterConfig,
+    compression: &CompressionConfig,
+) -> Result<Outcome> {
     let p = &s.plan;
     let started = Instant::now();
     let batch = p.global_batch / k;
@@ -392,20 +416,32 @@ fn run_diloco(s: &Setup, k: usize, h: u64, outer: OuterConfig) -> Result<Outcome
         .map(|_| Trainer::new(Llama::zeros(&s.model, Device::Cpu), p.train_config(batch)))
         .collect::<Result<_>>()?;
     let mut outer_opt = OuterOptimizer::new(outer, &global);
+    let specs = param_specs(&s.model);
+    let plan = FragmentPlan::new(&specs, s.model.num_hidden_layers, compression.fragments)?;
+    let fragment_specs: Vec<_> = (0..plan.count()).map(|f| plan.specs(&specs, f)).collect();
+    let mut syncs: Vec<SyncState> = (0..k).map(|_| SyncState::new(&specs, compression)).collect();
     let rounds = p.steps / h;
     let report_every = (rounds / 10).max(1);
-    let label = format!("DiLoCo k={k} H={h} {:?}", outer.kind);
+    let label = format!("DiLoCo k={k} H={h} {:?} {}", outer.kind, compression.describe());
     let mut last_train_loss = f64::NAN;
+    let mut payload_bytes = 0u64;
+    let no_metadata = std::collections::BTreeMap::new();
     for round in 0..rounds {
-        let mut deltas = Vec::with_capacity(k);
+        let fragment = plan.synced_in(round);
+        let expected = Expected { config: compression, fragment, specs: &fragment_specs[fragment] };
+        let mut sum = Accumulator::new(*compression, fragment_specs[fragment].clone());
         let mut loss = 0.0;
-        for worker in workers.iter_mut() {
+        for (worker, sync) in workers.iter_mut().zip(syncs.iter_mut()) {
             let unit = &units[cursor.next()];
-            let (delta, stats) = train_round(worker, &global, unit, round * h, h, |_, _| {})?;
-            deltas.push(delta);
+            let start = sync.start_weights(&plan, round, &global);
+            let (local, stats) = train_round(worker, &start, unit, round * h, h, |_, _| {})?;
+            let upload = sync.prepare_upload(compression, &plan, &specs, round, &global, local, &no_metadata);
+            payload_bytes += upload.payload.len() as u64;
+            sum.add(&codec::parse(&upload.payload, expected).context("a worker's own payload")?);
+            sync.accepted(&plan, upload.fragment, upload.residual);
             loss += stats.mean_loss / k as f64;
         }
-        outer_opt.step(&global, &mean(&deltas));
+        outer_opt.step_subset(&plan.tensors(fragment), &global, &from_named(&sum.mean(), Device::Cpu));
         last_train_loss = loss;
         if (round + 1) % report_every == 0 || round + 1 == rounds {
             log_progress(&label, (round + 1) * h, p.steps, started, loss);
@@ -413,7 +449,7 @@ fn run_diloco(s: &Setup, k: usize, h: u64, outer: OuterConfig) -> Result<Outcome
     }
     load_weights(&global_model, &global);
     let val_loss = s.val_loss(&global_model)?;
-    let bytes = rounds * s.bytes_per_sync();
+    let bytes = payload_bytes / k as u64;
     Ok(Outcome {
         method: "diloco",
         workers: Some(k),
@@ -429,7 +465,7 @@ fn run_diloco(s: &Setup, k: usize, h: u64, outer: OuterConfig) -> Result<Outcome
     })
 }
 
-fn prepare_setup(a: &DilocoArgs, plan: Plan) -> Result<(Setup, serde_json::Value)> {
+pub(crate) fn prepare_setup(a: &DilocoArgs, plan: Plan) -> Result<(Setup, serde_json::Value)> {
     ensure!(a.data.is_file(), "{}: no such file (pass --data FILE)", a.data.display());
     let vocab = match a.vocab_size {
         Some(v) => v,
@@ -512,7 +548,7 @@ pub fn diloco(args: DilocoArgs) -> Result<()> {
     let mut grid = Vec::new();
     for (i, &(k, h)) in nesterov_grid.iter().enumerate() {
         tracing::info!("[{}/{total}] DiLoCo k={k} H={h}, batch {} per worker", i + 2, p.global_batch / k);
-        grid.push(with_gap(run_diloco(&setup, k, h, p.outer)?));
+        grid.push(with_gap(run_diloco(&setup, k, h, p.outer, &CompressionConfig::default())?));
     }
     let mut compare = Vec::new();
     if let Some((k, h)) = p.compare {
@@ -524,7 +560,7 @@ pub fn diloco(args: DilocoArgs) -> Result<()> {
         ];
         for (i, outer) in others.into_iter().enumerate() {
             tracing::info!("[{}/{total}] DiLoCo k={k} H={h}, outer {:?}", nesterov_grid.len() + i + 2, outer.kind);
-            compare.push(with_gap(run_diloco(&setup, k, h, outer)?));
+            compare.push(with_gap(run_diloco(&setup, k, h, outer, &CompressionConfig::default())?));
         }
     }
     // The comparison point was only added to the grid to share its Nesterov run; keep it out of the grid
@@ -617,7 +653,7 @@ pub fn diloco(args: DilocoArgs) -> Result<()> {
     Ok(())
 }
 
-fn human_bytes(b: u64) -> String {
+pub(crate) fn human_bytes(b: u64) -> String {
     let b = b as f64;
     match b {
         b if b >= 1e9 => format!("{:.2} GB", b / 1e9),

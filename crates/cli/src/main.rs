@@ -2,6 +2,8 @@
 //!
 //! Must not know about: tensor math or file formats beyond calling the crates that own them.
 
+mod bench_aggregate;
+mod bench_compression;
 mod bench_diloco;
 mod commands;
 mod demo;

@@ -62,6 +62,13 @@ impl From<TensorError> for ApiError {
     }
 }
 
+impl From<agora_diloco::codec::CodecError> for ApiError {
+    fn from(err: agora_diloco::codec::CodecError) -> Self {
+        let status = if err.is_malformed() { StatusCode::BAD_REQUEST } else { StatusCode::UNPROCESSABLE_ENTITY };
+        ApiError::new(status, err.code(), format!("pseudo-gradient rejected: {err}"))
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody { error: self.code.to_string(), message: self.message };

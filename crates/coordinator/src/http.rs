@@ -213,10 +213,12 @@ async fn submit(
         let round: u64 = round
             .parse()
             .map_err(|_| ApiError::bad_request("bad_round", format!("{round:?} is not a round number")))?;
+        // Bounds how many uploads are in memory at once, whatever the number of workers.
+        let _permit = app.delta_permits.acquire().await.map_err(|e| ApiError::internal(anyhow::anyhow!("{e}")))?;
         let body = read_body(&app, &headers, body, app.max_delta_bytes).await?;
         let worker = authenticate(&app, &headers, &method, uri.path(), &body, true)?;
         let (app2, body2) = (app.clone(), body.clone());
-        let (_, meta) = tokio::task::spawn_blocking(move || app2.decode_delta(&body2))
+        let meta = tokio::task::spawn_blocking(move || app2.check_delta(round, &body2))
             .await
             .map_err(|e| ApiError::internal(anyhow::anyhow!("decoder task failed: {e}")))??;
         app.submit(worker, round, body, &meta).await

@@ -1,7 +1,7 @@
 //! The run file (TOML): everything that defines a run. Validated on load; its canonical JSON form is
 //! hashed into the run id, so a coordinator restarted with a different file refuses to continue.
 
-use agora_diloco::OuterConfig;
+use agora_diloco::{CompressionConfig, OuterConfig};
 use agora_train::AdamWConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -22,6 +22,9 @@ pub struct RunFile {
     pub rounds: RoundsSection,
     #[serde(default)]
     pub eval: EvalSection,
+    /// How pseudo-gradients travel: codec, error feedback, Streaming DiLoCo fragments.
+    #[serde(default)]
+    pub compression: CompressionConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -188,6 +191,7 @@ impl RunFile {
         }
         self.train_config().validate().context("[inner]")?;
         self.outer.validate().context("[outer]")?;
+        self.compression.validate().context("[compression]")?;
         if r.deadline_secs == 0 || r.heartbeat_timeout_secs == 0 {
             bail!("[rounds] deadline_secs and heartbeat_timeout_secs must be positive");
         }

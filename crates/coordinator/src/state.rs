@@ -6,6 +6,11 @@
 //! either the round before a commit or the round after it, never a mixture: an accepted pseudo-gradient
 //! is in `submissions` before the worker hears "accepted", and it is marked applied in the same
 //! transaction that records the outer step that used it.
+//!
+//! Aggregation takes one model-sized buffer whatever the number of workers: each accepted payload is
+//! decoded and added to the open round's sum as it arrives (at most `DELTA_PERMITS` uploads are read at
+//! once), in acceptance order (`submissions.seq`). After a restart the sum is rebuilt from the stored
+//! payloads in that same order, so the outer step computes the same bits either way.
 
 use crate::blobs::BlobStore;
 use crate::error::ApiError;
@@ -14,12 +19,13 @@ use crate::prepare::prepare_data;
 use crate::run_file::RunFile;
 use agora_data::Shard;
 use agora_diloco::tensors::{from_named, load_weights, model_weights, param_specs, to_named};
-use agora_diloco::{mean, unit_order, OuterOptimizer};
+use agora_diloco::codec::{self, Accumulator, Expected, MAX_METADATA};
+use agora_diloco::{unit_order, FragmentPlan, OuterOptimizer};
 use agora_model::{Llama, LlamaConfig};
 use agora_protocol::messages::delta_meta;
 use agora_protocol::{
     decode_tensors, encode_tensors, Assignment, Contribution, Hash32, Heartbeat, HeartbeatResponse, JoinResponse,
-    NamedTensor, RoundSummary, RunInfo, StatusReport, SubmitResponse, TensorSpec, WorkResponse, WorkerId, WorkerStatus,
+    RoundSummary, RunInfo, StatusReport, SubmitResponse, TensorSpec, WorkResponse, WorkerId, WorkerStatus,
     PROTOCOL_VERSION,
 };
 use anyhow::{bail, Context, Result};
@@ -57,7 +63,14 @@ struct Live {
     global_hash: Hash32,
     momentum_hash: Option<Hash32>,
     finished: bool,
+    /// The sum of the open round's accepted payloads, in acceptance order; None when it must be rebuilt
+    /// from the stored payloads (after a restart, or if adding one failed).
+    sum: Option<Accumulator>,
 }
+
+/// How many pseudo-gradient uploads are read and decoded at once: bounds the coordinator's memory to a
+/// few payloads plus one sum, however many workers upload together.
+pub const DELTA_PERMITS: usize = 2;
 
 /// What a worker last told us; kept outside `live` so heartbeats never wait for an outer step.
 #[derive(Clone)]
@@ -74,7 +87,13 @@ pub struct Coordinator {
     pub info: RunInfo,
     pub model_config: LlamaConfig,
     pub specs: Vec<TensorSpec>,
+    /// Streaming DiLoCo's fragments (one, covering every tensor, unless the run asks for more).
+    pub plan: FragmentPlan,
+    /// Each fragment's tensors, what its payloads carry.
+    pub fragment_specs: Vec<Vec<TensorSpec>>,
     pub max_delta_bytes: u64,
+    /// Held while an upload is read and decoded (see [`DELTA_PERMITS`]).
+    pub delta_permits: tokio::sync::Semaphore,
     pub blobs: BlobStore,
     pub metrics: Metrics,
     db: AnyPool,
@@ -173,11 +192,18 @@ impl Coordinator {
             global_hash: hash_col(&round_row, "global_hash")?,
             momentum_hash: momentum.map(|m| m.parse()).transpose().map_err(|e: String| anyhow::anyhow!(e))?,
             finished: finished != 0,
+            sum: None,
         };
 
         let specs = param_specs(&model_config);
-        let parameters: usize = specs.iter().map(|s| s.shape.iter().product::<usize>()).sum();
-        let max_delta_bytes = (parameters * 4 + 1024 * 1024) as u64;
+        let plan = FragmentPlan::new(&specs, model_config.num_hidden_layers, run.compression.fragments)
+            .context("[compression] fragments")?;
+        let fragment_specs: Vec<Vec<TensorSpec>> = (0..plan.count()).map(|f| plan.specs(&specs, f)).collect();
+        let max_delta_bytes = fragment_specs
+            .iter()
+            .map(|s| codec::payload_len(&run.compression, s, MAX_METADATA) as u64)
+            .max()
+            .expect("at least one fragment");
         let info = RunInfo {
             protocol_version: PROTOCOL_VERSION,
             run_id: run_id.clone(),
@@ -188,6 +214,7 @@ impl Coordinator {
             seq_len: run.inner.seq_len,
             rounds: run.planned_rounds(),
             tokenizer_hash,
+            compression: serde_json::to_value(run.compression)?,
             max_delta_bytes,
             heartbeat_interval_ms: (run.rounds.heartbeat_timeout_secs * 1000 / 6).clamp(200, 5000),
         };
@@ -219,7 +246,10 @@ impl Coordinator {
             info,
             model_config,
             specs,
+            plan,
+            fragment_specs,
             max_delta_bytes,
+            delta_permits: tokio::sync::Semaphore::new(DELTA_PERMITS),
             blobs,
             metrics,
             db,
@@ -370,7 +400,7 @@ impl Coordinator {
     }
 
     /// A worker leaves on purpose: like being dropped, without waiting for the timeout.
-    pub async fn leave(&self, worker: WorkerId) -> Result<(), ApiError> {
+    pub async fn leave(self: &Arc<Self>, worker: WorkerId) -> Result<(), ApiError> {
         let mut live = self.live.lock().await;
         self.drop_worker(&live, &worker, "left").await?;
         self.presence.lock().expect("presence lock").remove(&worker);
@@ -502,14 +532,54 @@ impl Coordinator {
         Ok(AssignmentRow { epoch: epoch as u64, unit: unit as u64, state: "training".into() })
     }
 
-    /// Validates a pseudo-gradient upload without touching state (runs before taking the lock).
-    pub fn decode_delta(&self, body: &[u8]) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>), ApiError> {
-        Ok(decode_tensors(body, Some(&self.specs))?)
+    /// What a payload for `round` must be: the run's codec, and the tensors of the fragment it synchronises.
+    fn expected(&self, round: u64) -> Expected<'_> {
+        let fragment = self.plan.synced_in(round);
+        Expected { config: &self.run.compression, fragment, specs: &self.fragment_specs[fragment] }
+    }
+
+    /// Validates a pseudo-gradient upload for `round` without touching state (runs before taking the lock);
+    /// returns its metadata.
+    pub fn check_delta(&self, round: u64, body: &[u8]) -> Result<BTreeMap<String, String>, ApiError> {
+        Ok(codec::parse(body, self.expected(round))?.metadata)
+    }
+
+    /// Adds a stored, validated payload to `sum` off the async runtime.
+    async fn add_to_sum(self: &Arc<Self>, round: u64, mut sum: Accumulator, body: Bytes) -> Result<Accumulator> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || -> Result<Accumulator> {
+            let payload = codec::parse(&body, me.expected(round)).map_err(|e| anyhow::anyhow!("{e}"))?;
+            sum.add(&payload);
+            Ok(sum)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("accumulation task failed: {e}"))?
+    }
+
+    /// The open round's sum: the live one, or rebuilt from the stored payloads in acceptance order.
+    async fn round_sum(self: &Arc<Self>, live: &mut Live) -> Result<Accumulator, ApiError> {
+        let rows = sqlx::query("SELECT delta_hash FROM submissions WHERE round = $1 AND applied = 0 ORDER BY seq")
+            .bind(live.round as i64)
+            .fetch_all(&self.db)
+            .await?;
+        if let Some(sum) = live.sum.take() {
+            if sum.count() == rows.len() {
+                return Ok(sum);
+            }
+            tracing::warn!(round = live.round, held = sum.count(), stored = rows.len(), "rebuilding the round's sum");
+        }
+        let fragment = self.plan.synced_in(live.round);
+        let mut sum = Accumulator::new(self.run.compression, self.fragment_specs[fragment].clone());
+        for row in &rows {
+            let body = self.blobs.get(&hash_col(row, "delta_hash")?).await?;
+            sum = self.add_to_sum(live.round, sum, body).await?;
+        }
+        Ok(sum)
     }
 
     /// Accepts a validated pseudo-gradient for `round`, durably, then closes the round if it is complete.
     pub async fn submit(
-        &self,
+        self: &Arc<Self>,
         worker: WorkerId,
         round: u64,
         body: Bytes,
@@ -579,11 +649,17 @@ impl Coordinator {
             meta.get(delta_meta::TRAIN_LOSS).and_then(|v| v.parse().ok()).filter(|v: &f64| v.is_finite());
 
         let bytes = body.len() as i64;
-        let hash = self.blobs.put(body).await?;
+        let fp32_bytes = 4 * self.expected(round).specs.iter().map(|s| s.shape.iter().product::<usize>()).sum::<usize>();
+        let hash = self.blobs.put(body.clone()).await?;
         let mut tx = self.db.begin().await?;
+        let seq: i64 = sqlx::query("SELECT COUNT(*) AS n FROM submissions WHERE round = $1")
+            .bind(round as i64)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?;
         sqlx::query(
-            "INSERT INTO submissions (round, worker, epoch, unit, delta_hash, bytes, train_loss, received_ms, applied) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0)",
+            "INSERT INTO submissions (round, worker, epoch, unit, delta_hash, bytes, train_loss, received_ms, applied, seq, fp32_bytes) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $10)",
         )
         .bind(round as i64)
         .bind(worker.hex())
@@ -593,6 +669,8 @@ impl Coordinator {
         .bind(bytes)
         .bind(train_loss)
         .bind(now_ms())
+        .bind(seq)
+        .bind(fp32_bytes as i64)
         .execute(&mut *tx)
         .await?;
         sqlx::query("UPDATE assignments SET state = 'submitted' WHERE round = $1 AND worker = $2")
@@ -606,6 +684,18 @@ impl Coordinator {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        // The sum follows the acceptance order (seq). Any failure here only costs a rebuild at close.
+        let held = live.sum.take().filter(|s| s.count() == seq as usize);
+        if let Some(sum) = held.or_else(|| {
+            (seq == 0).then(|| {
+                Accumulator::new(self.run.compression, self.fragment_specs[self.plan.synced_in(round)].clone())
+            })
+        }) {
+            match self.add_to_sum(round, sum, body).await {
+                Ok(sum) => live.sum = Some(sum),
+                Err(e) => tracing::error!("could not add an accepted payload to the round's sum (rebuilt at close): {e:#}"),
+            }
+        }
         self.metrics.submissions_accepted.fetch_add(1, Ordering::Relaxed);
         tracing::info!(worker = worker.short(), round, unit = row.unit, bytes, train_loss, "pseudo-gradient accepted");
         self.notify();
@@ -614,7 +704,7 @@ impl Coordinator {
     }
 
     /// Periodic duties: drop silent workers, close a round whose deadline has passed.
-    pub async fn tick(&self) -> Result<(), ApiError> {
+    pub async fn tick(self: &Arc<Self>) -> Result<(), ApiError> {
         let mut live = self.live.lock().await;
         if live.finished {
             return Ok(());
@@ -642,7 +732,7 @@ impl Coordinator {
         Ok(())
     }
 
-    async fn maybe_close_round(&self, live: &mut Live) -> Result<(), ApiError> {
+    async fn maybe_close_round(self: &Arc<Self>, live: &mut Live) -> Result<(), ApiError> {
         if live.finished {
             return Ok(());
         }
@@ -664,10 +754,11 @@ impl Coordinator {
         Ok(())
     }
 
-    /// The outer step: average the round's accepted pseudo-gradients (in worker-id order, so a replay
-    /// after a crash computes the same bits), apply the outer optimizer, publish the new global weights
-    /// and momentum as blobs, then commit the round in one transaction.
-    async fn close_round(&self, live: &mut Live) -> Result<(), ApiError> {
+    /// The outer step: the mean of the round's accepted pseudo-gradients (summed in acceptance order, so a
+    /// replay after a crash computes the same bits), the outer optimizer on the fragment the round
+    /// synchronises, the new global weights and momentum published as blobs, then the round committed in
+    /// one transaction.
+    async fn close_round(self: &Arc<Self>, live: &mut Live) -> Result<(), ApiError> {
         let round = live.round;
         let rows = sqlx::query(
             "SELECT worker, delta_hash, train_loss FROM submissions WHERE round = $1 AND applied = 0 ORDER BY worker",
@@ -676,12 +767,11 @@ impl Coordinator {
         .fetch_all(&self.db)
         .await?;
         let started = Instant::now();
-        let mut deltas = Vec::with_capacity(rows.len());
+        let sum = self.round_sum(live).await?;
+        assert_eq!(sum.count(), rows.len(), "the sum holds every accepted payload of the round");
         let mut losses = Vec::new();
         let mut contributors = Vec::new();
         for row in &rows {
-            let hash = hash_col(row, "delta_hash")?;
-            deltas.push(self.blobs.get(&hash).await?);
             contributors.push(row.try_get::<String, _>("worker")?);
             if let Some(l) = row.try_get::<Option<f64>, _>("train_loss")? {
                 losses.push(l);
@@ -701,6 +791,7 @@ impl Coordinator {
         let evaluate = next.is_multiple_of(self.run.eval.every_rounds) || finished;
         let (specs, outer, config, val) =
             (self.specs.clone(), self.run.outer, self.model_config.clone(), self.val.clone());
+        let stepped = self.plan.tensors(self.plan.synced_in(round));
         let (seq, batch, eval_batches) = (self.run.inner.seq_len, self.run.inner.batch_size, self.run.eval.batches);
         let OuterStepOutput { global_bytes, momentum_bytes, val_loss } =
             tokio::task::spawn_blocking(move || -> Result<OuterStepOutput> {
@@ -708,12 +799,12 @@ impl Coordinator {
                     Ok(from_named(&decode_tensors(b, Some(&specs))?.0, Device::Cpu))
                 };
                 let theta = decode(&global)?;
-                let deltas = deltas.iter().map(|d| decode(d)).collect::<Result<Vec<_>>>()?;
+                let mean = from_named(&sum.mean(), Device::Cpu);
                 let mut optimizer = match &momentum {
                     Some(m) => OuterOptimizer::with_momentum(outer, decode(m)?),
                     None => OuterOptimizer::new(outer, &theta),
                 };
-                optimizer.step(&theta, &mean(&deltas));
+                optimizer.step_subset(&stepped, &theta, &mean);
                 let global_bytes = encode_tensors(&to_named(&specs, &theta), &round_meta(next));
                 let momentum_bytes = outer
                     .has_state()
@@ -789,7 +880,7 @@ impl Coordinator {
         }
         tx.commit().await?;
 
-        *live = Live { round: next, opened_ms: now, global_hash, momentum_hash, finished };
+        *live = Live { round: next, opened_ms: now, global_hash, momentum_hash, finished, sum: None };
         self.open_round.store(next, Ordering::Relaxed);
         self.finished.store(finished, Ordering::Relaxed);
         tracing::info!(
@@ -828,21 +919,27 @@ impl Coordinator {
             let live = self.live.lock().await;
             (live.round, live.finished, live.global_hash, live.opened_ms, self.deadline_ms(&live))
         };
-        let history =
-            sqlx::query("SELECT round, contributions, train_loss, val_loss, global_hash FROM rounds ORDER BY round")
-                .fetch_all(&self.db)
-                .await?
-                .iter()
-                .map(|r| {
-                    Ok(RoundSummary {
-                        round: r.try_get::<i64, _>("round")? as u64,
-                        contributions: r.try_get::<i64, _>("contributions")? as u64,
-                        train_loss: r.try_get("train_loss")?,
-                        val_loss: r.try_get("val_loss")?,
-                        global_hash: hash_col(r, "global_hash")?,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
+        let history = sqlx::query(
+            "SELECT r.round, r.contributions, r.train_loss, r.val_loss, r.global_hash, \
+                    COALESCE(SUM(s.bytes), 0) AS bytes, COALESCE(SUM(s.fp32_bytes), 0) AS fp32_bytes \
+             FROM rounds r LEFT JOIN submissions s ON s.round = r.round AND s.applied = 1 \
+             GROUP BY r.round, r.contributions, r.train_loss, r.val_loss, r.global_hash ORDER BY r.round",
+        )
+        .fetch_all(&self.db)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(RoundSummary {
+                round: r.try_get::<i64, _>("round")? as u64,
+                contributions: r.try_get::<i64, _>("contributions")? as u64,
+                train_loss: r.try_get("train_loss")?,
+                val_loss: r.try_get("val_loss")?,
+                global_hash: hash_col(r, "global_hash")?,
+                delta_bytes: r.try_get::<i64, _>("bytes")? as u64,
+                fp32_bytes: r.try_get::<i64, _>("fp32_bytes")? as u64,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
         let assigned: HashMap<String, (String, u64, u64)> =
             sqlx::query("SELECT worker, state, epoch, unit FROM assignments WHERE round = $1")
                 .bind(round as i64)
@@ -904,6 +1001,7 @@ impl Coordinator {
             round_deadline_unix_ms: deadline as u64,
             submissions_this_round: assigned.values().filter(|a| a.0 == "submitted").count() as u64,
             tokens_trained,
+            codec: self.run.compression.describe(),
             workers,
             history,
             counters,

@@ -1,7 +1,6 @@
 //! One worker's share of a round: start from the global weights, take H AdamW steps on a data unit,
-//! and return the pseudo-gradient.
+//! and return the weights it reached (Δ = global − these is what the worker sends).
 
-use crate::outer::pseudo_gradient;
 use crate::tensors::{load_weights, model_weights};
 use crate::units::unit_batches;
 use agora_data::Shard;
@@ -18,16 +17,16 @@ pub struct RoundStats {
 
 /// Runs `steps` inner steps from `global` on `unit`; the learning rate follows the run's schedule from
 /// position `first_step` (so a worker joining late trains at the run's current learning rate). The
-/// trainer's AdamW moments carry over from the worker's previous rounds. Returns Δ = global − local.
+/// trainer's AdamW moments carry over from the worker's previous rounds. Returns the local weights.
 pub fn train_round(
     trainer: &mut Trainer,
-    global: &[Tensor],
+    start: &[Tensor],
     unit: &Shard,
     first_step: u64,
     steps: u64,
     mut on_step: impl FnMut(u64, &StepStats),
 ) -> Result<(Vec<Tensor>, RoundStats)> {
-    load_weights(&trainer.model, global);
+    load_weights(&trainer.model, start);
     let batches = unit_batches(unit.len(), trainer.config.batch_size, trainer.config.seq_len, steps);
     let schedule = trainer.config.schedule();
     let (mut loss_sum, mut tokens) = (0.0, 0);
@@ -37,6 +36,5 @@ pub fn train_round(
         tokens += stats.tokens;
         on_step(i as u64 + 1, &stats);
     }
-    let delta = pseudo_gradient(global, &model_weights(&trainer.model));
-    Ok((delta, RoundStats { mean_loss: loss_sum / steps.max(1) as f64, tokens }))
+    Ok((model_weights(&trainer.model), RoundStats { mean_loss: loss_sum / steps.max(1) as f64, tokens }))
 }

@@ -7,11 +7,17 @@
 //! Must not know about: HTTP, storage, identities or clocks. The coordinator and worker crates move bytes
 //! around; the in-process simulation in `agora bench diloco` calls exactly the same functions.
 
+pub mod codec;
+pub mod fragments;
 pub mod inner;
 pub mod outer;
 pub mod tensors;
+pub mod sync;
 pub mod units;
 
+pub use codec::{Accumulator, CompressionConfig};
+pub use fragments::FragmentPlan;
 pub use inner::{train_round, RoundStats};
+pub use sync::{SyncState, Upload};
 pub use outer::{mean, pseudo_gradient, OuterConfig, OuterKind, OuterOptimizer};
 pub use units::{cut_units, unit_batches, unit_order};

@@ -63,6 +63,16 @@ impl OuterOptimizer {
         OuterOptimizer { config, momentum }
     }
 
+    /// An outer step of some parameters only (a Streaming DiLoCo fragment): `indices` into the full
+    /// parameter list, `delta` one tensor per index. The other parameters and their momentum stay as they are.
+    pub fn step_subset(&mut self, indices: &[usize], global: &[Tensor], delta: &[Tensor]) {
+        assert_eq!(indices.len(), delta.len(), "one pseudo-gradient per stepped parameter");
+        let theta: Vec<Tensor> = indices.iter().map(|&i| global[i].shallow_clone()).collect();
+        let momentum: Vec<Tensor> = indices.iter().map(|&i| self.momentum[i].shallow_clone()).collect();
+        // Shallow clones share storage, so the sub-optimizer's in-place updates land in `global` and `self`.
+        OuterOptimizer { config: self.config, momentum }.step(&theta, delta);
+    }
+
     /// One outer step: `global` moves against the averaged pseudo-gradient `delta`, in place.
     pub fn step(&mut self, global: &[Tensor], delta: &[Tensor]) {
         assert_eq!(global.len(), delta.len(), "one pseudo-gradient per parameter");

@@ -17,7 +17,7 @@ pub use messages::*;
 pub use tensors::{decode_tensors, encode_tensors, NamedTensor, TensorError, TensorSpec};
 
 /// Bumped whenever a message or payload changes incompatibly; the coordinator refuses other versions.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Request headers. Every worker request carries all four; the signature covers the other three and the body.
 pub const HEADER_RUN: &str = "x-agora-run";

@@ -22,6 +22,8 @@ pub struct RunInfo {
     pub seq_len: usize,
     pub rounds: u64,
     pub tokenizer_hash: Hash32,
+    /// The run's `[compression]` section: how every pseudo-gradient must be encoded.
+    pub compression: serde_json::Value,
     /// Largest pseudo-gradient upload the coordinator accepts, in bytes.
     pub max_delta_bytes: u64,
     pub heartbeat_interval_ms: u64,
@@ -132,6 +134,8 @@ pub struct StatusReport {
     pub round_deadline_unix_ms: u64,
     pub submissions_this_round: u64,
     pub tokens_trained: u64,
+    /// The run's pseudo-gradient encoding, e.g. `topk 1/64 2bit +EF`.
+    pub codec: String,
     pub workers: Vec<WorkerStatus>,
     pub history: Vec<RoundSummary>,
     pub counters: Vec<(String, u64)>,
@@ -161,6 +165,10 @@ pub struct RoundSummary {
     pub train_loss: Option<f64>,
     pub val_loss: Option<f64>,
     pub global_hash: Hash32,
+    /// Payload bytes of the round's applied pseudo-gradients, all workers together ...
+    pub delta_bytes: u64,
+    /// ... and what the same tensors would take as fp32 values.
+    pub fp32_bytes: u64,
 }
 
 /// `GET /v1/contributions`: every applied pseudo-gradient, in application order.

@@ -2,7 +2,8 @@
 //!
 //! Owns: the worker's identity on disk, its HTTP client (signed requests, retries with backoff across
 //! coordinator restarts), its blob cache (every download checked against its hash), its persistent AdamW
-//! state, and the loop: ask for work → download weights and data → H inner steps → upload Δ.
+//! state and error-feedback residual, and the loop: ask for work → download weights and data → H inner
+//! steps → compress and upload Δ.
 //! Must not know about: other workers, aggregation, the coordinator's storage. It trusts nothing it
 //! downloads without checking the hash it was told.
 
@@ -12,17 +13,17 @@ mod state;
 pub use client::{CallError, Client};
 
 use agora_data::Shard;
-use agora_diloco::tensors::{from_named, param_specs, to_named};
-use agora_diloco::train_round;
+use agora_diloco::tensors::{from_named, param_specs};
+use agora_diloco::{train_round, CompressionConfig, FragmentPlan};
 use agora_model::{Llama, LlamaConfig};
 use agora_protocol::messages::delta_meta;
 use agora_protocol::{
-    decode_tensors, encode_tensors, Assignment, Heartbeat, HeartbeatResponse, Identity, JoinRequest, JoinResponse,
+    decode_tensors, Assignment, Heartbeat, HeartbeatResponse, Identity, JoinRequest, JoinResponse,
     RunInfo, SubmitResponse, TensorSpec, WorkResponse, PROTOCOL_VERSION,
 };
 use agora_train::{TrainConfig, Trainer};
 use anyhow::{bail, Context, Result};
-use state::{PendingDelta, WorkerState};
+use state::{PendingUpload, WorkerState};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,7 +50,10 @@ pub struct WorkerSummary {
     pub worker: String,
     pub rounds_contributed: u64,
     pub rounds_rejected: u64,
+    /// Payload bytes of accepted uploads ...
     pub bytes_sent: u64,
+    /// ... and what the same pseudo-gradients would take as fp32 values.
+    pub fp32_bytes: u64,
     pub bytes_received: u64,
     pub finished: bool,
 }
@@ -93,14 +97,22 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
         "joined the run"
     );
 
+    let compression: CompressionConfig =
+        serde_json::from_value(info.compression.clone()).context("the run's compression config")?;
+    let plan = FragmentPlan::new(&specs, model_config.num_hidden_layers, compression.fragments)?;
+    tracing::info!(codec = compression.describe(), "pseudo-gradient encoding");
     let run_dir = options.data_dir.join("runs").join(&info.run_id);
     let model = Llama::zeros(&model_config, options.device);
     let mut trainer = Trainer::new(model, train_config)?;
-    let mut saved = WorkerState::load(&run_dir, &specs, options.device)?;
-    if let Some(s) = &saved {
-        s.restore_optimizer(&mut trainer.optimizer);
-        tracing::info!(step = trainer.optimizer.step, trained_round = s.trained_round, "resumed optimizer state");
-    }
+    let mut state = match WorkerState::load(&run_dir, &specs, &plan, &compression, options.device)? {
+        Some(s) => {
+            s.restore_optimizer(&mut trainer.optimizer);
+            tracing::info!(step = trainer.optimizer.step, trained_round = s.trained_round, "resumed saved state");
+            s
+        }
+        None => WorkerState::fresh(&specs, &compression),
+    };
+    let ctx = RunContext { specs, plan, compression, run_dir, device: options.device };
 
     let progress = Arc::new(Mutex::new(Progress::default()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -111,11 +123,22 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
         rounds_contributed: 0,
         rounds_rejected: 0,
         bytes_sent: 0,
+        fp32_bytes: 0,
         bytes_received: 0,
         finished: false,
     };
     let result = (|| -> Result<()> {
         loop {
+            // An upload not yet answered (the worker may have been killed waiting) is sent (again) first:
+            // the coordinator answers a repeat of an accepted upload with "accepted", so the residual it
+            // leaves behind is kept exactly when the coordinator has the payload.
+            if let Some(pending) = state.pending.take() {
+                if send_upload(&client, &pending, &mut summary, &identity, &options.name)? {
+                    state.sync.accepted(&ctx.plan, pending.fragment, pending.residual);
+                }
+                state.save(&ctx.run_dir, &ctx.specs, &ctx.plan)?;
+                progress.lock().expect("progress lock").round = None;
+            }
             if options.max_rounds.is_some_and(|n| summary.rounds_contributed >= n) {
                 client.post_json::<serde_json::Value>("/v1/leave", &serde_json::json!({}))?;
                 tracing::info!(rounds = summary.rounds_contributed, "contributed the requested rounds; left the run");
@@ -131,75 +154,10 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
                 WorkResponse::Wait { .. } => continue,
                 WorkResponse::Assignment(a) => a,
             };
-            let pending = match saved.as_ref().and_then(|s| s.pending.as_ref()) {
-                Some(p)
-                    if p.round == assignment.round && p.unit == assignment.unit && p.base == assignment.global_hash =>
-                {
-                    tracing::info!(round = p.round, "re-sending the pseudo-gradient saved before a restart");
-                    p.clone()
-                }
-                _ => {
-                    let (pending, state) = train_assignment(
-                        &client,
-                        &mut trainer,
-                        &specs,
-                        &assignment,
-                        &progress,
-                        &mut summary,
-                        options.device,
-                    )?;
-                    state.save(&run_dir)?;
-                    saved = Some(state);
-                    pending
-                }
-            };
-            let body = encode_tensors(&pending.delta, &pending.metadata());
-            let path = format!("/v1/rounds/{}/delta", assignment.round);
-            match client.post_bytes::<SubmitResponse>(&path, body.clone()) {
-                Ok(r) => {
-                    summary.rounds_contributed += 1;
-                    summary.bytes_sent += body.len() as u64;
-                    tracing::info!(
-                        round = r.round,
-                        bytes = body.len(),
-                        new = r.newly_accepted,
-                        loss = pending.train_loss,
-                        "pseudo-gradient accepted"
-                    );
-                }
-                // Too late (the round closed, or this worker was dropped and its data reassigned): the
-                // work is lost, but the run goes on; ask for the next job.
-                Err(CallError::Rejected { status, body: err }) if status == reqwest::StatusCode::CONFLICT => {
-                    summary.rounds_rejected += 1;
-                    tracing::warn!(
-                        round = assignment.round,
-                        code = err.error,
-                        "pseudo-gradient refused: {}",
-                        err.message
-                    );
-                }
-                Err(CallError::Rejected { status, body: err }) if err.error == "unknown_worker" => {
-                    tracing::warn!(%status, "the coordinator does not know this worker (was its state reset?); joining again");
-                    client.post_json::<JoinResponse>(
-                        "/v1/join",
-                        &JoinRequest {
-                            protocol_version: PROTOCOL_VERSION,
-                            worker: identity.id(),
-                            name: options.name.clone(),
-                        },
-                    )?;
-                }
-                // The coordinator refuses the payload itself: retraining would produce the same, so stop.
-                Err(CallError::Rejected { status, body: err }) => {
-                    bail!(
-                        "the coordinator refused this worker's pseudo-gradient ({status} {}): {}",
-                        err.error,
-                        err.message
-                    );
-                }
-                Err(CallError::Failed(e)) => return Err(e),
-            }
-            progress.lock().expect("progress lock").round = None;
+            let pending = train_assignment(&client, &mut trainer, &mut state, &ctx, &assignment, &progress, &mut summary)?;
+            state.pending = Some(pending);
+            state.capture_optimizer(&trainer.optimizer, &ctx.specs, assignment.round);
+            state.save(&ctx.run_dir, &ctx.specs, &ctx.plan)?;
         }
     })();
     stop.store(true, Ordering::Relaxed);
@@ -208,41 +166,121 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
     Ok(summary)
 }
 
-/// Downloads what an assignment names and trains it; returns the Δ to upload and the state to persist.
+/// What every round of this run shares.
+struct RunContext {
+    specs: Vec<TensorSpec>,
+    plan: FragmentPlan,
+    compression: CompressionConfig,
+    run_dir: PathBuf,
+    device: Device,
+}
+
+/// Uploads a round's payload. Ok(true) when the coordinator has it (now or from an earlier attempt),
+/// Ok(false) when it refused it for being late or reassigned (the run goes on without it).
+fn send_upload(
+    client: &Client,
+    p: &PendingUpload,
+    summary: &mut WorkerSummary,
+    identity: &Identity,
+    name: &str,
+) -> Result<bool> {
+    let path = format!("/v1/rounds/{}/delta", p.round);
+    match client.post_bytes::<SubmitResponse>(&path, p.payload.clone()) {
+        Ok(r) => {
+            summary.rounds_contributed += 1;
+            summary.bytes_sent += p.payload.len() as u64;
+            summary.fp32_bytes += p.fp32_bytes;
+            tracing::info!(
+                round = r.round,
+                bytes = p.payload.len(),
+                ratio = format!("{:.1}", p.fp32_bytes as f64 / p.payload.len() as f64),
+                new = r.newly_accepted,
+                loss = p.train_loss,
+                "pseudo-gradient accepted"
+            );
+            Ok(true)
+        }
+        // Too late (the round closed, or this worker was dropped and its data reassigned): the work is
+        // lost, but the run goes on; ask for the next job.
+        Err(CallError::Rejected { status, body: err }) if status == reqwest::StatusCode::CONFLICT => {
+            summary.rounds_rejected += 1;
+            tracing::warn!(round = p.round, code = err.error, "pseudo-gradient refused: {}", err.message);
+            Ok(false)
+        }
+        Err(CallError::Rejected { status, body: err }) if err.error == "unknown_worker" => {
+            tracing::warn!(%status, "the coordinator does not know this worker (was its state reset?); joining again");
+            client.post_json::<JoinResponse>(
+                "/v1/join",
+                &JoinRequest { protocol_version: PROTOCOL_VERSION, worker: identity.id(), name: name.to_string() },
+            )?;
+            summary.rounds_rejected += 1;
+            Ok(false)
+        }
+        // The coordinator refuses the payload itself: retraining would produce the same, so stop.
+        Err(CallError::Rejected { status, body: err }) => {
+            bail!("the coordinator refused this worker's pseudo-gradient ({status} {}): {}", err.error, err.message);
+        }
+        Err(CallError::Failed(e)) => Err(e),
+    }
+}
+
+/// Downloads what an assignment names, trains it and compresses the pseudo-gradient of the fragment the
+/// round synchronises.
 fn train_assignment(
     client: &Client,
     trainer: &mut Trainer,
-    specs: &[TensorSpec],
+    state: &mut WorkerState,
+    ctx: &RunContext,
     a: &Assignment,
     progress: &Arc<Mutex<Progress>>,
     summary: &mut WorkerSummary,
-    device: Device,
-) -> Result<(PendingDelta, WorkerState)> {
+) -> Result<PendingUpload> {
     let started = Instant::now();
     let (global_bytes, fetched_global) = client.blob(&a.global_hash)?;
     let (unit_bytes, fetched_unit) = client.blob(&a.unit_hash)?;
     summary.bytes_received += fetched_global + fetched_unit;
-    let (global, _) = decode_tensors(&global_bytes, Some(specs))
+    let (global, _) = decode_tensors(&global_bytes, Some(&ctx.specs))
         .map_err(|e| anyhow::anyhow!("global weights {}: {e}", a.global_hash))?;
-    let global = from_named(&global, device);
+    let global = from_named(&global, ctx.device);
     let unit = Shard::from_bytes(&unit_bytes).with_context(|| format!("data unit {}", a.unit_hash))?;
     *progress.lock().expect("progress lock") = Progress { round: Some(a.round), step: 0, loss: None };
     tracing::info!(round = a.round, unit = a.unit, epoch = a.epoch, steps = a.inner_steps, "training");
-    let (delta, stats) = train_round(trainer, &global, &unit, a.first_step, a.inner_steps, |step, s| {
+    let start = state.sync.start_weights(&ctx.plan, a.round, &global);
+    let (local, stats) = train_round(trainer, &start, &unit, a.first_step, a.inner_steps, |step, s| {
         let mut p = progress.lock().expect("progress lock");
         p.step = step;
         p.loss = Some(s.loss);
     })?;
-    tracing::info!(round = a.round, loss = stats.mean_loss, secs = started.elapsed().as_secs_f64(), "inner steps done");
-    let pending = PendingDelta {
+    let finite = tch::no_grad(|| local.iter().all(|t| t.isfinite().all().int64_value(&[]) != 0));
+    if !finite {
+        bail!("round {}: training diverged (non-finite weights); not uploading", a.round);
+    }
+    let metadata = BTreeMap::from([
+        (delta_meta::ROUND.to_string(), a.round.to_string()),
+        (delta_meta::UNIT.to_string(), a.unit.to_string()),
+        (delta_meta::BASE.to_string(), a.global_hash.hex()),
+        (delta_meta::TRAIN_LOSS.to_string(), format!("{}", stats.mean_loss)),
+    ]);
+    let upload =
+        state.sync.prepare_upload(&ctx.compression, &ctx.plan, &ctx.specs, a.round, &global, local, &metadata);
+    tracing::info!(
+        round = a.round,
+        loss = stats.mean_loss,
+        fragment = upload.fragment,
+        bytes = upload.payload.len(),
+        secs = started.elapsed().as_secs_f64(),
+        "inner steps done"
+    );
+    Ok(PendingUpload {
         round: a.round,
         unit: a.unit,
         base: a.global_hash,
         train_loss: stats.mean_loss,
-        delta: to_named(specs, &delta),
-    };
-    let state = WorkerState::capture(&trainer.optimizer, specs, a.round, pending.clone());
-    Ok((pending, state))
+        fragment: upload.fragment,
+        payload: upload.payload,
+        residual: upload.residual,
+        fp32_bytes: upload.fp32_bytes,
+    })
 }
 
 fn spawn_heartbeats(
@@ -267,15 +305,4 @@ fn spawn_heartbeats(
             std::thread::sleep(Duration::from_millis(50));
         }
     })
-}
-
-impl PendingDelta {
-    fn metadata(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
-            (delta_meta::ROUND.to_string(), self.round.to_string()),
-            (delta_meta::UNIT.to_string(), self.unit.to_string()),
-            (delta_meta::BASE.to_string(), self.base.hex()),
-            (delta_meta::TRAIN_LOSS.to_string(), format!("{}", self.train_loss)),
-        ])
-    }
 }

@@ -1,0 +1,109 @@
+//! What a worker carries from one round to the next besides its AdamW moments: the error-feedback residual
+//! (what compression has not sent yet) and, with fragments, its own weights for the fragments not yet
+//! synchronised. The networked worker persists this; `agora bench` keeps it in memory. Both call the same
+//! functions, in this order: [`SyncState::start_weights`] → train → [`SyncState::prepare_upload`] → (if the
+//! coordinator accepts) [`SyncState::accepted`].
+
+use crate::codec::{compress, CompressionConfig};
+use crate::fragments::FragmentPlan;
+use crate::tensors::to_named;
+use agora_protocol::TensorSpec;
+use std::collections::BTreeMap;
+use tch::Tensor;
+
+pub struct SyncState {
+    /// Per model tensor: what compression has dropped and not yet sent (empty without error feedback).
+    pub residual: Vec<Vec<f32>>,
+    /// With fragments: this worker's weights after its last round.
+    pub local: Option<Vec<Tensor>>,
+    /// Per fragment: the round whose global weights this worker last took that fragment from.
+    pub loaded: Vec<Option<u64>>,
+}
+
+/// One round's upload, and the residual to keep once it is accepted.
+pub struct Upload {
+    pub payload: Vec<u8>,
+    pub fragment: usize,
+    pub residual: Vec<Vec<f32>>,
+    /// Bytes the same Δ would take as fp32 values (the compression ratio's numerator).
+    pub fp32_bytes: u64,
+}
+
+impl SyncState {
+    pub fn new(specs: &[TensorSpec], config: &CompressionConfig) -> SyncState {
+        let residual = if config.uses_feedback() {
+            specs.iter().map(|s| vec![0f32; s.shape.iter().product()]).collect()
+        } else {
+            Vec::new()
+        };
+        SyncState { residual, local: None, loaded: vec![None; config.fragments] }
+    }
+
+    /// The weights to train round `round` from: the global weights, except (with fragments) for the
+    /// fragments whose global values have not changed since this worker took them, where it continues from
+    /// its own weights. The fragment this round synchronises then always starts from its global value, so
+    /// Δ = global − local is relative to the round's global weights.
+    pub fn start_weights(&mut self, plan: &FragmentPlan, round: u64, global: &[Tensor]) -> Vec<Tensor> {
+        let Some(local) = &self.local else {
+            self.loaded.iter_mut().for_each(|l| *l = Some(round));
+            return global.iter().map(|t| t.copy()).collect();
+        };
+        let fresh: Vec<bool> = (0..plan.count())
+            .map(|f| match (self.loaded[f], plan.last_sync_before(f, round)) {
+                (Some(loaded), Some(sync)) => loaded <= sync,
+                (Some(_), None) => false,
+                (None, _) => true,
+            })
+            .collect();
+        for (f, l) in self.loaded.iter_mut().enumerate() {
+            if fresh[f] {
+                *l = Some(round);
+            }
+        }
+        global
+            .iter()
+            .zip(local)
+            .enumerate()
+            .map(|(i, (g, l))| if fresh[plan.fragment_of(i)] { g.copy() } else { l.copy() })
+            .collect()
+    }
+
+    /// Compresses Δ = global − local of the fragment round `round` synchronises (with the residual, under
+    /// error feedback). With fragments, keeps `local` for the next round.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prepare_upload(
+        &mut self,
+        config: &CompressionConfig,
+        plan: &FragmentPlan,
+        specs: &[TensorSpec],
+        round: u64,
+        global: &[Tensor],
+        local: Vec<Tensor>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Upload {
+        let fragment = plan.synced_in(round);
+        let indices = plan.tensors(fragment);
+        let fragment_specs: Vec<TensorSpec> = indices.iter().map(|&i| specs[i].clone()).collect();
+        let delta: Vec<Tensor> = tch::no_grad(|| indices.iter().map(|&i| &global[i] - &local[i]).collect());
+        let delta: Vec<Vec<f32>> = to_named(&fragment_specs, &delta).into_iter().map(|t| t.data).collect();
+        let residual: Option<Vec<Vec<f32>>> =
+            (!self.residual.is_empty()).then(|| indices.iter().map(|&i| self.residual[i].clone()).collect());
+        let (payload, residual) =
+            compress(config, fragment, &fragment_specs, &delta, residual.as_deref(), metadata);
+        if plan.count() > 1 {
+            self.local = Some(local);
+        }
+        let fp32_bytes = 4 * fragment_specs.iter().map(|s| s.shape.iter().product::<usize>() as u64).sum::<u64>();
+        Upload { payload, fragment, residual, fp32_bytes }
+    }
+
+    /// The coordinator accepted the upload: what it did not carry becomes the residual.
+    pub fn accepted(&mut self, plan: &FragmentPlan, fragment: usize, residual: Vec<Vec<f32>>) {
+        if self.residual.is_empty() {
+            return;
+        }
+        for (i, r) in plan.tensors(fragment).into_iter().zip(residual) {
+            self.residual[i] = r;
+        }
+    }
+}
