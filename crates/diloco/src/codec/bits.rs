@@ -71,7 +71,7 @@ mod tests {
     #[test]
     fn every_width_round_trips() {
         for width in 1..=16u32 {
-            let values: Vec<u32> = (0..37u32).map(|i| (i * 2654435761u32) % (1 << width)).collect();
+            let values: Vec<u32> = (0..37u32).map(|i| i.wrapping_mul(2654435761u32) % (1 << width)).collect();
             let mut out = vec![0u8; packed_len(values.len(), width)];
             pack(values.iter().copied(), width, &mut out);
             let mut u = Unpacker::new(&out, width);
