@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # 1. agora's training step against the same Llama in PyTorch eager (bench/pytorch_llama.py), same machine,
 #    same thread count, same run; 2. the DiLoCo sweep (`agora bench diloco`: DiLoCo with k workers and H
-#    inner steps against data-parallel training at an equal token budget, on tinyshakespeare). Prints the
-#    Markdown tables and appends them to BENCHMARKS.md.
+#    inner steps against data-parallel training at an equal token budget, on tinyshakespeare); 3. the codec
+#    comparison (`agora bench compression`: every pseudo-gradient codec, k = 4, equal tokens); 4. the
+#    coordinator's aggregation (`agora bench aggregate`: decode + accumulate throughput and peak memory at
+#    4 and 64 submitters). Prints the Markdown tables and appends them to BENCHMARKS.md.
 #
 #   bench/run.sh            full run: 3 alternating rounds per step-time configuration (a few minutes),
-#                           then the full DiLoCo sweep (~25 minutes on 2 idle cores)
+#                           then the full DiLoCo sweep (~25 minutes on 2 idle cores), the codec
+#                           comparison (~25 minutes) and the aggregation benchmark (~2 minutes)
 #   bench/run.sh --quick    smoke run: 1 round, few steps, `agora bench diloco --quick`; prints the
 #                           tables, leaves BENCHMARKS.md alone
 #
 # Environment: THREADS (default 2), ROUNDS, STEPS, WARMUP override the defaults below;
 # BENCH_CONFIGS="preset:batch:seq ..." overrides the configurations; NO_APPEND=1 skips BENCHMARKS.md;
-# SPEED=0 skips the step-time comparison, DILOCO=0 the DiLoCo sweep; DILOCO_DATA (default
-# ../shared/data/tinyshakespeare.txt) and DILOCO_ARGS (extra `agora bench diloco` flags) change the sweep.
+# SPEED=0 skips the step-time comparison, DILOCO=0 the DiLoCo sweep, COMPRESSION=0 the codec comparison,
+# AGGREGATE=0 the aggregation benchmark; DILOCO_DATA (default ../shared/data/tinyshakespeare.txt) and
+# DILOCO_ARGS / COMPRESSION_ARGS / AGGREGATE_ARGS (extra flags) change them.
 # Needs scripts/setup.sh --test (the full torch wheel for the Python side) and a Rust toolchain.
 set -euo pipefail
 
@@ -23,7 +27,7 @@ quick=0
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;;
-    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench/run.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -40,8 +44,12 @@ fi
 BENCH_CONFIGS=${BENCH_CONFIGS:-"small:8:256 base:4:512"}
 SPEED=${SPEED:-1}
 DILOCO=${DILOCO:-1}
+COMPRESSION=${COMPRESSION:-1}
+AGGREGATE=${AGGREGATE:-1}
 DILOCO_DATA=${DILOCO_DATA:-../shared/data/tinyshakespeare.txt}
 read -r -a diloco_args <<< "${DILOCO_ARGS:-}"
+read -r -a compression_args <<< "${COMPRESSION_ARGS:-}"
+read -r -a aggregate_args <<< "${AGGREGATE_ARGS:-}"
 
 # --- environment -------------------------------------------------------------------------------------
 [ -f scripts/env.sh ] || die "scripts/env.sh not found (run from an agora checkout)"
@@ -54,7 +62,7 @@ if [ "$SPEED" = 1 ]; then
     die "'import torch' fails in $AGORA_PYTHON: the PyTorch side needs the full wheel; run scripts/setup.sh --test"
   fi
 fi
-if [ "$DILOCO" = 1 ] && [ ! -f "$DILOCO_DATA" ]; then
+if { [ "$DILOCO" = 1 ] || [ "$COMPRESSION" = 1 ]; } && [ ! -f "$DILOCO_DATA" ]; then
   die "DiLoCo sweep: $DILOCO_DATA not found (set DILOCO_DATA=FILE, or DILOCO=0 to skip the sweep)"
 fi
 
@@ -136,6 +144,28 @@ if [ "$DILOCO" = 1 ]; then
   cat "$work/diloco.md"
 fi
 
+# --- the codec comparison and the aggregation benchmark (crates/cli/src/bench_compression.rs, bench_aggregate.rs)
+if [ "$COMPRESSION" = 1 ]; then
+  compression_cmd=(agora bench compression --data "$DILOCO_DATA" --threads "$THREADS")
+  [ "$quick" = 1 ] && compression_cmd+=(--quick)
+  compression_cmd+=("${compression_args[@]}")
+  echo "bench: ${compression_cmd[*]}" >&2
+  started=$(date +%s)
+  "$agora" "${compression_cmd[@]:1}" > "$work/compression.md" || die "agora bench compression failed"
+  compression_minutes=$(( ($(date +%s) - started + 30) / 60 ))
+  echo
+  cat "$work/compression.md"
+fi
+if [ "$AGGREGATE" = 1 ]; then
+  aggregate_cmd=(agora bench aggregate)
+  [ "$quick" = 1 ] && aggregate_cmd+=(--preset tiny)
+  aggregate_cmd+=("${aggregate_args[@]}")
+  echo "bench: ${aggregate_cmd[*]}" >&2
+  "$agora" "${aggregate_cmd[@]:1}" > "$work/aggregate.md" || die "agora bench aggregate failed"
+  echo
+  cat "$work/aggregate.md"
+fi
+
 if [ "$quick" = 1 ] || [ "${NO_APPEND:-0}" = 1 ]; then
   echo >&2
   echo "bench: not appended to BENCHMARKS.md (--quick or NO_APPEND=1)" >&2
@@ -165,6 +195,26 @@ if [ "$DILOCO" = 1 ]; then
     echo "Machine: $(nproc) cores, ${cpu:-unknown CPU}, $mem RAM. Commit $commit. \`${diloco_cmd[*]}\` ($diloco_minutes min)."
     echo
     cat "$work/diloco.md"
+  } >> BENCHMARKS.md
+fi
+if [ "$COMPRESSION" = 1 ]; then
+  {
+    echo
+    echo "## Pseudo-gradient codecs, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "Machine: $(nproc) cores, ${cpu:-unknown CPU}, $mem RAM. Commit $commit. \`${compression_cmd[*]}\` ($compression_minutes min)."
+    echo
+    cat "$work/compression.md"
+  } >> BENCHMARKS.md
+fi
+if [ "$AGGREGATE" = 1 ]; then
+  {
+    echo
+    echo "## Coordinator aggregation, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "Machine: $(nproc) cores, ${cpu:-unknown CPU}, $mem RAM. Commit $commit. \`${aggregate_cmd[*]}\`."
+    echo
+    cat "$work/aggregate.md"
   } >> BENCHMARKS.md
 fi
 echo >&2

@@ -69,8 +69,7 @@ pub const DEFAULT_CODECS: &str = "none,bf16,int8,int4,topk:2/64:f32,topk:2/64:2b
 /// Parses one `--codecs` entry.
 pub fn parse_codec(spec: &str) -> Result<CompressionConfig> {
     let mut parts = spec.split(':');
-    let mut c = CompressionConfig::default();
-    c.codec = match parts.next().unwrap_or_default() {
+    let codec = match parts.next().unwrap_or_default() {
         "none" | "fp32" => Codec::None,
         "bf16" => Codec::Bf16,
         "int8" => Codec::Int8,
@@ -79,6 +78,7 @@ pub fn parse_codec(spec: &str) -> Result<CompressionConfig> {
         "dct" => Codec::Dct,
         other => bail!("--codecs {spec:?}: unknown codec {other:?} (none, bf16, int8, int4, topk, dct)"),
     };
+    let mut c = CompressionConfig { codec, ..CompressionConfig::default() };
     for part in parts {
         match part {
             "f32" => c.values = Values::F32,
@@ -170,7 +170,8 @@ pub fn compression(a: CompressionArgs) -> Result<()> {
         let r = h / c.fragments as u64;
         tracing::info!("[{}/{}] {spec}: {}, k={k}, {r} inner steps per round", i + 1, configs.len(), c.describe());
         let o: Outcome = run_diloco(&setup, k, r, outer, c)?;
-        let reference = rows.first().map_or((o.bytes_sent_per_worker, o.val_loss), |r| (r.bytes_per_worker, r.val_loss));
+        let reference =
+            rows.first().map_or((o.bytes_sent_per_worker, o.val_loss), |r| (r.bytes_per_worker, r.val_loss));
         let row = Row {
             codec: c.describe(),
             config: *c,
@@ -256,7 +257,10 @@ mod tests {
             parse_codec(spec).unwrap();
         }
         let c = parse_codec("topk:1/64:2bit:noef:f2").unwrap();
-        assert_eq!((c.codec, c.keep, c.chunk, c.values, c.error_feedback, c.fragments), (Codec::TopK, 1, 64, Values::TwoBit, false, 2));
+        assert_eq!(
+            (c.codec, c.keep, c.chunk, c.values, c.error_feedback, c.fragments),
+            (Codec::TopK, 1, 64, Values::TwoBit, false, 2)
+        );
         assert!(parse_codec("zip").is_err());
         assert!(parse_codec("topk:65/64").is_err());
     }

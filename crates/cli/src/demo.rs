@@ -4,7 +4,7 @@
 //! from the final global weights.
 
 use crate::commands::{complete, set_threads};
-use crate::net::{fetch_status, human_bytes, render_status};
+use crate::net::{fetch_status, human_bytes, render_status, wire_summary};
 use agora_data::{MarkovSource, Shard, Tokenizer};
 use agora_diloco::tensors::{from_named, load_weights, param_specs};
 use agora_model::{Llama, LlamaConfig};
@@ -42,10 +42,16 @@ pub struct DemoArgs {
     /// Run directory (replaced if an earlier demo made it).
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
+    /// How workers encode their pseudo-gradients, as for `agora bench compression`: none, bf16, int8, int4,
+    /// topk:KEEP/CHUNK:VALUES, dct:KEEP/CHUNK:VALUES, with :noef and :fF (F fragments).
+    #[arg(long, default_value = DEFAULT_DEMO_CODEC)]
+    pub codec: String,
     /// Print the summary as one JSON object on stdout (the live view goes to stderr).
     #[arg(long)]
     pub json: bool,
 }
+
+pub const DEFAULT_DEMO_CODEC: &str = "topk:2/64:2bit";
 
 #[derive(Serialize)]
 struct Summary {
@@ -60,6 +66,11 @@ struct Summary {
     relative_gap: f64,
     entropy_floor: Option<f64>,
     bytes_sent_per_worker: BTreeMap<String, u64>,
+    /// The pseudo-gradient encoding, e.g. `topk 2/64 2bit +EF`.
+    codec: String,
+    /// Mean payload bytes per worker per round, and how many times fewer than fp32 pseudo-gradients.
+    bytes_per_round_per_worker: f64,
+    compression_ratio: f64,
     /// What synchronous data-parallel training would send per worker: one fp32 gradient per step.
     data_parallel_bytes_per_worker: u64,
     sample: String,
@@ -114,7 +125,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         }
     };
     let run_file = out.join("run.toml");
-    std::fs::write(&run_file, run_toml(&args, &corpus))?;
+    std::fs::write(&run_file, run_toml(&args, &corpus)?)?;
 
     // The coordinator picks a free port and prints it.
     let exe = std::env::current_exe().context("cannot find the agora binary")?;
@@ -212,6 +223,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let sample = complete(&model, &tokenizer, &prompt, 48, 0.8, 0.95, 0)?.text;
 
     let parameters: usize = specs.iter().map(|s| s.shape.iter().product::<usize>()).sum();
+    let wire = wire_summary(&report);
     let summary = Summary {
         run_id: info.run_id.clone(),
         workers: args.workers,
@@ -223,6 +235,9 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         relative_gap: (final_val_loss - baseline_val_loss) / baseline_val_loss,
         entropy_floor,
         bytes_sent_per_worker: report.workers.iter().map(|w| (w.name.clone(), w.bytes_sent)).collect(),
+        codec: report.codec.clone(),
+        bytes_per_round_per_worker: wire.map_or(0.0, |w| w.bytes_per_round_per_worker),
+        compression_ratio: wire.map_or(1.0, |w| w.ratio),
         data_parallel_bytes_per_worker: args.rounds * args.inner_steps * parameters as u64 * 4,
         sample,
         distributed_seconds,
@@ -250,9 +265,10 @@ fn prepare_out_dir(out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))
 }
 
-fn run_toml(args: &DemoArgs, corpus: &Path) -> String {
+fn run_toml(args: &DemoArgs, corpus: &Path) -> Result<String> {
     let warmup = (args.rounds * args.inner_steps / 20).max(1);
-    format!(
+    let compression = toml::to_string(&crate::bench_compression::parse_codec(&args.codec)?)?;
+    Ok(format!(
         r#"# Written by `agora demo`.
 seed = 0
 
@@ -287,14 +303,18 @@ heartbeat_timeout_secs = 20
 [eval]
 every_rounds = 1
 batches = 10
-"#,
+
+# --codec {codec}
+[compression]
+{compression}"#,
+        codec = args.codec,
         corpus = corpus.display().to_string(),
         h = args.inner_steps,
         b = args.batch_size,
         t = args.seq_len,
         r = args.rounds,
         n = args.workers,
-    )
+    ))
 }
 
 /// Polls the coordinator until the run finishes, redrawing the view; fails fast if a process dies.
@@ -396,6 +416,12 @@ fn print_summary(s: &Summary, out: &Path) {
             human_bytes(s.data_parallel_bytes_per_worker)
         );
     }
+    println!(
+        "pseudo-gradients: {}, {} per worker per round, {:.0}× fewer bytes than fp32 pseudo-gradients",
+        s.codec,
+        human_bytes(s.bytes_per_round_per_worker as u64),
+        s.compression_ratio
+    );
     println!("time: distributed {:.0}s, baseline {:.0}s", s.distributed_seconds, s.baseline_seconds);
     println!(
         "\nsample from the final global weights (temperature 0.8):\n  {}",

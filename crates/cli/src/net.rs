@@ -174,6 +174,29 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 /// A plain-text view of a status report (what `agora status` and the demo's live view print).
+/// Pseudo-gradient traffic over the applied rounds.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct WireSummary {
+    /// Mean payload bytes one worker sent in one round.
+    pub bytes_per_round_per_worker: f64,
+    /// What the same pseudo-gradients would take as fp32 values, divided by what was sent.
+    pub ratio: f64,
+    pub last_round_per_worker: f64,
+}
+
+pub fn wire_summary(r: &StatusReport) -> Option<WireSummary> {
+    let applied: Vec<_> = r.history.iter().filter(|h| h.contributions > 0 && h.delta_bytes > 0).collect();
+    let last = applied.last()?;
+    let (bytes, fp32, uploads) = applied
+        .iter()
+        .fold((0u64, 0u64, 0u64), |(b, f, n), h| (b + h.delta_bytes, f + h.fp32_bytes, n + h.contributions));
+    Some(WireSummary {
+        bytes_per_round_per_worker: bytes as f64 / uploads as f64,
+        ratio: fp32 as f64 / bytes as f64,
+        last_round_per_worker: last.delta_bytes as f64 / last.contributions as f64,
+    })
+}
+
 pub fn render_status(r: &StatusReport) -> String {
     let mut s = String::new();
     let state = if r.finished { "finished".to_string() } else { format!("round {}/{}", r.round, r.rounds) };
@@ -187,13 +210,23 @@ pub fn render_status(r: &StatusReport) -> String {
         s += &format!("  train loss {v:.4} (round {round})");
     }
     s += "\n";
+    s += &format!("  pseudo-gradients: {}", r.codec);
+    if let Some(w) = wire_summary(r) {
+        s += &format!(
+            "; {} per worker per round ({:.1}× fewer than fp32), last round {} per worker",
+            human_bytes(w.bytes_per_round_per_worker as u64),
+            w.ratio,
+            human_bytes(w.last_round_per_worker as u64)
+        );
+    }
+    s += "\n";
     s += &format!(
-        "  {:<10} {:<10} {:<10} {:>6} {:>8} {:>7} {:>11} {:>11}\n",
-        "worker", "name", "state", "step", "loss", "rounds", "sent", "received"
+        "  {:<10} {:<10} {:<10} {:>6} {:>8} {:>7} {:>11} {:>11} {:>11}\n",
+        "worker", "name", "state", "step", "loss", "rounds", "sent", "sent/round", "received"
     );
     for w in &r.workers {
         s += &format!(
-            "  {:<10} {:<10} {:<10} {:>6} {:>8} {:>7} {:>11} {:>11}\n",
+            "  {:<10} {:<10} {:<10} {:>6} {:>8} {:>7} {:>11} {:>11} {:>11}\n",
             w.id.short(),
             w.name.chars().take(10).collect::<String>(),
             w.state,
@@ -201,6 +234,7 @@ pub fn render_status(r: &StatusReport) -> String {
             w.last_loss.map(|l| format!("{l:.3}")).unwrap_or_else(|| "-".into()),
             w.rounds_accepted,
             human_bytes(w.bytes_sent),
+            w.bytes_sent.checked_div(w.rounds_accepted).map_or_else(|| "-".into(), human_bytes),
             human_bytes(w.bytes_received)
         );
     }

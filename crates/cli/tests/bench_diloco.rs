@@ -39,9 +39,12 @@ fn diloco_sweep_runs_and_every_configuration_learns() {
     let diloco = &grid[0];
     assert_eq!((diloco["workers"].as_u64(), diloco["inner_steps"].as_u64()), (Some(2), Some(2)));
     assert_eq!(diloco["rounds"], 4);
-    assert_eq!(diloco["fewer_bytes"].as_f64(), Some(2.0), "H = 2: half the syncs of data-parallel");
+    let fewer = diloco["fewer_bytes"].as_f64().unwrap();
+    assert!((1.99..=2.0).contains(&fewer), "H = 2: half the syncs of data-parallel, less the headers: {fewer}");
     let params = r["parameters"].as_u64().unwrap();
-    assert_eq!(diloco["bytes_sent_per_worker"].as_u64(), Some(4 * 4 * params), "4 rounds of fp32 pseudo-gradients");
+    // Four fp32 payloads: the values plus agora's header (names digest, tensor table, checksum).
+    let sent = diloco["bytes_sent_per_worker"].as_u64().unwrap();
+    assert!(sent > 4 * 4 * params && sent < 4 * (4 * params + 2048), "4 rounds of fp32 pseudo-gradients: {sent}");
 
     let compare = r["outer_comparison"].as_array().unwrap();
     let kinds: Vec<&str> = compare.iter().map(|o| o["outer"]["kind"].as_str().unwrap()).collect();

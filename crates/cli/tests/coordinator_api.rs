@@ -3,6 +3,7 @@
 
 mod common;
 
+use agora_diloco::codec::{self, Codec, CompressionConfig};
 use agora_diloco::tensors::param_specs;
 use agora_model::LlamaConfig;
 use agora_protocol::messages::delta_meta;
@@ -77,35 +78,6 @@ fn raw_request(url: &str, head: &str) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
-/// A safetensors payload built by hand, so that dtypes and metadata can be anything.
-fn raw_safetensors(
-    tensors: &[(String, &str, Vec<usize>, Vec<u8>)],
-    metadata: Option<&BTreeMap<String, String>>,
-) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    if let Some(m) = metadata {
-        header.insert("__metadata__".into(), serde_json::json!({ "agora": serde_json::to_string(m).unwrap() }));
-    }
-    let mut offset = 0;
-    let mut data = Vec::new();
-    for (name, dtype, shape, bytes) in tensors {
-        header.insert(
-            name.clone(),
-            serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes.len()] }),
-        );
-        offset += bytes.len();
-        data.extend_from_slice(bytes);
-    }
-    let mut header = serde_json::to_vec(&header).unwrap();
-    while !header.len().is_multiple_of(8) {
-        header.push(b' ');
-    }
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend(header);
-    out.extend(data);
-    out
-}
-
 fn api_refuses_bad_input(database: Option<String>) {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
@@ -173,7 +145,14 @@ fn api_refuses_bad_input(database: Option<String>) {
             data: vec![0.0; s.shape.iter().product()],
         })
         .collect();
-    let delta = |tensors: &[NamedTensor], meta: &BTreeMap<String, String>| encode_tensors(tensors, meta);
+    // The run file leaves [compression] at its default: fp32 values in agora's payload format.
+    let fp32 = CompressionConfig::default();
+    let encode = |config: &CompressionConfig, tensors: &[NamedTensor], meta: &BTreeMap<String, String>| {
+        let specs: Vec<TensorSpec> = tensors.iter().map(|t| t.spec()).collect();
+        let data: Vec<Vec<f32>> = tensors.iter().map(|t| t.data.clone()).collect();
+        codec::compress(config, 0, &specs, &data, None, meta).0
+    };
+    let delta = |tensors: &[NamedTensor], meta: &BTreeMap<String, String>| encode(&fp32, tensors, meta);
     let path = "/v1/rounds/0/delta";
 
     // Bad pseudo-gradients.
@@ -187,9 +166,9 @@ fn api_refuses_bad_input(database: Option<String>) {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("\"error\":\"body_too_large\""), "{answer}");
     refused(
-        api.signed("POST", path, b"definitely not safetensors".to_vec()),
+        api.signed("POST", path, b"definitely not a pseudo-gradient".to_vec()),
         StatusCode::BAD_REQUEST,
-        "malformed_tensors",
+        "malformed_delta",
     );
     let mut wrong_shape = zeros.clone();
     let matrix = wrong_shape.iter_mut().find(|t| t.shape.len() == 2).expect("the model has matrices");
@@ -202,13 +181,12 @@ fn api_refuses_bad_input(database: Option<String>) {
     let mut inf = zeros.clone();
     inf[0].data[3] = f32::INFINITY;
     refused(api.signed("POST", path, delta(&inf, &meta)), StatusCode::UNPROCESSABLE_ENTITY, "non_finite");
-    let half: Vec<(String, &str, Vec<usize>, Vec<u8>)> =
-        zeros.iter().map(|t| (t.name.clone(), "F16", t.shape.clone(), vec![0u8; t.data.len() * 2])).collect();
-    refused(
-        api.signed("POST", path, raw_safetensors(&half, Some(&meta))),
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "dtype_mismatch",
-    );
+    let int8 = CompressionConfig { codec: Codec::Int8, ..fp32 };
+    refused(api.signed("POST", path, encode(&int8, &zeros, &meta)), StatusCode::UNPROCESSABLE_ENTITY, "wrong_codec");
+    let mut corrupted = delta(&zeros, &meta);
+    let middle = corrupted.len() / 2;
+    corrupted[middle] ^= 0x10;
+    refused(api.signed("POST", path, corrupted), StatusCode::BAD_REQUEST, "malformed_delta");
     refused(
         api.signed("POST", path, delta(&zeros, &BTreeMap::new())),
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -271,10 +249,10 @@ fn api_refuses_bad_input(database: Option<String>) {
         "wrong_round",
         "bad_round",
         "body_too_large",
-        "malformed_tensors",
+        "malformed_delta",
         "shape_mismatch",
         "non_finite",
-        "dtype_mismatch",
+        "wrong_codec",
         "wrong_metadata",
         "no_such_endpoint",
         "bad_hash",

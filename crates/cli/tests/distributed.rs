@@ -186,6 +186,68 @@ fn coordinator_killed_and_restarted_postgres() {
     }
 }
 
+/// (d) Compressed pseudo-gradients over HTTP: top-k with 2-bit values and error feedback, two Streaming
+/// DiLoCo fragments, and a worker killed and restarted mid-run (its residual and local weights come back
+/// from its state file). Every round carries one fragment, far fewer bytes than fp32, and the loss falls.
+fn compressed_fragments_over_http(database: Option<String>) {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = RunSpec {
+        rounds: 6,
+        inner_steps: 10,
+        min_workers: 2,
+        compression: "codec = \"topk\"\nkeep = 2\nchunk = 64\nvalues = \"2bit\"\nfragments = 2".into(),
+        ..RunSpec::default()
+    };
+    let mut cluster = Cluster::start(dir.path(), &spec, database);
+    cluster.start_worker("a");
+    cluster.start_worker("b");
+    cluster.wait_for("round 3", LONG, |r| r.round >= 3);
+    cluster.kill_worker("b");
+    cluster.workers.retain(|(name, _)| name != "b");
+    cluster.start_worker("b");
+    let report = cluster.wait_for("the run to finish", LONG, |r| r.finished);
+    let summaries = cluster.finish_workers(Duration::from_secs(60));
+
+    assert_eq!(report.codec, "topk 2/64 2bit +EF, 2 fragments");
+    assert_eq!(report.workers.len(), 2, "the restarted worker is the same worker");
+    let rounds = &report.history[..6];
+    for h in rounds {
+        assert_eq!(h.contributions, 2, "round {}: {h:?}", h.round);
+        assert!(
+            h.fp32_bytes >= 60 * h.delta_bytes,
+            "round {}: {} bytes for {} as fp32",
+            h.round,
+            h.delta_bytes,
+            h.fp32_bytes
+        );
+    }
+    // Rounds alternate between the two fragments, which together are the whole model.
+    assert_ne!(rounds[0].fp32_bytes, rounds[1].fp32_bytes, "two different fragments");
+    assert_eq!(rounds[0].fp32_bytes, rounds[2].fp32_bytes);
+    let first = report.history[0].val_loss.unwrap();
+    let last = report.history[6].val_loss.unwrap();
+    assert!(last < first - 0.3, "validation loss should fall: {first} → {last}\n{}", cluster.logs());
+    check_contributions(&cluster.contributions(), 6);
+    let b_log = std::fs::read_to_string(cluster.log("b")).unwrap();
+    assert!(b_log.contains("resumed optimizer state"), "{b_log}");
+    for (name, s) in &summaries {
+        assert!(s["fp32_bytes"].as_u64().unwrap() > 50 * s["bytes_sent"].as_u64().unwrap(), "{name}: {s}");
+    }
+}
+
+#[test]
+fn compressed_fragments_over_http_sqlite() {
+    compressed_fragments_over_http(None);
+}
+
+#[test]
+fn compressed_fragments_over_http_postgres() {
+    if let Some(base) = postgres_base() {
+        compressed_fragments_over_http(Some(fresh_postgres_db(&base, "compressed")));
+    }
+}
+
 /// A worker killed and restarted with the same data directory comes back as the same worker (same
 /// identity, no second entry), with its AdamW moments from where it stopped.
 #[test]

@@ -1,7 +1,8 @@
 //! agora-coordinator: owns a DiLoCo run and serves it over HTTP.
 //!
 //! Owns: the run file, membership (join, heartbeats, drops), rounds and their deadlines, data assignment
-//! (units, epochs, reassignment), validation of uploads, the outer step and its atomic commit, durable
+//! (units, epochs, reassignment), validation of uploads against the run's codec, the round's running sum (one
+//! model-sized buffer however many workers), the outer step and its atomic commit, durable
 //! state (sqlx: SQLite by default, PostgreSQL by URL, one schema), content-addressed blobs (object_store),
 //! status and Prometheus metrics.
 //! Must not know about: how a worker trains (it only sees pseudo-gradients), terminals or processes.

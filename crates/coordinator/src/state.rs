@@ -18,8 +18,8 @@ use crate::metrics::{Gauges, Metrics};
 use crate::prepare::prepare_data;
 use crate::run_file::RunFile;
 use agora_data::Shard;
-use agora_diloco::tensors::{from_named, load_weights, model_weights, param_specs, to_named};
 use agora_diloco::codec::{self, Accumulator, Expected, MAX_METADATA};
+use agora_diloco::tensors::{from_named, load_weights, model_weights, param_specs, to_named};
 use agora_diloco::{unit_order, FragmentPlan, OuterOptimizer};
 use agora_model::{Llama, LlamaConfig};
 use agora_protocol::messages::delta_meta;
@@ -649,7 +649,8 @@ impl Coordinator {
             meta.get(delta_meta::TRAIN_LOSS).and_then(|v| v.parse().ok()).filter(|v: &f64| v.is_finite());
 
         let bytes = body.len() as i64;
-        let fp32_bytes = 4 * self.expected(round).specs.iter().map(|s| s.shape.iter().product::<usize>()).sum::<usize>();
+        let fp32_bytes =
+            4 * self.expected(round).specs.iter().map(|s| s.shape.iter().product::<usize>()).sum::<usize>();
         let hash = self.blobs.put(body.clone()).await?;
         let mut tx = self.db.begin().await?;
         let seq: i64 = sqlx::query("SELECT COUNT(*) AS n FROM submissions WHERE round = $1")
@@ -693,7 +694,9 @@ impl Coordinator {
         }) {
             match self.add_to_sum(round, sum, body).await {
                 Ok(sum) => live.sum = Some(sum),
-                Err(e) => tracing::error!("could not add an accepted payload to the round's sum (rebuilt at close): {e:#}"),
+                Err(e) => {
+                    tracing::error!("could not add an accepted payload to the round's sum (rebuilt at close): {e:#}")
+                }
             }
         }
         self.metrics.submissions_accepted.fetch_add(1, Ordering::Relaxed);
@@ -921,7 +924,8 @@ impl Coordinator {
         };
         let history = sqlx::query(
             "SELECT r.round, r.contributions, r.train_loss, r.val_loss, r.global_hash, \
-                    COALESCE(SUM(s.bytes), 0) AS bytes, COALESCE(SUM(s.fp32_bytes), 0) AS fp32_bytes \
+                    CAST(COALESCE(SUM(s.bytes), 0) AS BIGINT) AS bytes, \
+                    CAST(COALESCE(SUM(s.fp32_bytes), 0) AS BIGINT) AS fp32_bytes \
              FROM rounds r LEFT JOIN submissions s ON s.round = r.round AND s.applied = 1 \
              GROUP BY r.round, r.contributions, r.train_loss, r.val_loss, r.global_hash ORDER BY r.round",
         )

@@ -88,8 +88,7 @@ impl SyncState {
         let delta: Vec<Vec<f32>> = to_named(&fragment_specs, &delta).into_iter().map(|t| t.data).collect();
         let residual: Option<Vec<Vec<f32>>> =
             (!self.residual.is_empty()).then(|| indices.iter().map(|&i| self.residual[i].clone()).collect());
-        let (payload, residual) =
-            compress(config, fragment, &fragment_specs, &delta, residual.as_deref(), metadata);
+        let (payload, residual) = compress(config, fragment, &fragment_specs, &delta, residual.as_deref(), metadata);
         if plan.count() > 1 {
             self.local = Some(local);
         }

@@ -23,7 +23,7 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
             x ^= x >> 7;
             x ^= x << 17;
             let u = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-            u * u * u * 0.1 + if x % 17 == 0 { u } else { 0.0 }
+            u * u * u * 0.1 + if x.is_multiple_of(17) { u } else { 0.0 }
         })
         .collect()
 }
@@ -290,7 +290,10 @@ fn payloads_the_run_does_not_allow_are_refused_with_a_reason() {
     assert_eq!(refusal(&good, &sparse(Codec::TopK, 3, 16, Values::TwoBit)), "wrong_codec");
     let other = vec![TensorSpec { name: "a".into(), shape: vec![33, 7] }, specs()[1].clone(), specs()[2].clone()];
     assert_eq!(codec::parse(&good, expected(&topk, &other)).err().unwrap().code(), "shape_mismatch");
-    assert_eq!(codec::parse(&good, Expected { fragment: 1, ..expected(&topk, &specs()) }).err().unwrap().code(), "wrong_fragment");
+    assert_eq!(
+        codec::parse(&good, Expected { fragment: 1, ..expected(&topk, &specs()) }).err().unwrap().code(),
+        "wrong_fragment"
+    );
     assert_eq!(refusal(&good[..good.len() - 1], &topk), "malformed_delta");
     assert_eq!(refusal(&[good.clone(), vec![0]].concat(), &topk), "malformed_delta");
     let mut flipped = good.clone();

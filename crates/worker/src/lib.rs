@@ -18,8 +18,8 @@ use agora_diloco::{train_round, CompressionConfig, FragmentPlan};
 use agora_model::{Llama, LlamaConfig};
 use agora_protocol::messages::delta_meta;
 use agora_protocol::{
-    decode_tensors, Assignment, Heartbeat, HeartbeatResponse, Identity, JoinRequest, JoinResponse,
-    RunInfo, SubmitResponse, TensorSpec, WorkResponse, PROTOCOL_VERSION,
+    decode_tensors, Assignment, Heartbeat, HeartbeatResponse, Identity, JoinRequest, JoinResponse, RunInfo,
+    SubmitResponse, TensorSpec, WorkResponse, PROTOCOL_VERSION,
 };
 use agora_train::{TrainConfig, Trainer};
 use anyhow::{bail, Context, Result};
@@ -107,7 +107,7 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
     let mut state = match WorkerState::load(&run_dir, &specs, &plan, &compression, options.device)? {
         Some(s) => {
             s.restore_optimizer(&mut trainer.optimizer);
-            tracing::info!(step = trainer.optimizer.step, trained_round = s.trained_round, "resumed saved state");
+            tracing::info!(step = trainer.optimizer.step, trained_round = s.trained_round, "resumed optimizer state");
             s
         }
         None => WorkerState::fresh(&specs, &compression),
@@ -154,7 +154,8 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
                 WorkResponse::Wait { .. } => continue,
                 WorkResponse::Assignment(a) => a,
             };
-            let pending = train_assignment(&client, &mut trainer, &mut state, &ctx, &assignment, &progress, &mut summary)?;
+            let pending =
+                train_assignment(&client, &mut trainer, &mut state, &ctx, &assignment, &progress, &mut summary)?;
             state.pending = Some(pending);
             state.capture_optimizer(&trainer.optimizer, &ctx.specs, assignment.round);
             state.save(&ctx.run_dir, &ctx.specs, &ctx.plan)?;
@@ -261,8 +262,7 @@ fn train_assignment(
         (delta_meta::BASE.to_string(), a.global_hash.hex()),
         (delta_meta::TRAIN_LOSS.to_string(), format!("{}", stats.mean_loss)),
     ]);
-    let upload =
-        state.sync.prepare_upload(&ctx.compression, &ctx.plan, &ctx.specs, a.round, &global, local, &metadata);
+    let upload = state.sync.prepare_upload(&ctx.compression, &ctx.plan, &ctx.specs, a.round, &global, local, &metadata);
     tracing::info!(
         round = a.round,
         loss = stats.mean_loss,

@@ -147,7 +147,8 @@ impl WorkerState {
         let path = run_dir.join(STATE_FILE);
         let Ok(bytes) = std::fs::read(&path) else { return Ok(None) };
         let corrupt = |what: String| anyhow::anyhow!("{}: {what}; delete it to start this run afresh", path.display());
-        let (tensors, meta) = decode_tensors(&bytes, None).map_err(|e| corrupt(format!("corrupt worker state ({e})")))?;
+        let (tensors, meta) =
+            decode_tensors(&bytes, None).map_err(|e| corrupt(format!("corrupt worker state ({e})")))?;
         let get = |key: &str| -> Result<&String> { meta.get(key).ok_or_else(|| corrupt(format!("no {key}"))) };
         let pick = |prefix: &str, wanted: &[TensorSpec]| -> Result<Vec<NamedTensor>> {
             wanted
@@ -183,7 +184,8 @@ impl WorkerState {
             }
             let hash: Hash32 = get("pending.payload")?.parse().map_err(|e: String| corrupt(e))?;
             let file = payload_file(run_dir, &hash);
-            let payload = std::fs::read(&file).with_context(|| format!("{}: pending upload missing", file.display()))?;
+            let payload =
+                std::fs::read(&file).with_context(|| format!("{}: pending upload missing", file.display()))?;
             if hash_bytes(&payload) != hash {
                 bail!(corrupt(format!("{} does not match its hash", file.display())));
             }
@@ -205,8 +207,11 @@ impl WorkerState {
         } else {
             None
         };
-        let (exp_avg, exp_avg_sq) =
-            if has("exp_avg") { (pick("exp_avg", specs)?, pick("exp_avg_sq", specs)?) } else { (Vec::new(), Vec::new()) };
+        let (exp_avg, exp_avg_sq) = if has("exp_avg") {
+            (pick("exp_avg", specs)?, pick("exp_avg_sq", specs)?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         Ok(Some(WorkerState {
             trained_round: meta.get("trained_round").map(|r| r.parse()).transpose()?,
             step: get("step")?.parse()?,

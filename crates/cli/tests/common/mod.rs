@@ -46,11 +46,20 @@ pub struct RunSpec {
     pub min_workers: u64,
     pub deadline_secs: u64,
     pub heartbeat_timeout_secs: u64,
+    /// The body of a `[compression]` section (fp32 when empty).
+    pub compression: String,
 }
 
 impl Default for RunSpec {
     fn default() -> Self {
-        RunSpec { rounds: 5, inner_steps: 10, min_workers: 1, deadline_secs: 120, heartbeat_timeout_secs: 8 }
+        RunSpec {
+            rounds: 5,
+            inner_steps: 10,
+            min_workers: 1,
+            deadline_secs: 120,
+            heartbeat_timeout_secs: 8,
+            compression: String::new(),
+        }
     }
 }
 
@@ -82,8 +91,15 @@ deadline_secs = {}
 heartbeat_timeout_secs = {}
 [eval]
 batches = 4
+[compression]
+{}
 "#,
-            spec.inner_steps, spec.rounds, spec.min_workers, spec.deadline_secs, spec.heartbeat_timeout_secs
+            spec.inner_steps,
+            spec.rounds,
+            spec.min_workers,
+            spec.deadline_secs,
+            spec.heartbeat_timeout_secs,
+            spec.compression
         ),
     )
     .unwrap();

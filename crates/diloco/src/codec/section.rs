@@ -8,6 +8,7 @@
 //! - `topk` / `dct`: per group of `block` chunks its scales (2 × f32 for `2bit`, 1 × f32 for `sign`, none
 //!   otherwise); then every kept index within its chunk, ⌈log₂ chunk⌉ bits each, ascending within a chunk;
 //!   then the kept values (f32, bf16, 2-bit codes or sign bits). A chunk of length L keeps min(keep, L).
+//!
 //! Every unused padding bit is zero, so each Δ has exactly one encoding.
 
 use super::bits::{pack, packed_len, Unpacker};
@@ -124,7 +125,9 @@ pub fn encode(cfg: &CompressionConfig, data: &[f32], dct: &mut Dct) -> Vec<u8> {
             if cfg.codec == Codec::Int8 {
                 out.extend(codes.iter().map(|&q| q as u8));
             } else {
-                out.extend(codes.chunks(2).map(|p| (p[0] as u8 & 0x0F) | ((p.get(1).copied().unwrap_or(0) as u8) << 4)));
+                out.extend(
+                    codes.chunks(2).map(|p| (p[0] as u8 & 0x0F) | ((p.get(1).copied().unwrap_or(0) as u8) << 4)),
+                );
             }
         }
         Codec::TopK | Codec::Dct => encode_sparse(cfg, data, dct, &mut out),
@@ -187,9 +190,7 @@ fn encode_sparse(cfg: &CompressionConfig, data: &[f32], dct: &mut Dct, out: &mut
                 let hi = if nhi > 0 { hi / nhi as f64 } else { 0.0 };
                 out.extend_from_slice(&(lo as f32).to_le_bytes());
                 out.extend_from_slice(&(hi as f32).to_le_bytes());
-                codes.extend(
-                    group.iter().zip(&mags).map(|(v, &m)| (*v < 0.0) as u32 | (((m >= mean) as u32) << 1)),
-                );
+                codes.extend(group.iter().zip(&mags).map(|(v, &m)| (*v < 0.0) as u32 | (((m >= mean) as u32) << 1)));
             }
         }
     }
