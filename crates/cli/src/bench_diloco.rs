@@ -433,7 +433,7 @@ pub(crate) fn run_diloco(
         let mut loss = 0.0;
         for (worker, sync) in workers.iter_mut().zip(syncs.iter_mut()) {
             let unit = &units[cursor.next()];
-            let start = sync.start_weights(&plan, round, &global);
+            let start = sync.start_weights(compression, &plan, round, &global);
             let (local, stats) = train_round(worker, &start, unit, round * h, h, |_, _| {})?;
             let upload = sync.prepare_upload(compression, &plan, &specs, round, &global, local, &no_metadata);
             payload_bytes += upload.payload.len() as u64;

@@ -11,6 +11,11 @@ use agora_protocol::TensorSpec;
 use std::collections::BTreeMap;
 use tch::Tensor;
 
+/// Error feedback lives in the worker's weights: a worker whose last upload dropped `e` starts its next round
+/// from θ_global − e rather than adding `e` to its next Δ. Adding it (the textbook form, [`compress`] with a
+/// residual) double-counts in DiLoCo: a worker restarted at θ_global re-learns the displacement that was not
+/// sent, and the residual then adds it a second time. Measured on tinyshakespeare, top-k with additive
+/// feedback ended 31% above fp32 DiLoCo, worse than no feedback at all (+7%); see BENCHMARKS.md.
 pub struct SyncState {
     /// Per model tensor: what compression has dropped and not yet sent (empty without error feedback).
     pub residual: Vec<Vec<f32>>,
@@ -43,10 +48,30 @@ impl SyncState {
     /// fragments whose global values have not changed since this worker took them, where it continues from
     /// its own weights. The fragment this round synchronises then always starts from its global value, so
     /// Δ = global − local is relative to the round's global weights.
-    pub fn start_weights(&mut self, plan: &FragmentPlan, round: u64, global: &[Tensor]) -> Vec<Tensor> {
+    ///
+    /// Tensors taken from the global weights start at global − decay · residual: the displacement earlier
+    /// compression dropped stays in this worker's model, and is part of its next Δ.
+    pub fn start_weights(
+        &mut self,
+        config: &CompressionConfig,
+        plan: &FragmentPlan,
+        round: u64,
+        global: &[Tensor],
+    ) -> Vec<Tensor> {
+        let decay = config.feedback_decay;
+        let residual = &self.residual;
+        let from_global = |i: usize, g: &Tensor| -> Tensor {
+            match residual.get(i) {
+                Some(r) => tch::no_grad(|| {
+                    let r = Tensor::from_slice(r).view(g.size().as_slice()).to_device(g.device()).to_kind(g.kind());
+                    g - r * decay
+                }),
+                None => g.copy(),
+            }
+        };
         let Some(local) = &self.local else {
             self.loaded.iter_mut().for_each(|l| *l = Some(round));
-            return global.iter().map(|t| t.copy()).collect();
+            return global.iter().enumerate().map(|(i, g)| from_global(i, g)).collect();
         };
         let fresh: Vec<bool> = (0..plan.count())
             .map(|f| match (self.loaded[f], plan.last_sync_before(f, round)) {
@@ -55,21 +80,23 @@ impl SyncState {
                 (None, _) => true,
             })
             .collect();
+        let start = global
+            .iter()
+            .zip(local)
+            .enumerate()
+            .map(|(i, (g, l))| if fresh[plan.fragment_of(i)] { from_global(i, g) } else { l.copy() })
+            .collect();
         for (f, l) in self.loaded.iter_mut().enumerate() {
             if fresh[f] {
                 *l = Some(round);
             }
         }
-        global
-            .iter()
-            .zip(local)
-            .enumerate()
-            .map(|(i, (g, l))| if fresh[plan.fragment_of(i)] { g.copy() } else { l.copy() })
-            .collect()
+        start
     }
 
-    /// Compresses Δ = global − local of the fragment round `round` synchronises (with the residual, under
-    /// error feedback). With fragments, keeps `local` for the next round.
+    /// Compresses Δ = global − local of the fragment round `round` synchronises (which, under error
+    /// feedback, includes the residual the worker started from). With fragments, keeps `local` for the
+    /// next round.
     #[allow(clippy::too_many_arguments)]
     pub fn prepare_upload(
         &mut self,
@@ -86,9 +113,7 @@ impl SyncState {
         let fragment_specs: Vec<TensorSpec> = indices.iter().map(|&i| specs[i].clone()).collect();
         let delta: Vec<Tensor> = tch::no_grad(|| indices.iter().map(|&i| &global[i] - &local[i]).collect());
         let delta: Vec<Vec<f32>> = to_named(&fragment_specs, &delta).into_iter().map(|t| t.data).collect();
-        let residual: Option<Vec<Vec<f32>>> =
-            (!self.residual.is_empty()).then(|| indices.iter().map(|&i| self.residual[i].clone()).collect());
-        let (payload, residual) = compress(config, fragment, &fragment_specs, &delta, residual.as_deref(), metadata);
+        let (payload, residual) = compress(config, fragment, &fragment_specs, &delta, None, metadata);
         if plan.count() > 1 {
             self.local = Some(local);
         }

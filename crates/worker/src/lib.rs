@@ -246,7 +246,7 @@ fn train_assignment(
     let unit = Shard::from_bytes(&unit_bytes).with_context(|| format!("data unit {}", a.unit_hash))?;
     *progress.lock().expect("progress lock") = Progress { round: Some(a.round), step: 0, loss: None };
     tracing::info!(round = a.round, unit = a.unit, epoch = a.epoch, steps = a.inner_steps, "training");
-    let start = state.sync.start_weights(&ctx.plan, a.round, &global);
+    let start = state.sync.start_weights(&ctx.compression, &ctx.plan, a.round, &global);
     let (local, stats) = train_round(trainer, &start, &unit, a.first_step, a.inner_steps, |step, s| {
         let mut p = progress.lock().expect("progress lock");
         p.step = step;
