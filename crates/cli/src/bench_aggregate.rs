@@ -3,6 +3,11 @@
 //! validated and added to one [`Accumulator`] exactly as the coordinator does with each upload; the table
 //! gives the decode-and-accumulate throughput and the process's peak memory, which must not grow with the
 //! number of submitters.
+//!
+//! `--coordinator` measures the real thing instead: an `agora coordinator` process (tiny model, one round)
+//! and N simulated workers, each its own signed identity, that join, take their unit and upload their
+//! payloads all at once over loopback HTTP; the table gives the coordinator's resident memory before the
+//! uploads and its peak until the round has closed (`/proc/PID/status`).
 
 use crate::bench_compression::parse_codec;
 use crate::bench_diloco::human_bytes;
@@ -25,6 +30,9 @@ pub struct AggregateArgs {
     /// Codecs, as for `agora bench compression`.
     #[arg(long, value_delimiter = ',', default_value = "none,bf16,int8,int4,topk:2/64:2bit,dct:2/64:2bit")]
     pub codecs: Vec<String>,
+    /// Measure an `agora coordinator` process receiving the uploads over HTTP (model: `tiny`).
+    #[arg(long)]
+    pub coordinator: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -72,6 +80,9 @@ fn fill(data: &mut [f32], seed: u64) {
 }
 
 pub fn aggregate(a: AggregateArgs) -> Result<()> {
+    if a.coordinator {
+        return coordinator_memory(&a);
+    }
     let model = agora_model::preset(&a.preset, None)?;
     let specs = param_specs(&model);
     let parameters: usize = specs.iter().map(|s| s.shape.iter().product::<usize>()).sum();
@@ -151,6 +162,189 @@ pub fn aggregate(a: AggregateArgs) -> Result<()> {
             r.wire_mb_per_s,
             r.fp32_mb_per_s,
             r.peak_rss_bytes.map_or("—".to_string(), human_bytes)
+        );
+    }
+    Ok(())
+}
+
+/// `VmHWM` and `VmRSS` of another process, in bytes.
+fn process_memory(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("/proc/PID/status (Linux only)")?;
+    let field = |name: &str| -> Result<u64> {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmHWM:")?, field("VmRSS:")?))
+}
+
+#[derive(Serialize)]
+struct ProcessRow {
+    codec: String,
+    submitters: usize,
+    payload_bytes: u64,
+    rss_before_uploads: u64,
+    peak_rss: u64,
+    upload_to_close_seconds: f64,
+}
+
+/// Kills the coordinator when the measurement ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn coordinator_memory(a: &AggregateArgs) -> Result<()> {
+    use agora_protocol::messages::delta_meta;
+    use agora_protocol::{
+        Identity, JoinRequest, RunInfo, StatusReport, SubmitResponse, WorkResponse, PROTOCOL_VERSION,
+    };
+    use agora_worker::Client;
+    use std::io::BufRead;
+    use std::sync::Arc;
+
+    let mut rows = Vec::new();
+    for spec in &a.codecs {
+        let config = parse_codec(spec)?;
+        anyhow::ensure!(config.fragments == 1, "{spec}: aggregate one whole model (no fragments)");
+        for &n in &a.submitters {
+            let dir = tempfile::tempdir()?;
+            std::fs::write(dir.path().join("corpus.txt"), agora_data::MarkovSource::new(1).generate(60_000, 1))?;
+            let compression = toml::to_string(&config)?;
+            std::fs::write(
+                dir.path().join("run.toml"),
+                format!(
+                    "[model]\npreset = \"tiny\"\n[data]\nfiles = [\"corpus.txt\"]\nvocab_size = 300\n\
+                     [inner]\nsteps = 1\nbatch_size = 1\nseq_len = 16\nwarmup_steps = 1\n\
+                     [rounds]\ncount = 1\nmin_workers = {n}\ndeadline_secs = 600\nheartbeat_timeout_secs = 600\n\
+                     [eval]\nbatches = 1\n[compression]\n{compression}"
+                ),
+            )?;
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let mut child = Child(
+                std::process::Command::new(std::env::current_exe()?)
+                    .args(["coordinator", "--run"])
+                    .arg(dir.path().join("run.toml"))
+                    .args(["--listen", &format!("127.0.0.1:{port}"), "--threads", "1", "--dir"])
+                    .arg(dir.path().join("coordinator"))
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::fs::File::create(dir.path().join("coordinator.log"))?)
+                    .spawn()
+                    .context("start agora coordinator")?,
+            );
+            let mut line = String::new();
+            std::io::BufReader::new(child.0.stdout.take().expect("piped")).read_line(&mut line)?;
+            anyhow::ensure!(line.contains("listening on"), "the coordinator did not start: {line}");
+            let pid = child.0.id();
+            let url = format!("http://127.0.0.1:{port}");
+            let patience = Duration::from_secs(60);
+            let probe = Client::new(&url, Arc::new(Identity::generate()?), dir.path(), patience)?;
+            let info: RunInfo = probe.get_json("/v1/run")?;
+            let specs = param_specs(&agora_model::LlamaConfig::from_json_str(&serde_json::to_string(&info.model)?)?);
+            // Join every worker and take its assignment; build its payload before any upload starts.
+            let mut uploads = Vec::with_capacity(n);
+            let mut delta: Vec<Vec<f32>> = specs.iter().map(|s| vec![0f32; s.shape.iter().product()]).collect();
+            for worker in 0..n {
+                let identity = Arc::new(Identity::generate()?);
+                let client = Client::new(&url, identity.clone(), dir.path(), patience)?.for_run(&info.run_id);
+                let join = JoinRequest {
+                    protocol_version: PROTOCOL_VERSION,
+                    worker: identity.id(),
+                    name: format!("sim{worker}"),
+                };
+                client.post_json::<serde_json::Value>("/v1/join", &join)?;
+                let WorkResponse::Assignment(work) = client.post_json("/v1/work", &serde_json::json!({}))? else {
+                    anyhow::bail!("simulated worker {worker} got no assignment");
+                };
+                for (i, d) in delta.iter_mut().enumerate() {
+                    fill(d, (worker * 1000 + i) as u64);
+                }
+                let metadata = BTreeMap::from([
+                    (delta_meta::ROUND.to_string(), "0".to_string()),
+                    (delta_meta::UNIT.to_string(), work.unit.to_string()),
+                    (delta_meta::BASE.to_string(), work.global_hash.hex()),
+                ]);
+                uploads.push((client, codec::compress(&config, 0, &specs, &delta, None, &metadata).0));
+            }
+            let payload_bytes = uploads[0].1.len() as u64;
+            std::thread::sleep(Duration::from_millis(300));
+            let (_, rss_before) = process_memory(pid)?;
+            let started = Instant::now();
+            std::thread::scope(|scope| -> Result<()> {
+                let handles: Vec<_> = uploads
+                    .into_iter()
+                    .map(|(client, payload)| {
+                        scope.spawn(move || client.post_bytes::<SubmitResponse>("/v1/rounds/0/delta", payload))
+                    })
+                    .collect();
+                for h in handles {
+                    h.join()
+                        .map_err(|_| anyhow::anyhow!("an upload thread panicked"))?
+                        .map_err(|e| anyhow::anyhow!("upload: {e}"))?;
+                }
+                Ok(())
+            })?;
+            loop {
+                let status: StatusReport = probe.get_json("/v1/status")?;
+                if status.round >= 1 {
+                    break;
+                }
+                anyhow::ensure!(started.elapsed() < Duration::from_secs(300), "the round did not close");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            let (peak, _) = process_memory(pid)?;
+            let row = ProcessRow {
+                codec: config.describe(),
+                submitters: n,
+                payload_bytes,
+                rss_before_uploads: rss_before,
+                peak_rss: peak,
+                upload_to_close_seconds: seconds,
+            };
+            tracing::info!(
+                "coordinator, {} × {n}: RSS {} before the uploads, peak {} ({:.1}s to close the round)",
+                row.codec,
+                human_bytes(rss_before),
+                human_bytes(peak),
+                seconds
+            );
+            rows.push(row);
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::json!({ "preset": "tiny", "coordinator": true, "rows": rows }));
+        return Ok(());
+    }
+    let fp32 = 4 * param_specs(&agora_model::preset("tiny", Some(300))?)
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>() as u64)
+        .sum::<u64>();
+    println!(
+        "An `agora coordinator` process (`tiny`, vocab 300: {} per fp32 pseudo-gradient) and N simulated workers that \
+         upload at once over loopback HTTP; peak is the coordinator's VmHWM until the round closed.",
+        human_bytes(fp32)
+    );
+    println!();
+    println!("| codec | submitters | payload | coordinator RSS before | coordinator peak | all N payloads | upload → round closed |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {:.1}s |",
+            r.codec,
+            r.submitters,
+            human_bytes(r.payload_bytes),
+            human_bytes(r.rss_before_uploads),
+            human_bytes(r.peak_rss),
+            human_bytes(r.payload_bytes * r.submitters as u64),
+            r.upload_to_close_seconds
         );
     }
     Ok(())

@@ -36,12 +36,12 @@ pub struct CompressionArgs {
     /// Workers k (default 4; --quick 2).
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Inner steps between two synchronisations of a parameter, H (default 50; --quick 4).
+    /// Inner steps between two synchronisations of a parameter, H (default 20; --quick 4).
     #[arg(long)]
     pub inner_steps: Option<u64>,
-    /// Codecs to compare, comma-separated: NAME[:KEEP/CHUNK][:VALUES][:noef][:decay=D][:block=B][:fF] with
-    /// NAME none|bf16|int8|int4|topk|dct, VALUES f32|bf16|2bit|sign, fF = F fragments. The first must be
-    /// `none` (the reference).
+    /// Codecs to compare, comma-separated: NAME[:KEEP/CHUNK][:VALUES][:ef][:decay=D][:block=B][:fF] with
+    /// NAME none|bf16|int8|int4|topk|dct, VALUES f32|bf16|2bit|sign, ef = error feedback, fF = F fragments.
+    /// The first must be `none` (the reference).
     #[arg(long, value_delimiter = ',')]
     pub codecs: Option<Vec<String>>,
     #[arg(long, default_value_t = 3e-3)]
@@ -64,7 +64,8 @@ pub struct CompressionArgs {
 }
 
 pub const DEFAULT_CODECS: &str = "none,bf16,int8,int4,topk:2/64:f32,topk:2/64:2bit,topk:1/64:2bit,\
-                                  topk:1/64:2bit:noef,dct:2/64:2bit,none:f2,topk:2/64:2bit:f2";
+                                  topk:2/64:2bit:ef,topk:1/64:2bit:ef,dct:2/64:2bit,dct:2/64:2bit:ef,none:f2,\
+                                  topk:2/64:2bit:f2";
 
 /// Parses one `--codecs` entry.
 pub fn parse_codec(spec: &str) -> Result<CompressionConfig> {
@@ -85,6 +86,7 @@ pub fn parse_codec(spec: &str) -> Result<CompressionConfig> {
             "bf16" => c.values = Values::Bf16,
             "2bit" => c.values = Values::TwoBit,
             "sign" => c.values = Values::Sign,
+            "ef" => c.error_feedback = true,
             "noef" => c.error_feedback = false,
             p if p.starts_with("decay=") => c.feedback_decay = p[6..].parse().context("decay=D")?,
             p if p.starts_with("block=") => c.block = p[6..].parse().context("block=B")?,
@@ -121,7 +123,7 @@ pub fn compression(a: CompressionArgs) -> Result<()> {
     let q = a.quick;
     let steps = a.steps.unwrap_or(if q { 24 } else { 1000 });
     let k = a.workers.unwrap_or(if q { 2 } else { 4 });
-    let h = a.inner_steps.unwrap_or(if q { 4 } else { 50 });
+    let h = a.inner_steps.unwrap_or(if q { 4 } else { 20 });
     let specs: Vec<String> =
         a.codecs.clone().unwrap_or_else(|| DEFAULT_CODECS.split(',').map(|s| s.trim().to_string()).collect());
     let configs: Vec<(String, CompressionConfig)> =

@@ -43,7 +43,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
     /// How workers encode their pseudo-gradients, as for `agora bench compression`: none, bf16, int8, int4,
-    /// topk:KEEP/CHUNK:VALUES, dct:KEEP/CHUNK:VALUES, with :noef and :fF (F fragments).
+    /// topk:KEEP/CHUNK:VALUES, dct:KEEP/CHUNK:VALUES, with :ef (error feedback) and :fF (F fragments).
     #[arg(long, default_value = DEFAULT_DEMO_CODEC)]
     pub codec: String,
     /// Print the summary as one JSON object on stdout (the live view goes to stderr).

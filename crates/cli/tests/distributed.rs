@@ -196,7 +196,8 @@ fn compressed_fragments_over_http(database: Option<String>) {
         rounds: 6,
         inner_steps: 10,
         min_workers: 2,
-        compression: "codec = \"topk\"\nkeep = 2\nchunk = 64\nvalues = \"2bit\"\nfragments = 2".into(),
+        compression: "codec = \"topk\"\nkeep = 2\nchunk = 64\nvalues = \"2bit\"\nerror_feedback = true\nfragments = 2"
+            .into(),
         ..RunSpec::default()
     };
     let mut cluster = Cluster::start(dir.path(), &spec, database);

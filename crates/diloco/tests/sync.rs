@@ -42,8 +42,14 @@ fn apply(config: &CompressionConfig, plan: &FragmentPlan, fragment: usize, paylo
 /// its next round starts exactly where its own training ended, however little the payload carried.
 #[test]
 fn error_feedback_in_the_weights_resumes_the_workers_own_model() {
-    let config =
-        CompressionConfig { codec: Codec::TopK, keep: 1, chunk: 16, values: Values::TwoBit, ..Default::default() };
+    let config = CompressionConfig {
+        codec: Codec::TopK,
+        keep: 1,
+        chunk: 16,
+        values: Values::TwoBit,
+        error_feedback: true,
+        ..Default::default()
+    };
     let plan = FragmentPlan::new(&specs(), 2, 1).unwrap();
     let mut sync = SyncState::new(&specs(), &config);
     let mut global = random(1);
@@ -73,7 +79,7 @@ fn error_feedback_in_the_weights_resumes_the_workers_own_model() {
 /// A refused upload leaves the residual as it was: the next round starts from global − the old residual.
 #[test]
 fn a_refused_upload_keeps_the_previous_residual() {
-    let config = CompressionConfig { codec: Codec::Int4, ..Default::default() };
+    let config = CompressionConfig { codec: Codec::Int4, error_feedback: true, ..Default::default() };
     let plan = FragmentPlan::new(&specs(), 2, 1).unwrap();
     let mut sync = SyncState::new(&specs(), &config);
     let global = random(2);

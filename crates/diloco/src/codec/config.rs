@@ -53,9 +53,11 @@ pub struct CompressionConfig {
     pub keep: usize,
     /// topk/dct: the kept values' encoding.
     pub values: Values,
-    /// Keep what compression lost on the worker and add it to the next round's pseudo-gradient.
+    /// Keep what compression dropped on the worker (in its weights: it starts the next round from
+    /// global − residual) so that it is sent later. Off by default: on tinyshakespeare it made top-k worse,
+    /// not better (BENCHMARKS.md, "Pseudo-gradient codecs").
     pub error_feedback: bool,
-    /// The kept residual is multiplied by this before it is added (1 = keep all of it).
+    /// The kept residual is multiplied by this before the worker starts from it (1 = keep all of it).
     pub feedback_decay: f64,
     /// Streaming DiLoCo: the parameters are split into this many fragments (strided groups of layers);
     /// round r synchronises fragment r mod `fragments` only, so each upload carries 1/fragments of the model.
@@ -70,7 +72,7 @@ impl Default for CompressionConfig {
             chunk: 64,
             keep: 1,
             values: Values::F32,
-            error_feedback: true,
+            error_feedback: false,
             feedback_decay: 1.0,
             fragments: 1,
         }
