@@ -12,7 +12,8 @@ fn agora() -> Command {
 }
 
 fn shakespeare() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/tinyshakespeare.txt");
+    let p = Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string()))
+        .join("../../../shared/data/tinyshakespeare.txt");
     assert!(p.is_file(), "{} is missing: tests need ../shared/data/tinyshakespeare.txt", p.display());
     p
 }
@@ -123,7 +124,9 @@ fn train_eval_generate_and_transformers_agree() {
     assert_eq!(gen("0.9", "7"), gen("0.9", "7"), "sampling with a seed must be reproducible");
 
     // transformers loads the same directory (model and tokenizer) and decodes the same greedy tokens.
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python/hf_checkpoint.py");
+    let script =
+        Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string()))
+            .join("../../tests/python/hf_checkpoint.py");
     let hf = run(Command::new(python()).arg(script).arg("--checkpoint").arg(&ckpt).args([
         "--prompt",
         "ROMEO:",

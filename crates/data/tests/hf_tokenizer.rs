@@ -52,7 +52,13 @@ fn transformers_loads_exported_tokenizer_and_agrees() {
     });
     std::fs::write(out.join("expected.json"), expected.to_string()).unwrap();
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/python/test_tokenizer_hf.py");
+    let script = std::path::PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string()),
+    )
+    .join("../../tests/python/test_tokenizer_hf.py")
+    .to_string_lossy()
+    .into_owned();
+    let script = script.as_str();
     let has_pytest = Command::new(&python).args(["-c", "import pytest"]).output().is_ok_and(|o| o.status.success());
     let mut cmd = Command::new(&python);
     if has_pytest {

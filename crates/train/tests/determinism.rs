@@ -9,7 +9,8 @@ use std::sync::OnceLock;
 use tch::Device;
 
 fn shakespeare() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/tinyshakespeare.txt");
+    let p = Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string()))
+        .join("../../../shared/data/tinyshakespeare.txt");
     assert!(p.is_file(), "{} is missing: tests need ../shared/data/tinyshakespeare.txt", p.display());
     p
 }

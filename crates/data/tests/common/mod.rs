@@ -13,7 +13,9 @@ use parquet::schema::parser::parse_message_type;
 /// The tinyshakespeare corpus shipped in the shared data directory. Panics (failing the test)
 /// if it is missing: these tests must not pass vacuously.
 pub fn tinyshakespeare() -> PathBuf {
-    let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/tinyshakespeare.txt"));
+    let path =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string()))
+            .join("../../../shared/data/tinyshakespeare.txt");
     assert!(
         path.is_file(),
         "test corpus missing: {} (expected the shared data checkout next to the repository)",
