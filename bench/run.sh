@@ -162,6 +162,10 @@ if [ "$AGGREGATE" = 1 ]; then
   aggregate_cmd+=("${aggregate_args[@]}")
   echo "bench: ${aggregate_cmd[*]}" >&2
   "$agora" "${aggregate_cmd[@]:1}" > "$work/aggregate.md" || die "agora bench aggregate failed"
+  echo "bench: ${aggregate_cmd[*]} --coordinator --codecs none,int8,topk:2/64:2bit" >&2
+  echo >> "$work/aggregate.md"
+  "$agora" "${aggregate_cmd[@]:1}" --coordinator --codecs none,int8,topk:2/64:2bit >> "$work/aggregate.md" \
+    || die "agora bench aggregate --coordinator failed"
   echo
   cat "$work/aggregate.md"
 fi
