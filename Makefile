@@ -16,7 +16,7 @@ setup-test:
 # `target` links there so that target/release/agora exists.
 build: setup
 	@$(ENV) cargo build --release -p agora-cli
-	@[ -e target ] || $(ENV) ln -s "$$CARGO_TARGET_DIR" target
+	@[ -e target ] || { $(ENV) ln -s "$$CARGO_TARGET_DIR" target; }
 
 # The main job: a coordinator and 4 worker processes train the tiny model with DiLoCo over loopback, then
 # the same token budget in one process for comparison (runs/demo; `agora demo --help` for options).

@@ -51,7 +51,7 @@ pub struct DemoArgs {
     pub json: bool,
 }
 
-pub const DEFAULT_DEMO_CODEC: &str = "topk:2/64:2bit";
+pub const DEFAULT_DEMO_CODEC: &str = "int4";
 
 #[derive(Serialize)]
 struct Summary {
