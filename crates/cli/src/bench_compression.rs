@@ -5,7 +5,7 @@
 //! With F fragments (Streaming DiLoCo) a round is H/F inner steps and synchronises one fragment, so every
 //! fragment is still synchronised every H steps: the same bytes in all, F× fewer per round.
 
-use crate::bench_diloco::{human_bytes, prepare_setup, run_diloco, DilocoArgs, Outcome, Plan};
+use crate::bench_diloco::{human_bytes, prepare_setup, run_diloco, DilocoArgs, Outcome, Plan, SweepArgs};
 use crate::commands::set_threads;
 use agora_diloco::codec::{Codec, Values};
 use agora_diloco::{CompressionConfig, OuterConfig, OuterKind};
@@ -13,26 +13,13 @@ use agora_model::Llama;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use serde::Serialize;
-use std::path::PathBuf;
 use std::time::Instant;
 use tch::Device;
 
 #[derive(Args, Clone)]
 pub struct CompressionArgs {
-    /// Training text; its last 10% is the validation split.
-    #[arg(long, default_value = "../shared/data/tinyshakespeare.txt")]
-    pub data: PathBuf,
-    #[arg(long, default_value = "tiny")]
-    pub preset: String,
-    /// Total inner steps S (default 1000; --quick 24).
-    #[arg(long)]
-    pub steps: Option<u64>,
-    /// Windows per step summed over the workers (default 16; --quick 8).
-    #[arg(long)]
-    pub global_batch: Option<usize>,
-    /// Tokens per window (default 64; --quick 32).
-    #[arg(long)]
-    pub seq_len: Option<usize>,
+    #[command(flatten)]
+    pub sweep: SweepArgs,
     /// Workers k (default 4; --quick 2).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -44,23 +31,6 @@ pub struct CompressionArgs {
     /// The first must be `none` (the reference).
     #[arg(long, value_delimiter = ',')]
     pub codecs: Option<Vec<String>>,
-    #[arg(long, default_value_t = 3e-3)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 0.7)]
-    pub outer_lr: f64,
-    #[arg(long, default_value_t = 0.9)]
-    pub outer_momentum: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// libtorch threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// A smoke run: small defaults; explicit flags still win.
-    #[arg(long)]
-    pub quick: bool,
-    /// Print one line of JSON instead of a Markdown table.
-    #[arg(long)]
-    pub json: bool,
 }
 
 pub const DEFAULT_CODECS: &str = "none,bf16,int8,int4,topk:2/64:f32,topk:2/64:2bit,topk:1/64:2bit,\
@@ -119,13 +89,14 @@ struct Row {
     seconds: f64,
 }
 
-pub fn compression(a: CompressionArgs) -> Result<()> {
+pub fn compression(c: CompressionArgs) -> Result<()> {
+    let a = &c.sweep;
     let q = a.quick;
     let steps = a.steps.unwrap_or(if q { 24 } else { 1000 });
-    let k = a.workers.unwrap_or(if q { 2 } else { 4 });
-    let h = a.inner_steps.unwrap_or(if q { 4 } else { 20 });
+    let k = c.workers.unwrap_or(if q { 2 } else { 4 });
+    let h = c.inner_steps.unwrap_or(if q { 4 } else { 20 });
     let specs: Vec<String> =
-        a.codecs.clone().unwrap_or_else(|| DEFAULT_CODECS.split(',').map(|s| s.trim().to_string()).collect());
+        c.codecs.clone().unwrap_or_else(|| DEFAULT_CODECS.split(',').map(|s| s.trim().to_string()).collect());
     let configs: Vec<(String, CompressionConfig)> =
         specs.iter().map(|s| Ok((s.clone(), parse_codec(s)?))).collect::<Result<_>>()?;
     ensure!(
@@ -141,28 +112,15 @@ pub fn compression(a: CompressionArgs) -> Result<()> {
         }
     }
     let diloco_args = DilocoArgs {
-        data: a.data.clone(),
-        preset: a.preset.clone(),
-        vocab_size: None,
-        steps: Some(steps),
-        global_batch: a.global_batch,
-        seq_len: a.seq_len,
+        sweep: SweepArgs { steps: Some(steps), ..a.clone() },
         workers: Some(vec![k]),
         inner_steps: Some(round_steps.clone()),
-        lr: a.lr,
-        warmup: None,
-        outer_lr: a.outer_lr,
-        outer_momentum: a.outer_momentum,
         outer_compare: Some("none".into()),
-        seed: a.seed,
-        threads: a.threads,
-        quick: q,
-        json: a.json,
     };
     let plan = Plan::from_args(&diloco_args)?;
     let threads = set_threads(a.threads);
     let started = Instant::now();
-    let (setup, data) = prepare_setup(&diloco_args, plan)?;
+    let (setup, data) = prepare_setup(a, plan)?;
     let p = &setup.plan;
     let init = setup.val_loss(&Llama::new(&setup.model, Device::Cpu, p.seed))?;
     let outer = OuterConfig { kind: OuterKind::Nesterov, lr: a.outer_lr, momentum: a.outer_momentum };

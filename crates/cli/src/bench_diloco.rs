@@ -78,8 +78,9 @@ pub fn bench(cmd: BenchCommand) -> Result<()> {
     }
 }
 
+/// What every equal-token sweep shares: data, model, budget, schedules, seed, output.
 #[derive(Args, Clone)]
-pub struct DilocoArgs {
+pub struct SweepArgs {
     /// Training text; its last 10% is the validation split.
     #[arg(long, default_value = "../shared/data/tinyshakespeare.txt")]
     pub data: PathBuf,
@@ -88,7 +89,7 @@ pub struct DilocoArgs {
     /// BPE vocabulary trained on --data (default: the preset's).
     #[arg(long)]
     pub vocab_size: Option<usize>,
-    /// Total inner steps S of every configuration (default 1000; --quick 24). Divisible by every H.
+    /// Total inner steps S of every configuration (default 1000; --quick 24). Divisible by every round length.
     #[arg(long)]
     pub steps: Option<u64>,
     /// Windows per step summed over the workers, G (default 16; --quick 8). Divisible by every k.
@@ -97,27 +98,18 @@ pub struct DilocoArgs {
     /// Tokens per window (default 64; --quick 32).
     #[arg(long)]
     pub seq_len: Option<usize>,
-    /// Worker counts k to sweep (default 1,2,4,8; --quick 1,2).
-    #[arg(long, value_delimiter = ',')]
-    pub workers: Option<Vec<usize>>,
-    /// Inner steps per round H to sweep (default 10,50,200; --quick 4,12).
-    #[arg(long, value_delimiter = ',')]
-    pub inner_steps: Option<Vec<u64>>,
     /// Peak inner AdamW learning rate, the same for every configuration (cosine to a tenth of it).
     #[arg(long, default_value_t = 3e-3)]
     pub lr: f64,
     /// Warmup steps of the inner schedule (default: S/20).
     #[arg(long)]
     pub warmup: Option<u64>,
-    /// Outer learning rate of the Nesterov grid.
+    /// Outer learning rate (Nesterov).
     #[arg(long, default_value_t = 0.7)]
     pub outer_lr: f64,
-    /// Outer momentum of the Nesterov grid.
+    /// Outer momentum (Nesterov).
     #[arg(long, default_value_t = 0.9)]
     pub outer_momentum: f64,
-    /// Where to compare the outer optimizers, "K:H" (default 4:50; --quick 2:4), or "none".
-    #[arg(long)]
-    pub outer_compare: Option<String>,
     /// Model initialisation and data order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -130,6 +122,42 @@ pub struct DilocoArgs {
     /// Print the results as one line of JSON instead of Markdown tables.
     #[arg(long)]
     pub json: bool,
+}
+
+impl Default for SweepArgs {
+    fn default() -> Self {
+        SweepArgs {
+            data: PathBuf::from("../shared/data/tinyshakespeare.txt"),
+            preset: "tiny".into(),
+            vocab_size: None,
+            steps: None,
+            global_batch: None,
+            seq_len: None,
+            lr: 3e-3,
+            warmup: None,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+            seed: 0,
+            threads: None,
+            quick: false,
+            json: false,
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct DilocoArgs {
+    #[command(flatten)]
+    pub sweep: SweepArgs,
+    /// Worker counts k to sweep (default 1,2,4,8; --quick 1,2).
+    #[arg(long, value_delimiter = ',')]
+    pub workers: Option<Vec<usize>>,
+    /// Inner steps per round H to sweep (default 10,50,200; --quick 4,12).
+    #[arg(long, value_delimiter = ',')]
+    pub inner_steps: Option<Vec<u64>>,
+    /// Where to compare the outer optimizers, "K:H" (default 4:50; --quick 2:4), or "none".
+    #[arg(long)]
+    pub outer_compare: Option<String>,
 }
 
 /// The sweep after defaults and validation.
@@ -161,14 +189,15 @@ fn parse_compare(s: &str) -> Result<Option<(usize, u64)>> {
 }
 
 impl Plan {
-    pub(crate) fn from_args(a: &DilocoArgs) -> Result<Plan> {
+    pub(crate) fn from_args(d: &DilocoArgs) -> Result<Plan> {
+        let a = &d.sweep;
         let q = a.quick;
         let steps = a.steps.unwrap_or(if q { 24 } else { 1000 });
         let global_batch = a.global_batch.unwrap_or(if q { 8 } else { 16 });
         let seq_len = a.seq_len.unwrap_or(if q { 32 } else { 64 });
-        let workers = a.workers.clone().unwrap_or(if q { vec![1, 2] } else { vec![1, 2, 4, 8] });
-        let inner_steps = a.inner_steps.clone().unwrap_or(if q { vec![4, 12] } else { vec![10, 50, 200] });
-        let compare = match &a.outer_compare {
+        let workers = d.workers.clone().unwrap_or(if q { vec![1, 2] } else { vec![1, 2, 4, 8] });
+        let inner_steps = d.inner_steps.clone().unwrap_or(if q { vec![4, 12] } else { vec![10, 50, 200] });
+        let compare = match &d.outer_compare {
             Some(s) => parse_compare(s)?,
             None => Some(if q { (2, 4) } else { (4, 50) }),
         };
@@ -465,7 +494,7 @@ pub(crate) fn run_diloco(
     })
 }
 
-pub(crate) fn prepare_setup(a: &DilocoArgs, plan: Plan) -> Result<(Setup, serde_json::Value)> {
+pub(crate) fn prepare_setup(a: &SweepArgs, plan: Plan) -> Result<(Setup, serde_json::Value)> {
     ensure!(a.data.is_file(), "{}: no such file (pass --data FILE)", a.data.display());
     let vocab = match a.vocab_size {
         Some(v) => v,
@@ -513,11 +542,12 @@ pub(crate) fn prepare_setup(a: &DilocoArgs, plan: Plan) -> Result<(Setup, serde_
     Ok((setup, data))
 }
 
-pub fn diloco(args: DilocoArgs) -> Result<()> {
-    let plan = Plan::from_args(&args)?;
+pub fn diloco(d: DilocoArgs) -> Result<()> {
+    let plan = Plan::from_args(&d)?;
+    let args = &d.sweep;
     let threads = set_threads(args.threads);
     let sweep_started = Instant::now();
-    let (setup, data) = prepare_setup(&args, plan)?;
+    let (setup, data) = prepare_setup(args, plan)?;
     let p = &setup.plan;
     let init = setup.val_loss(&Llama::new(&setup.model, Device::Cpu, p.seed))?;
     let nesterov_grid = p.grid();
@@ -667,25 +697,7 @@ mod tests {
     use super::*;
 
     fn args() -> DilocoArgs {
-        DilocoArgs {
-            data: PathBuf::new(),
-            preset: "tiny".into(),
-            vocab_size: None,
-            steps: None,
-            global_batch: None,
-            seq_len: None,
-            workers: None,
-            inner_steps: None,
-            lr: 3e-3,
-            warmup: None,
-            outer_lr: 0.7,
-            outer_momentum: 0.9,
-            outer_compare: None,
-            seed: 0,
-            threads: None,
-            quick: false,
-            json: false,
-        }
+        DilocoArgs { sweep: SweepArgs::default(), workers: None, inner_steps: None, outer_compare: None }
     }
 
     #[test]
@@ -695,7 +707,7 @@ mod tests {
         // Units: 16 (baseline) and H·16/k; the largest is 200·16 = 3200 and every other one divides it.
         assert_eq!(plan.pool_windows(8283).unwrap(), 6400);
         assert!(plan.pool_windows(3199).is_err());
-        Plan::from_args(&DilocoArgs { quick: true, ..args() }).unwrap();
+        Plan::from_args(&DilocoArgs { sweep: SweepArgs { quick: true, ..SweepArgs::default() }, ..args() }).unwrap();
     }
 
     #[test]
@@ -704,8 +716,11 @@ mod tests {
         assert!(bad(DilocoArgs { workers: Some(vec![3]), ..args() }).contains("not divisible by 3 workers"));
         assert!(bad(DilocoArgs { inner_steps: Some(vec![30]), ..args() }).contains("not divisible by H = 30"));
         assert!(bad(DilocoArgs { outer_compare: Some("4x50".into()), ..args() }).contains("want K:H"));
-        assert!(bad(DilocoArgs { outer_lr: 0.0, ..args() }).contains("outer"));
-        assert!(bad(DilocoArgs { steps: Some(0), ..args() }).contains("--steps"));
+        assert!(
+            bad(DilocoArgs { sweep: SweepArgs { outer_lr: 0.0, ..SweepArgs::default() }, ..args() }).contains("outer")
+        );
+        assert!(bad(DilocoArgs { sweep: SweepArgs { steps: Some(0), ..SweepArgs::default() }, ..args() })
+            .contains("--steps"));
         assert!(Plan::from_args(&DilocoArgs { outer_compare: Some("none".into()), ..args() })
             .unwrap()
             .compare
