@@ -34,8 +34,9 @@ pub struct CompressionArgs {
 }
 
 pub const DEFAULT_CODECS: &str = "none,bf16,int8,int4,topk:2/64:f32,topk:2/64:2bit,topk:1/64:2bit,\
-                                  topk:2/64:2bit:ef,topk:1/64:2bit:ef,dct:2/64:2bit,dct:2/64:2bit:ef,none:f2,\
-                                  topk:2/64:2bit:f2";
+                                  topk:2/64:2bit:ef,topk:1/64:2bit:ef,topk:2/64:2bit:ef:decay=1,\
+                                  topk:1/64:2bit:ef:decay=1,dct:2/64:2bit,dct:2/64:2bit:ef,\
+                                  dct:2/64:2bit:ef:decay=1,none:f2,topk:2/64:2bit:f2";
 
 /// Parses one `--codecs` entry.
 pub fn parse_codec(spec: &str) -> Result<CompressionConfig> {

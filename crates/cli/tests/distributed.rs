@@ -210,7 +210,7 @@ fn compressed_fragments_over_http(database: Option<String>) {
     let report = cluster.wait_for("the run to finish", LONG, |r| r.finished);
     let summaries = cluster.finish_workers(Duration::from_secs(60));
 
-    assert_eq!(report.codec, "topk 2/64 2bit +EF, 2 fragments");
+    assert_eq!(report.codec, "topk 2/64 2bit +EF(0.5), 2 fragments");
     assert_eq!(report.workers.len(), 2, "the restarted worker is the same worker");
     let rounds = &report.history[..6];
     for h in rounds {

@@ -15,7 +15,8 @@ use tch::Tensor;
 /// from θ_global − e rather than adding `e` to its next Δ. Adding it (the textbook form, [`compress`] with a
 /// residual) double-counts in DiLoCo: a worker restarted at θ_global re-learns the displacement that was not
 /// sent, and the residual then adds it a second time. Measured on tinyshakespeare, top-k with additive
-/// feedback ended 31% above fp32 DiLoCo, worse than no feedback at all (+7%); see BENCHMARKS.md.
+/// feedback ended 31% above fp32 DiLoCo, worse than no feedback at all (+7%); in the weights, with the
+/// residual halved each round (`feedback_decay` 0.5), it beats no feedback (BENCHMARKS.md).
 pub struct SyncState {
     /// Per model tensor: what compression has dropped and not yet sent (empty without error feedback).
     pub residual: Vec<Vec<f32>>,

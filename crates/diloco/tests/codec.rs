@@ -33,7 +33,7 @@ fn delta(seed: u64) -> Vec<Vec<f32>> {
 }
 
 fn cfg(codec: Codec) -> CompressionConfig {
-    CompressionConfig { codec, error_feedback: false, ..CompressionConfig::default() }
+    CompressionConfig { codec, error_feedback: false, feedback_decay: 1.0, ..CompressionConfig::default() }
 }
 
 fn sparse(codec: Codec, keep: usize, chunk: usize, values: Values) -> CompressionConfig {

@@ -48,6 +48,7 @@ fn error_feedback_in_the_weights_resumes_the_workers_own_model() {
         chunk: 16,
         values: Values::TwoBit,
         error_feedback: true,
+        feedback_decay: 1.0,
         ..Default::default()
     };
     let plan = FragmentPlan::new(&specs(), 2, 1).unwrap();
