@@ -544,11 +544,21 @@ impl Coordinator {
         Ok(codec::parse(body, self.expected(round))?.metadata)
     }
 
-    /// Adds a stored, validated payload to `sum` off the async runtime.
-    async fn add_to_sum(self: &Arc<Self>, round: u64, mut sum: Accumulator, body: Bytes) -> Result<Accumulator> {
+    /// Adds a payload to `sum` off the async runtime. `checked`: this very buffer passed [`Self::check_delta`]
+    /// in the same request, so only its structure is parsed again; a payload read back from the blob store is
+    /// validated in full.
+    async fn add_to_sum(
+        self: &Arc<Self>,
+        round: u64,
+        mut sum: Accumulator,
+        body: Bytes,
+        checked: bool,
+    ) -> Result<Accumulator> {
         let me = self.clone();
         tokio::task::spawn_blocking(move || -> Result<Accumulator> {
-            let payload = codec::parse(&body, me.expected(round)).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let expected = me.expected(round);
+            let payload = if checked { codec::parse_accepted(&body, expected) } else { codec::parse(&body, expected) }
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             sum.add(&payload);
             Ok(sum)
         })
@@ -572,7 +582,7 @@ impl Coordinator {
         let mut sum = Accumulator::new(self.run.compression, self.fragment_specs[fragment].clone());
         for row in &rows {
             let body = self.blobs.get(&hash_col(row, "delta_hash")?).await?;
-            sum = self.add_to_sum(live.round, sum, body).await?;
+            sum = self.add_to_sum(live.round, sum, body, false).await?;
         }
         Ok(sum)
     }
@@ -692,7 +702,7 @@ impl Coordinator {
                 Accumulator::new(self.run.compression, self.fragment_specs[self.plan.synced_in(round)].clone())
             })
         }) {
-            match self.add_to_sum(round, sum, body).await {
+            match self.add_to_sum(round, sum, body, true).await {
                 Ok(sum) => live.sum = Some(sum),
                 Err(e) => {
                     tracing::error!("could not add an accepted payload to the round's sum (rebuilt at close): {e:#}")

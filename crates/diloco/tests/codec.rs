@@ -368,3 +368,17 @@ proptest! {
         prop_assert_eq!(round_trip(&cfg(Codec::None), &d), d);
     }
 }
+
+/// The coordinator's second parse of a buffer it has already accepted decodes the same values.
+#[test]
+fn parse_accepted_decodes_what_parse_accepted() {
+    let specs = specs();
+    for c in [cfg(Codec::Int4), sparse(Codec::Dct, 2, 16, Values::TwoBit)] {
+        let bytes = payload(&c);
+        let full = codec::decode(&c, &specs, &codec::parse(&bytes, expected(&c, &specs)).unwrap());
+        let again = codec::decode(&c, &specs, &codec::parse_accepted(&bytes, expected(&c, &specs)).unwrap());
+        assert_eq!(full, again);
+        // Structure is still checked: a truncated buffer is refused, not decoded out of bounds.
+        assert!(codec::parse_accepted(&bytes[..bytes.len() - 1], expected(&c, &specs)).is_err());
+    }
+}
