@@ -191,35 +191,21 @@ if [ "$SPEED" = 1 ]; then
     cat "$work/table.md"
   } >> BENCHMARKS.md
 fi
-if [ "$DILOCO" = 1 ]; then
+# append_section TITLE COMMAND RESULTS [NOTE]: one dated section of BENCHMARKS.md for a sweep's Markdown output.
+append_section() {
   {
     echo
-    echo "## DiLoCo sweep, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "## $1, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
-    echo "Machine: $(nproc) cores, ${cpu:-unknown CPU}, $mem RAM. Commit $commit. \`${diloco_cmd[*]}\` ($diloco_minutes min)."
+    echo "Machine: $(nproc) cores, ${cpu:-unknown CPU}, $mem RAM. Commit $commit. \`$2\`${4:+ ($4)}."
     echo
-    cat "$work/diloco.md"
+    cat "$3"
   } >> BENCHMARKS.md
-fi
-if [ "$COMPRESSION" = 1 ]; then
-  {
-    echo
-    echo "## Pseudo-gradient codecs, $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo
-    echo "Machine: $(nproc) cores, ${cpu:-unknown CPU}, $mem RAM. Commit $commit. \`${compression_cmd[*]}\` ($compression_minutes min)."
-    echo
-    cat "$work/compression.md"
-  } >> BENCHMARKS.md
-fi
-if [ "$AGGREGATE" = 1 ]; then
-  {
-    echo
-    echo "## Coordinator aggregation, $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo
-    echo "Machine: $(nproc) cores, ${cpu:-unknown CPU}, $mem RAM. Commit $commit. \`${aggregate_cmd[*]}\`."
-    echo
-    cat "$work/aggregate.md"
-  } >> BENCHMARKS.md
-fi
+}
+[ "$DILOCO" = 1 ] && append_section "DiLoCo sweep" "${diloco_cmd[*]}" "$work/diloco.md" "$diloco_minutes min"
+[ "$COMPRESSION" = 1 ] \
+  && append_section "Pseudo-gradient codecs" "${compression_cmd[*]}" "$work/compression.md" \
+    "$compression_minutes min"
+[ "$AGGREGATE" = 1 ] && append_section "Coordinator aggregation" "${aggregate_cmd[*]}" "$work/aggregate.md"
 echo >&2
 echo "bench: appended to BENCHMARKS.md" >&2
