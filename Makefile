@@ -27,7 +27,8 @@ demo: build
 test: setup-test
 	@$(ENV) cargo fmt --all -- --check
 	@$(ENV) cargo clippy --workspace --all-targets -- -D warnings
-	@$(ENV) cargo test --workspace
+	@$(ENV) cargo clippy --workspace --all-targets --features agora-cli/adversary -- -D warnings
+	@$(ENV) cargo test --workspace --features agora-cli/adversary
 
 bench: build setup-test
 	bench/run.sh

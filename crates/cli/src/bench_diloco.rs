@@ -67,6 +67,10 @@ pub enum BenchSubcommand {
     /// Coordinator-side aggregation: decode-and-accumulate throughput and peak memory, per codec, for a
     /// given number of simulated submitters.
     Aggregate(crate::bench_aggregate::AggregateArgs),
+    /// The adversarial suite: 3 honest workers and 1 cheater per misbehaviour (real processes; needs a
+    /// binary built with `--features adversary`): detection, credits, loss against the honest-only run,
+    /// false positives, verification cost.
+    Trust(crate::bench_trust::TrustArgs),
 }
 
 pub fn bench(cmd: BenchCommand) -> Result<()> {
@@ -75,6 +79,7 @@ pub fn bench(cmd: BenchCommand) -> Result<()> {
         Some(BenchSubcommand::Diloco(args)) => diloco(args),
         Some(BenchSubcommand::Compression(args)) => crate::bench_compression::compression(args),
         Some(BenchSubcommand::Aggregate(args)) => crate::bench_aggregate::aggregate(args),
+        Some(BenchSubcommand::Trust(args)) => crate::bench_trust::trust(args),
     }
 }
 

@@ -5,6 +5,7 @@
 mod bench_aggregate;
 mod bench_compression;
 mod bench_diloco;
+mod bench_trust;
 mod commands;
 mod demo;
 mod net;
@@ -47,6 +48,11 @@ enum Command {
     Worker(net::WorkerArgs),
     /// Show a coordinator's run: round, workers, losses, bytes.
     Status(net::StatusArgs),
+    /// Identities ranked by reputation, with their accepted/rejected contributions and credits.
+    Leaderboard(net::LeaderboardArgs),
+    /// Balances and signed round roots; `--worker ID`: its receipts with inclusion proofs;
+    /// `agora ledger verify FILE`: check such a statement offline.
+    Ledger(net::LedgerArgs),
 }
 
 #[derive(Subcommand)]
@@ -132,6 +138,8 @@ fn main() {
         Command::Coordinator(args) => net::coordinator(args),
         Command::Worker(args) => net::worker(args),
         Command::Status(args) => net::status(args),
+        Command::Leaderboard(args) => net::leaderboard(args),
+        Command::Ledger(args) => net::ledger(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

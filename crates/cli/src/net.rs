@@ -3,6 +3,7 @@
 use crate::commands::{set_threads, RuntimeArgs};
 use agora_coordinator::{Coordinator, Options};
 use agora_protocol::StatusReport;
+use agora_protocol::{LeaderboardEntry, LedgerReport, WorkerId};
 use agora_train::trainer::parse_device;
 use agora_worker::{run_worker, WorkerOptions};
 use anyhow::{Context, Result};
@@ -94,6 +95,11 @@ pub struct WorkerArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Misbehave on purpose (adversarial tests only): nan, scaled, noise, sign-flip, copy:BLOB_DIR,
+    /// free-ride, replay, other-data, chain-lie.
+    #[cfg(feature = "adversary")]
+    #[arg(long, default_value = "honest")]
+    pub behaviour: agora_worker::adversary::Behaviour,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -111,6 +117,8 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         device,
         max_rounds: args.max_rounds,
         patience: Duration::from_secs(args.patience_secs),
+        #[cfg(feature = "adversary")]
+        behaviour: args.behaviour,
     };
     let summary = run_worker(&options)?;
     if args.json {
@@ -138,7 +146,12 @@ pub struct StatusArgs {
 }
 
 pub fn fetch_status(url: &str) -> Result<StatusReport> {
-    let url = format!("{}/v1/status", url.trim_end_matches('/'));
+    fetch_json(url, "/v1/status")
+}
+
+/// GETs `path` from a coordinator and parses the JSON answer.
+pub fn fetch_json<T: serde::de::DeserializeOwned>(base: &str, path: &str) -> Result<T> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
     let response = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?
@@ -150,7 +163,142 @@ pub fn fetch_status(url: &str) -> Result<StatusReport> {
     if !status.is_success() {
         anyhow::bail!("{url}: {status}: {text}");
     }
-    serde_json::from_str(&text).with_context(|| format!("{url}: not an agora status report"))
+    serde_json::from_str(&text).with_context(|| format!("{url}: not the answer agora expects"))
+}
+
+#[derive(Args)]
+pub struct LeaderboardArgs {
+    /// The coordinator's URL.
+    pub url: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn leaderboard(args: LeaderboardArgs) -> Result<()> {
+    let board: Vec<LeaderboardEntry> = fetch_json(&args.url, "/v1/leaderboard")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&board)?);
+        return Ok(());
+    }
+    println!(
+        "{:>4}  {:<10} {:<12} {:>7} {:>9} {:>9} {:>14}",
+        "rank", "worker", "name", "rating", "accepted", "rejected", "credits"
+    );
+    for e in &board {
+        println!(
+            "{:>4}  {:<10} {:<12} {:>7.3} {:>9} {:>9} {:>14}",
+            e.rank,
+            e.worker.short(),
+            e.name.chars().take(12).collect::<String>(),
+            e.rating,
+            e.accepted,
+            e.rejected,
+            credits(e.credits as i64)
+        );
+    }
+    Ok(())
+}
+
+/// Micro-credits as credits.
+fn credits(micro: i64) -> String {
+    format!("{:.6}", micro as f64 / 1e6)
+}
+
+#[derive(Args)]
+pub struct LedgerArgs {
+    /// The coordinator's URL, or `verify` followed by a statement file.
+    pub url: String,
+    /// `agora ledger verify FILE`: the statement (`agora ledger URL --worker ID --json > FILE`).
+    pub file: Option<PathBuf>,
+    /// One worker's receipts with inclusion proofs (hex public key).
+    #[arg(long)]
+    pub worker: Option<String>,
+    /// `verify`: the coordinator key to trust (hex); by default the one named in the statement.
+    #[arg(long)]
+    pub coordinator_key: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn ledger(args: LedgerArgs) -> Result<()> {
+    if args.url == "verify" {
+        let file = args.file.context("agora ledger verify FILE: name the statement file")?;
+        let text = std::fs::read_to_string(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+        let statement: agora_ledger::WorkerStatement =
+            serde_json::from_str(&text).with_context(|| format!("{}: not a worker statement", file.display()))?;
+        let pinned: Option<WorkerId> = args
+            .coordinator_key
+            .as_deref()
+            .map(|k| k.parse().map_err(|e| anyhow::anyhow!("--coordinator-key: {e}")))
+            .transpose()?;
+        let report = agora_ledger::verify_statement(&statement, pinned.as_ref())
+            .with_context(|| format!("{}: verification failed", file.display()))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!(
+                "ok: {} receipts of worker {} in run {} verify against {} signed round roots (coordinator {}); \
+                 {} accepted, {} rejected; balance {} credits",
+                report.receipts,
+                statement.worker.short(),
+                statement.run_id,
+                report.rounds,
+                statement.coordinator.short(),
+                report.accepted,
+                report.rejected,
+                credits(report.credits as i64)
+            );
+        }
+        return Ok(());
+    }
+    if let Some(worker) = &args.worker {
+        let statement: agora_ledger::WorkerStatement = fetch_json(&args.url, &format!("/v1/ledger?worker={worker}"))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&statement)?);
+            return Ok(());
+        }
+        println!(
+            "worker {} in run {}: balance {} credits",
+            statement.worker.short(),
+            statement.run_id,
+            credits(statement.balance as i64)
+        );
+        println!("{:>6} {:<18} {:>7} {:>14}  receipt", "round", "verdict", "score", "credits");
+        for r in &statement.receipts {
+            let x = &r.receipt.receipt;
+            println!(
+                "{:>6} {:<18} {:>7.3} {:>14}  {}",
+                x.round,
+                x.verdict,
+                x.score,
+                credits(x.credits as i64),
+                &agora_protocol::Hash32(x.digest()).hex()[..16]
+            );
+        }
+        return Ok(());
+    }
+    let report: LedgerReport = fetch_json(&args.url, "/v1/ledger")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "run {}  coordinator {}  {} entries, {} round roots",
+        report.run_id,
+        report.coordinator.short(),
+        report.entries,
+        report.roots.len()
+    );
+    let total: i64 = report.balances.iter().map(|b| b.1).sum();
+    for (account, balance) in &report.balances {
+        let name = account
+            .strip_prefix("worker:")
+            .map(|w| format!("worker:{}", &w[..8.min(w.len())]))
+            .unwrap_or(account.clone());
+        println!("  {name:<40} {:>22}", credits(*balance));
+    }
+    println!("  {:<40} {:>22}", "(sum: double entry balances to zero)", credits(total));
+    Ok(())
 }
 
 pub fn status(args: StatusArgs) -> Result<()> {

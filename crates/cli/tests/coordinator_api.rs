@@ -37,13 +37,35 @@ impl Api {
         signed_body: &[u8],
     ) -> RequestBuilder {
         let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
-        let sig = id.sign_request(run, method, path, ts, signed_body);
+        let round = path.strip_prefix("/v1/rounds/").and_then(|p| p.split('/').next()?.parse().ok()).unwrap_or(0);
+        self.raw_signed(id, id, run, method, path, round, ts, &new_nonce(), body, signed_body)
+    }
+
+    /// Everything chosen by the caller: `signer` signs, `claimed` is the worker the headers name.
+    #[allow(clippy::too_many_arguments)]
+    fn raw_signed(
+        &self,
+        signer: &Identity,
+        claimed: &Identity,
+        run: &str,
+        method: &str,
+        path: &str,
+        round: u64,
+        timestamp_ms: u64,
+        nonce: &str,
+        body: Vec<u8>,
+        signed_body: &[u8],
+    ) -> RequestBuilder {
+        let signed = SignedRequest { run_id: run, method, path, round, timestamp_ms, nonce };
+        let sig = signer.sign_request(&signed, signed_body);
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         self.http
             .request(m, format!("{}{path}", self.url))
             .header(HEADER_RUN, run)
-            .header(HEADER_WORKER, id.id().hex())
-            .header(HEADER_TIMESTAMP, ts.to_string())
+            .header(HEADER_WORKER, claimed.id().hex())
+            .header(HEADER_ROUND, round.to_string())
+            .header(HEADER_TIMESTAMP, timestamp_ms.to_string())
+            .header(HEADER_NONCE, nonce)
             .header(HEADER_SIGNATURE, sig)
             .body(body)
     }
@@ -81,7 +103,9 @@ fn raw_request(url: &str, head: &str) -> String {
 fn api_refuses_bad_input(database: Option<String>) {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let spec = RunSpec { rounds: 3, inner_steps: 2, min_workers: 1, ..RunSpec::default() };
+    // Input validation only: the zero pseudo-gradients sent here would (rightly) earn nothing if judged.
+    let spec =
+        RunSpec { rounds: 3, inner_steps: 2, min_workers: 1, trust: "verify = false".into(), ..RunSpec::default() };
     let cluster = Cluster::start(dir.path(), &spec, database);
     let http = Client::new();
     let info: RunInfo = http.get(format!("{}/v1/run", cluster.url)).send().unwrap().json().unwrap();
@@ -122,6 +146,76 @@ fn api_refuses_bad_input(database: Option<String>) {
     );
     let joined = api.signed("POST", "/v1/join", serde_json::to_vec(&join).unwrap()).send().unwrap();
     assert_eq!(joined.status(), StatusCode::OK);
+
+    // Forged, replayed and stale requests.
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    let forger = Identity::generate().unwrap();
+    refused(
+        api.raw_signed(
+            &forger,
+            &api.identity,
+            &api.run_id,
+            "POST",
+            "/v1/work",
+            0,
+            now,
+            &new_nonce(),
+            b"{}".to_vec(),
+            b"{}",
+        ),
+        StatusCode::UNAUTHORIZED,
+        "bad_signature",
+    );
+    let nonce = new_nonce();
+    let once = || {
+        api.raw_signed(
+            &api.identity,
+            &api.identity,
+            &api.run_id,
+            "POST",
+            "/v1/heartbeat",
+            0,
+            now,
+            &nonce,
+            b"{\"round\":null,\"step\":0,\"loss\":null}".to_vec(),
+            b"{\"round\":null,\"step\":0,\"loss\":null}",
+        )
+    };
+    assert_eq!(once().send().unwrap().status(), StatusCode::OK);
+    refused(once(), StatusCode::UNAUTHORIZED, "replayed_request");
+    let hour_ago = now - 3_600_000;
+    refused(
+        api.raw_signed(
+            &api.identity,
+            &api.identity,
+            &api.run_id,
+            "POST",
+            "/v1/work",
+            0,
+            hour_ago,
+            &new_nonce(),
+            b"{}".to_vec(),
+            b"{}",
+        ),
+        StatusCode::UNAUTHORIZED,
+        "stale_request",
+    );
+    refused(
+        api.raw_signed(
+            &api.identity,
+            &api.identity,
+            &api.run_id,
+            "POST",
+            "/v1/work",
+            0,
+            now,
+            "xyz",
+            b"{}".to_vec(),
+            b"{}",
+        ),
+        StatusCode::BAD_REQUEST,
+        "bad_header",
+    );
     refused(
         api.signed("POST", "/v1/heartbeat", b"{\"round\":\"x\"}".to_vec()),
         StatusCode::BAD_REQUEST,
@@ -158,6 +252,23 @@ fn api_refuses_bad_input(database: Option<String>) {
     // Bad pseudo-gradients.
     refused(api.signed("POST", "/v1/rounds/7/delta", delta(&zeros, &meta)), StatusCode::CONFLICT, "wrong_round");
     refused(api.signed("POST", "/v1/rounds/x/delta", delta(&zeros, &meta)), StatusCode::BAD_REQUEST, "bad_round");
+    // The signed round must be the path's.
+    refused(
+        api.raw_signed(
+            &api.identity,
+            &api.identity,
+            &api.run_id,
+            "POST",
+            "/v1/rounds/0/delta",
+            5,
+            now,
+            &new_nonce(),
+            delta(&zeros, &meta),
+            &delta(&zeros, &meta),
+        ),
+        StatusCode::BAD_REQUEST,
+        "bad_round",
+    );
     // The refusal comes as soon as the headers announce too much, before any of the body is read.
     let answer = raw_request(
         &api.url,
@@ -242,6 +353,8 @@ fn api_refuses_bad_input(database: Option<String>) {
         "unsigned",
         "wrong_run",
         "bad_signature",
+        "replayed_request",
+        "stale_request",
         "unknown_worker",
         "malformed_json",
         "bad_worker_id",

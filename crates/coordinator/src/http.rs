@@ -6,8 +6,8 @@
 use crate::error::ApiError;
 use crate::state::{now_ms, Coordinator};
 use agora_protocol::{
-    verify_signature, Hash32, Heartbeat, JoinRequest, WorkResponse, WorkerId, HEADER_RUN, HEADER_SIGNATURE,
-    HEADER_TIMESTAMP, HEADER_WORKER, PROTOCOL_VERSION,
+    verify_signature, Hash32, Heartbeat, JoinRequest, SignedRequest, WorkResponse, WorkerId, HEADER_NONCE,
+    HEADER_ROUND, HEADER_RUN, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WORKER, PROTOCOL_VERSION,
 };
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -25,8 +25,9 @@ type App = Arc<Coordinator>;
 const JSON_LIMIT: u64 = 64 * 1024;
 /// How long `POST /v1/work` holds a request open waiting for work.
 const LONG_POLL: Duration = Duration::from_secs(20);
-/// Accepted clock difference between a worker's signature timestamp and ours.
-const MAX_SKEW_MS: i64 = 10 * 60 * 1000;
+/// Accepted clock difference between a worker's signature timestamp and ours. Nonces are remembered for
+/// twice as long, so a captured request is refused as stale or as a replay, never accepted.
+pub const MAX_SKEW_MS: i64 = 2 * 60 * 1000;
 
 pub fn router(app: App) -> Router {
     Router::new()
@@ -36,7 +37,10 @@ pub fn router(app: App) -> Router {
         .route("/v1/work", post(work))
         .route("/v1/heartbeat", post(heartbeat))
         .route("/v1/rounds/{round}/delta", post(submit))
+        .route("/v1/rounds/{round}/proof", post(proof))
         .route("/v1/blobs/{hash}", get(blob))
+        .route("/v1/leaderboard", get(leaderboard))
+        .route("/v1/ledger", get(ledger))
         .route("/v1/status", get(status))
         .route("/v1/contributions", get(contributions))
         .route("/metrics", get(metrics))
@@ -90,8 +94,9 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiErro
         .map_err(|_| ApiError::bad_request("bad_header", format!("header {name} is not ASCII")))
 }
 
-/// Checks run id, signature and timestamp; returns the signer. `must_be_known`: the worker has joined.
-fn authenticate(
+/// Checks run id, round, timestamp, signature and nonce; returns the signer. `must_be_known`: the worker
+/// has joined. The nonce is recorded only once the signature verifies, so nobody can burn another's nonces.
+async fn authenticate(
     app: &Coordinator,
     headers: &HeaderMap,
     method: &Method,
@@ -106,25 +111,45 @@ fn authenticate(
     let worker: WorkerId = header_str(headers, HEADER_WORKER)?
         .parse()
         .map_err(|e| ApiError::bad_request("bad_worker_id", format!("{HEADER_WORKER}: {e}")))?;
-    let timestamp: u64 = header_str(headers, HEADER_TIMESTAMP)?
+    let timestamp_ms: u64 = header_str(headers, HEADER_TIMESTAMP)?
         .parse()
         .map_err(|_| ApiError::bad_request("bad_header", format!("{HEADER_TIMESTAMP} must be unix milliseconds")))?;
-    if (now_ms() - timestamp as i64).abs() > MAX_SKEW_MS {
+    let round: u64 = header_str(headers, HEADER_ROUND)?
+        .parse()
+        .map_err(|_| ApiError::bad_request("bad_header", format!("{HEADER_ROUND} must be a round number")))?;
+    let nonce = header_str(headers, HEADER_NONCE)?;
+    if nonce.len() < 16 || nonce.len() > 64 || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::bad_request("bad_header", format!("{HEADER_NONCE} must be 16 to 64 hex digits")));
+    }
+    let skew = now_ms() - timestamp_ms as i64;
+    if skew.abs() > MAX_SKEW_MS {
         return Err(ApiError::unauthorized(
             "stale_request",
-            "request timestamp is more than 10 minutes from the coordinator's clock",
+            format!(
+                "request timestamp is {:.0} s from the coordinator's clock (at most {} s): check the worker's clock",
+                skew as f64 / 1000.0,
+                MAX_SKEW_MS / 1000
+            ),
         ));
     }
     let signature = header_str(headers, HEADER_SIGNATURE)?;
-    let message = agora_protocol::signing_message(run, method.as_str(), path, timestamp, body);
-    verify_signature(&worker, &message, signature)
+    let signed = SignedRequest { run_id: run, method: method.as_str(), path, round, timestamp_ms, nonce };
+    verify_signature(&worker, &signed.signing_message(body), signature)
         .map_err(|e| ApiError::unauthorized("bad_signature", e.to_string()))?;
+    let path_round = path.strip_prefix("/v1/rounds/").and_then(|p| p.split('/').next()).and_then(|r| r.parse().ok());
+    if path_round.is_some_and(|r: u64| r != round) {
+        return Err(ApiError::bad_request(
+            "bad_round",
+            format!("{HEADER_ROUND} is {round} but the path names another round"),
+        ));
+    }
     if must_be_known && !app.is_known(&worker) {
         return Err(ApiError::unauthorized(
             "unknown_worker",
             format!("worker {} has not joined this run: POST /v1/join first", worker.short()),
         ));
     }
+    app.record_nonce(&worker, nonce, timestamp_ms).await?;
     Ok(worker)
 }
 
@@ -139,7 +164,7 @@ async fn run_info(State(app): State<App>) -> Response {
 async fn join(State(app): State<App>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
     let result = async {
         let body = read_body(&app, &headers, body, JSON_LIMIT).await?;
-        let worker = authenticate(&app, &headers, &method, uri.path(), &body, false)?;
+        let worker = authenticate(&app, &headers, &method, uri.path(), &body, false).await?;
         let request: JoinRequest = parse_json(&body)?;
         if request.protocol_version != PROTOCOL_VERSION {
             return Err(ApiError::conflict(
@@ -162,7 +187,7 @@ async fn join(State(app): State<App>, method: Method, uri: Uri, headers: HeaderM
 async fn leave(State(app): State<App>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
     let result = async {
         let body = read_body(&app, &headers, body, JSON_LIMIT).await?;
-        let worker = authenticate(&app, &headers, &method, uri.path(), &body, true)?;
+        let worker = authenticate(&app, &headers, &method, uri.path(), &body, true).await?;
         app.leave(worker).await.map(|()| serde_json::json!({ "left": true }))
     }
     .await;
@@ -172,7 +197,7 @@ async fn leave(State(app): State<App>, method: Method, uri: Uri, headers: Header
 async fn work(State(app): State<App>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
     let result = async {
         let body = read_body(&app, &headers, body, JSON_LIMIT).await?;
-        let worker = authenticate(&app, &headers, &method, uri.path(), &body, true)?;
+        let worker = authenticate(&app, &headers, &method, uri.path(), &body, true).await?;
         let mut changes = app.subscribe();
         let until = tokio::time::Instant::now() + LONG_POLL;
         loop {
@@ -193,7 +218,7 @@ async fn work(State(app): State<App>, method: Method, uri: Uri, headers: HeaderM
 async fn heartbeat(State(app): State<App>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
     let result = async {
         let body = read_body(&app, &headers, body, JSON_LIMIT).await?;
-        let worker = authenticate(&app, &headers, &method, uri.path(), &body, true)?;
+        let worker = authenticate(&app, &headers, &method, uri.path(), &body, true).await?;
         let beat: Heartbeat = parse_json(&body)?;
         Ok(app.heartbeat(worker, &beat))
     }
@@ -216,15 +241,71 @@ async fn submit(
         // Bounds how many uploads are in memory at once, whatever the number of workers.
         let _permit = app.delta_permits.acquire().await.map_err(|e| ApiError::internal(anyhow::anyhow!("{e}")))?;
         let body = read_body(&app, &headers, body, app.max_delta_bytes).await?;
-        let worker = authenticate(&app, &headers, &method, uri.path(), &body, true)?;
+        let worker = authenticate(&app, &headers, &method, uri.path(), &body, true).await?;
         let (app2, body2) = (app.clone(), body.clone());
-        let meta = tokio::task::spawn_blocking(move || app2.check_delta(round, &body2))
+        let checked = tokio::task::spawn_blocking(move || app2.check_delta(round, &body2))
             .await
-            .map_err(|e| ApiError::internal(anyhow::anyhow!("decoder task failed: {e}")))??;
-        app.submit(worker, round, body, &meta).await
+            .map_err(|e| ApiError::internal(anyhow::anyhow!("decoder task failed: {e}")))?;
+        let checked = match checked {
+            Err(err) if err.code == "non_finite" => {
+                app.reject_upload(worker, round, err.code).await?;
+                return Err(err);
+            }
+            other => other?,
+        };
+        app.submit(worker, round, body, &checked).await
     }
     .await;
     reply(&app, result)
+}
+
+async fn proof(
+    State(app): State<App>,
+    Path(round): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let round: u64 = round
+            .parse()
+            .map_err(|_| ApiError::bad_request("bad_round", format!("{round:?} is not a round number")))?;
+        let _permit = app.delta_permits.acquire().await.map_err(|e| ApiError::internal(anyhow::anyhow!("{e}")))?;
+        let body = read_body(&app, &headers, body, app.max_proof_bytes()).await?;
+        let worker = authenticate(&app, &headers, &method, uri.path(), &body, true).await?;
+        app.proof(worker, round, body).await
+    }
+    .await;
+    reply(&app, result)
+}
+
+async fn leaderboard(State(app): State<App>) -> Response {
+    let result = app.leaderboard().await;
+    reply(&app, result)
+}
+
+#[derive(serde::Deserialize)]
+struct LedgerQuery {
+    worker: Option<String>,
+}
+
+async fn ledger(State(app): State<App>, axum::extract::Query(q): axum::extract::Query<LedgerQuery>) -> Response {
+    match q.worker {
+        Some(w) => {
+            let result = async {
+                let worker: WorkerId =
+                    w.parse().map_err(|e| ApiError::bad_request("bad_worker_id", format!("worker={w}: {e}")))?;
+                app.worker_statement(&worker).await
+            }
+            .await;
+            reply(&app, result)
+        }
+        None => {
+            let result = app.ledger_report().await;
+            reply(&app, result)
+        }
+    }
 }
 
 async fn blob(
@@ -238,7 +319,7 @@ async fn blob(
         let hash: Hash32 = hash.parse().map_err(|e| ApiError::bad_request("bad_hash", format!("blob name: {e}")))?;
         // Blobs are public (content-addressed); a signed request is attributed to its worker's byte count.
         let worker = if headers.contains_key(HEADER_WORKER) {
-            Some(authenticate(&app, &headers, &method, uri.path(), b"", true)?)
+            Some(authenticate(&app, &headers, &method, uri.path(), b"", true).await?)
         } else {
             None
         };

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod prepare;
 pub mod run_file;
 pub mod state;
+pub mod trust;
 
 pub use run_file::RunFile;
 pub use state::{Coordinator, Options};

@@ -10,6 +10,9 @@ pub struct Metrics {
     pub submissions_accepted: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Time spent re-running spot-checked segments, and judging rounds (decoding, similarity, scoring), ms.
+    pub spot_check_ms: AtomicU64,
+    pub judge_ms: AtomicU64,
     /// Rejected requests by error code (late submissions are `round_closed`).
     rejected: Mutex<BTreeMap<String, u64>>,
 }
@@ -45,6 +48,8 @@ impl Metrics {
                     "submissions_accepted" => self.submissions_accepted.store(*value, Ordering::Relaxed),
                     "bytes_in" => self.bytes_in.store(*value, Ordering::Relaxed),
                     "bytes_out" => self.bytes_out.store(*value, Ordering::Relaxed),
+                    "spot_check_ms" => self.spot_check_ms.store(*value, Ordering::Relaxed),
+                    "judge_ms" => self.judge_ms.store(*value, Ordering::Relaxed),
                     _ => {}
                 },
             }
@@ -57,6 +62,8 @@ impl Metrics {
             ("submissions_accepted".to_string(), self.submissions_accepted.load(Ordering::Relaxed)),
             ("bytes_in".to_string(), self.bytes_in.load(Ordering::Relaxed)),
             ("bytes_out".to_string(), self.bytes_out.load(Ordering::Relaxed)),
+            ("spot_check_ms".to_string(), self.spot_check_ms.load(Ordering::Relaxed)),
+            ("judge_ms".to_string(), self.judge_ms.load(Ordering::Relaxed)),
         ];
         out.extend(self.rejected().into_iter().map(|(code, v)| (format!("rejected.{code}"), v)));
         out
@@ -106,6 +113,18 @@ impl Metrics {
             "counter",
             "Blob bytes served.",
             plain(self.bytes_out.load(Ordering::Relaxed).to_string()),
+        );
+        metric(
+            "agora_verify_seconds_total",
+            "counter",
+            "Time spent verifying contributions, by stage.",
+            vec![
+                (
+                    "{stage=\"spot_check\"}".into(),
+                    format!("{:.3}", self.spot_check_ms.load(Ordering::Relaxed) as f64 / 1e3),
+                ),
+                ("{stage=\"judge\"}".into(), format!("{:.3}", self.judge_ms.load(Ordering::Relaxed) as f64 / 1e3)),
+            ],
         );
         if let Some(v) = g.train_loss {
             metric(

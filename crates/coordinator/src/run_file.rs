@@ -2,7 +2,9 @@
 //! hashed into the run id, so a coordinator restarted with a different file refuses to continue.
 
 use agora_diloco::{CompressionConfig, OuterConfig};
+use agora_protocol::WorkerId;
 use agora_train::AdamWConfig;
+use agora_verify::TrustConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -25,6 +27,38 @@ pub struct RunFile {
     /// How pseudo-gradients travel: codec, error feedback, Streaming DiLoCo fragments.
     #[serde(default)]
     pub compression: CompressionConfig,
+    /// How contributions are judged, aggregated and credited.
+    #[serde(default)]
+    pub trust: TrustConfig,
+    /// Who may join.
+    #[serde(default)]
+    pub admission: AdmissionSection,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdmissionPolicy {
+    /// Anyone with a key.
+    #[default]
+    Open,
+    /// Only the public keys in `allowlist`.
+    Allowlist,
+    /// Only the `cohort_size` best-rated identities of the run in `previous` (how only the best
+    /// contributors of one phase are retained for the next).
+    Cohort,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdmissionSection {
+    pub policy: AdmissionPolicy,
+    pub allowlist: Vec<WorkerId>,
+    /// The database URL of an earlier run's coordinator: its reputations carry over into this run, and
+    /// `cohort` admits from its leaderboard.
+    pub previous: Option<String>,
+    /// The run id expected in `previous` (a guard against naming the wrong store).
+    pub previous_run: Option<String>,
+    pub cohort_size: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,6 +231,17 @@ impl RunFile {
         }
         if self.eval.every_rounds == 0 || self.eval.batches == 0 {
             bail!("[eval] every_rounds and batches must be positive");
+        }
+        self.trust.validate().context("[trust]")?;
+        let a = &self.admission;
+        match a.policy {
+            AdmissionPolicy::Allowlist if a.allowlist.is_empty() => {
+                bail!("[admission] policy = \"allowlist\" needs allowlist = [\"<worker public key hex>\", ...]")
+            }
+            AdmissionPolicy::Cohort if a.previous.is_none() || a.cohort_size == 0 => bail!(
+                "[admission] policy = \"cohort\" needs previous = \"<database URL of the earlier run>\" and cohort_size = N"
+            ),
+            _ => {}
         }
         Ok(())
     }

@@ -16,7 +16,8 @@ use crate::blobs::BlobStore;
 use crate::error::ApiError;
 use crate::metrics::{Gauges, Metrics};
 use crate::prepare::prepare_data;
-use crate::run_file::RunFile;
+use crate::run_file::{AdmissionPolicy, RunFile};
+use crate::trust;
 use agora_data::Shard;
 use agora_diloco::codec::{self, Accumulator, Expected, MAX_METADATA};
 use agora_diloco::tensors::{from_named, load_weights, model_weights, param_specs, to_named};
@@ -24,15 +25,15 @@ use agora_diloco::{unit_order, FragmentPlan, OuterOptimizer};
 use agora_model::{Llama, LlamaConfig};
 use agora_protocol::messages::delta_meta;
 use agora_protocol::{
-    decode_tensors, encode_tensors, Assignment, Contribution, Hash32, Heartbeat, HeartbeatResponse, JoinResponse,
-    RoundSummary, RunInfo, StatusReport, SubmitResponse, TensorSpec, WorkResponse, WorkerId, WorkerStatus,
-    PROTOCOL_VERSION,
+    decode_tensors, encode_tensors, Assignment, Contribution, Hash32, Heartbeat, HeartbeatResponse, Identity,
+    JoinResponse, LeaderboardEntry, LedgerReport, ProofResponse, RoundSummary, RunInfo, StatusReport, SubmitResponse,
+    TensorSpec, WorkResponse, WorkerId, WorkerStatus, PROTOCOL_VERSION,
 };
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -109,6 +110,18 @@ pub struct Coordinator {
     /// Mirrors of `live.round` and `live.finished` for readers that must not wait for the lock.
     open_round: AtomicU64,
     finished: AtomicBool,
+    /// The coordinator's own key: signs receipts and round roots, and keys its secret choices.
+    pub key: Identity,
+    /// Who may join when the run restricts admission (allowlist or cohort), with the reason shown to others.
+    admitted: Option<HashSet<WorkerId>>,
+    admission_note: String,
+}
+
+/// What a pseudo-gradient upload carries besides its values, found before the lock is taken.
+pub struct CheckedDelta {
+    pub metadata: BTreeMap<String, String>,
+    /// blake3 of the decoded values (replay detection), when the run verifies.
+    pub content_hash: Option<Hash32>,
 }
 
 fn hash_col(row: &AnyRow, col: &str) -> Result<Hash32> {
@@ -126,6 +139,50 @@ struct OuterStepOutput {
     global_bytes: Vec<u8>,
     momentum_bytes: Option<Vec<u8>>,
     val_loss: Option<f64>,
+}
+
+/// One upload of a round being closed, in acceptance order.
+struct SubmissionRow {
+    worker: WorkerId,
+    delta_hash: Hash32,
+    unit: u64,
+    train_loss: Option<f64>,
+}
+
+fn hex_digest(d: &[u8; 32]) -> String {
+    Hash32(*d).hex()
+}
+
+/// Applies a judgement to an identity's reputation (created at 0 on its first judgement).
+async fn update_reputation(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    worker: &WorkerId,
+    outcome: agora_verify::Outcome,
+    alpha: f64,
+    accepted: bool,
+) -> Result<(), ApiError> {
+    let old: f64 = sqlx::query("SELECT rating FROM reputation WHERE worker = $1")
+        .bind(worker.hex())
+        .fetch_optional(&mut **tx)
+        .await?
+        .map(|r| r.try_get("rating"))
+        .transpose()?
+        .unwrap_or(0.0);
+    let rating = agora_verify::update_rating(old, outcome, alpha);
+    let (a, r) = if accepted { (1i64, 0i64) } else { (0, 1) };
+    sqlx::query(
+        "INSERT INTO reputation (worker, rating, accepted, rejected, updated_ms) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (worker) DO UPDATE SET rating = excluded.rating, accepted = reputation.accepted + excluded.accepted, \
+         rejected = reputation.rejected + excluded.rejected, updated_ms = excluded.updated_ms",
+    )
+    .bind(worker.hex())
+    .bind(rating)
+    .bind(a)
+    .bind(r)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// One assignment row.
@@ -147,6 +204,8 @@ impl Coordinator {
             None => format!("sqlite://{}?mode=rwc", options.dir.join("coordinator.db").display()),
         };
         let db = connect(&database).await?;
+        let key =
+            Identity::load_or_create(&options.dir.join("coordinator.key")).context("the coordinator's signing key")?;
         let blobs = match &options.blobs {
             Some(location) => BlobStore::open(location)?,
             None => BlobStore::local(&options.dir.join("blobs"))?,
@@ -215,6 +274,8 @@ impl Coordinator {
             rounds: run.planned_rounds(),
             tokenizer_hash,
             compression: serde_json::to_value(run.compression)?,
+            trust: serde_json::to_value(run.trust)?,
+            coordinator_key: key.id(),
             max_delta_bytes,
             heartbeat_interval_ms: (run.rounds.heartbeat_timeout_secs * 1000 / 6).clamp(200, 5000),
         };
@@ -239,6 +300,7 @@ impl Coordinator {
             .map(|r| Ok((r.try_get::<String, _>("name")?, r.try_get::<i64, _>("value")? as u64)))
             .collect::<Result<_>>()?;
         metrics.restore(&counters);
+        let (admitted, admission_note) = admission(&run, &db).await?;
         tracing::info!(run_id, round = live.round, finished = live.finished, units = units.len(), "run opened");
         Ok(Arc::new(Coordinator {
             run,
@@ -262,6 +324,9 @@ impl Coordinator {
             started: now,
             open_round: AtomicU64::new(live_round),
             finished: AtomicBool::new(live_finished),
+            key,
+            admitted,
+            admission_note,
         }))
     }
 
@@ -331,6 +396,21 @@ impl Coordinator {
         .bind(val_loss)
         .execute(&mut *tx)
         .await?;
+        // The reward pool is funded once, from the run's issuance account: the first double entry.
+        let pool = run.trust.reward_pool.min(i64::MAX as u64) as i64;
+        for (seq, (account, amount)) in
+            [(format!("issuance:{run_id}"), -pool), (agora_ledger::pool_account(run_id), pool)].into_iter().enumerate()
+        {
+            sqlx::query(
+                "INSERT INTO ledger (seq, round, account, amount, memo, created_ms) VALUES ($1, NULL, $2, $3, 'fund the reward pool', $4)",
+            )
+            .bind(seq as i64)
+            .bind(account)
+            .bind(amount)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         tracing::info!(run_id, units = unit_hashes.len(), val_loss, "run initialised");
         Ok((prepared.model_config, tokenizer_hash, val_hash))
@@ -364,7 +444,36 @@ impl Coordinator {
         by_round.max(grace)
     }
 
+    /// Records a request nonce; a nonce seen before (within the signature window) is a replay.
+    pub async fn record_nonce(&self, worker: &WorkerId, nonce: &str, timestamp_ms: u64) -> Result<(), ApiError> {
+        let inserted = sqlx::query(
+            "INSERT INTO nonces (worker, nonce, timestamp_ms) VALUES ($1, $2, $3) ON CONFLICT (worker, nonce) DO NOTHING",
+        )
+        .bind(worker.hex())
+        .bind(nonce)
+        .bind(timestamp_ms as i64)
+        .execute(&self.db)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(ApiError::unauthorized(
+                "replayed_request",
+                format!("nonce {nonce} was already used by worker {}: a request is accepted once", worker.short()),
+            ));
+        }
+        Ok(())
+    }
+
     pub async fn join(&self, worker: WorkerId, name: &str) -> Result<JoinResponse, ApiError> {
+        if let Some(admitted) = &self.admitted {
+            if !admitted.contains(&worker) {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::FORBIDDEN,
+                    "not_admitted",
+                    format!("worker {} is not admitted: {}", worker.short(), self.admission_note),
+                ));
+            }
+        }
         let name: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
         let live = self.live.lock().await;
         let existing =
@@ -540,8 +649,58 @@ impl Coordinator {
 
     /// Validates a pseudo-gradient upload for `round` without touching state (runs before taking the lock);
     /// returns its metadata.
-    pub fn check_delta(&self, round: u64, body: &[u8]) -> Result<BTreeMap<String, String>, ApiError> {
-        Ok(codec::parse(body, self.expected(round))?.metadata)
+    pub fn check_delta(&self, round: u64, body: &[u8]) -> Result<CheckedDelta, ApiError> {
+        let expected = self.expected(round);
+        let payload = codec::parse(body, expected)?;
+        let content_hash =
+            self.run.trust.verify.then(|| trust::content_hash(&self.run.compression, expected.specs, &payload));
+        Ok(CheckedDelta { metadata: payload.metadata, content_hash })
+    }
+
+    /// Segments of a round's hash chain (0: the run does not spot-check).
+    fn chain_segments(&self) -> u64 {
+        if self.run.trust.verify {
+            self.run.trust.chain_segments(self.run.inner.steps)
+        } else {
+            0
+        }
+    }
+
+    /// An upload whose values are not finite (behind a valid checksum) is a poisoned contribution, not a
+    /// transmission error: the worker's assignment is rejected (its data goes back to the queue, so the
+    /// round need not wait for it) and its reputation reset.
+    pub async fn reject_upload(self: &Arc<Self>, worker: WorkerId, round: u64, code: &str) -> Result<(), ApiError> {
+        if !self.run.trust.verify {
+            return Ok(());
+        }
+        let mut live = self.live.lock().await;
+        if round != live.round || live.finished {
+            return Ok(());
+        }
+        match self.assignment_row(round, &worker).await? {
+            Some(row) if row.state == "training" => {}
+            _ => return Ok(()),
+        }
+        let mut tx = self.db.begin().await?;
+        sqlx::query(
+            "UPDATE work_queue SET state = 'pending' WHERE EXISTS (SELECT 1 FROM assignments a WHERE a.round = $1 \
+             AND a.worker = $2 AND a.epoch = work_queue.epoch AND a.position = work_queue.position)",
+        )
+        .bind(round as i64)
+        .bind(worker.hex())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE assignments SET state = 'rejected' WHERE round = $1 AND worker = $2")
+            .bind(round as i64)
+            .bind(worker.hex())
+            .execute(&mut *tx)
+            .await?;
+        update_reputation(&mut tx, &worker, agora_verify::Outcome::Slashed, self.run.trust.reputation_alpha, false)
+            .await?;
+        tx.commit().await?;
+        tracing::warn!(worker = worker.short(), round, code, "poisoned upload: assignment rejected, reputation reset");
+        self.notify();
+        self.maybe_close_round(&mut live).await
     }
 
     /// Adds a payload to `sum` off the async runtime. `checked`: this very buffer passed [`Self::check_delta`]
@@ -593,19 +752,25 @@ impl Coordinator {
         worker: WorkerId,
         round: u64,
         body: Bytes,
-        meta: &BTreeMap<String, String>,
+        checked: &CheckedDelta,
     ) -> Result<SubmitResponse, ApiError> {
+        let meta = &checked.metadata;
         let mut live = self.live.lock().await;
         self.touch(&worker);
         // A retried upload (the answer to the first was lost, perhaps to a coordinator restart) is
         // answered as accepted, even if its round has closed since: it was, and it was applied.
-        let existing = sqlx::query("SELECT delta_hash FROM submissions WHERE round = $1 AND worker = $2")
+        let existing = sqlx::query("SELECT delta_hash, challenge FROM submissions WHERE round = $1 AND worker = $2")
             .bind(round as i64)
             .bind(worker.hex())
             .fetch_optional(&self.db)
             .await?;
         if let Some(existing) = existing {
-            return Ok(SubmitResponse { round, delta_hash: hash_col(&existing, "delta_hash")?, newly_accepted: false });
+            return Ok(SubmitResponse {
+                round,
+                delta_hash: hash_col(&existing, "delta_hash")?,
+                newly_accepted: false,
+                challenge: existing.try_get::<Option<i64>, _>("challenge")?.map(|c| c as u64),
+            });
         }
         if live.finished {
             return Err(ApiError::conflict("run_finished", format!("the run finished after round {}", live.round)));
@@ -657,6 +822,20 @@ impl Coordinator {
         expect(delta_meta::BASE, live.global_hash.hex())?;
         let train_loss: Option<f64> =
             meta.get(delta_meta::TRAIN_LOSS).and_then(|v| v.parse().ok()).filter(|v: &f64| v.is_finite());
+        let segments = self.chain_segments();
+        let chain = if segments > 0 {
+            let hashes = agora_verify::chain::parse_chain(meta, segments)
+                .map_err(|e| ApiError::unprocessable("wrong_metadata", e))?;
+            Some(agora_verify::chain::chain_to_meta(&hashes))
+        } else {
+            None
+        };
+        let payload_hash = agora_protocol::hash_bytes(&body);
+        let challenge = trust::challenge_for(
+            self.key.keyed_hash("agora-coordinator v1 spot check", &payload_hash.0),
+            self.run.trust.spot_check,
+            segments,
+        );
 
         let bytes = body.len() as i64;
         let fp32_bytes =
@@ -669,8 +848,9 @@ impl Coordinator {
             .await?
             .try_get("n")?;
         sqlx::query(
-            "INSERT INTO submissions (round, worker, epoch, unit, delta_hash, bytes, train_loss, received_ms, applied, seq, fp32_bytes) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $10)",
+            "INSERT INTO submissions (round, worker, epoch, unit, delta_hash, bytes, train_loss, received_ms, applied, seq, \
+             fp32_bytes, chain, challenge, spot_check, content_hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $10, $11, $12, $13, $14)",
         )
         .bind(round as i64)
         .bind(worker.hex())
@@ -682,6 +862,10 @@ impl Coordinator {
         .bind(now_ms())
         .bind(seq)
         .bind(fp32_bytes as i64)
+        .bind(chain)
+        .bind(challenge.map(|c| c as i64))
+        .bind(challenge.map(|_| "pending"))
+        .bind(checked.content_hash.map(|h| h.hex()))
         .execute(&mut *tx)
         .await?;
         sqlx::query("UPDATE assignments SET state = 'submitted' WHERE round = $1 AND worker = $2")
@@ -695,10 +879,11 @@ impl Coordinator {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        // The sum follows the acceptance order (seq). Any failure here only costs a rebuild at close.
-        let held = live.sum.take().filter(|s| s.count() == seq as usize);
+        // The sum follows the acceptance order (seq). Any failure here only costs a rebuild at close. A
+        // verifying run judges the round's uploads together at close instead.
+        let held = live.sum.take().filter(|s| s.count() == seq as usize && !self.run.trust.verify);
         if let Some(sum) = held.or_else(|| {
-            (seq == 0).then(|| {
+            (seq == 0 && !self.run.trust.verify).then(|| {
                 Accumulator::new(self.run.compression, self.fragment_specs[self.plan.synced_in(round)].clone())
             })
         }) {
@@ -713,11 +898,207 @@ impl Coordinator {
         tracing::info!(worker = worker.short(), round, unit = row.unit, bytes, train_loss, "pseudo-gradient accepted");
         self.notify();
         self.maybe_close_round(&mut live).await?;
-        Ok(SubmitResponse { round, delta_hash: hash, newly_accepted: true })
+        Ok(SubmitResponse { round, delta_hash: hash, newly_accepted: true, challenge })
+    }
+
+    /// Largest proof upload: two training states (weights and both AdamW moments) plus their framing.
+    pub fn max_proof_bytes(&self) -> u64 {
+        let elements: usize = self.specs.iter().map(|s| s.shape.iter().product::<usize>()).sum();
+        2 * (3 * 4 * elements as u64 + 64 * 1024 * 3) + 8
+    }
+
+    /// A spot-check answer: the challenged segment's start and end states. They must hash to the committed
+    /// boundary states, and re-running the segment from the start must reproduce the end.
+    pub async fn proof(self: &Arc<Self>, worker: WorkerId, round: u64, body: Bytes) -> Result<ProofResponse, ApiError> {
+        let row =
+            sqlx::query("SELECT unit, chain, challenge, spot_check FROM submissions WHERE round = $1 AND worker = $2")
+                .bind(round as i64)
+                .bind(worker.hex())
+                .fetch_optional(&self.db)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::conflict("no_submission", format!("this worker has no submission in round {round}"))
+                })?;
+        let Some(segment) = row.try_get::<Option<i64>, _>("challenge")?.map(|c| c as u64) else {
+            return Err(ApiError::conflict("not_challenged", format!("round {round}'s submission was not challenged")));
+        };
+        let state: Option<String> = row.try_get("spot_check")?;
+        if state.as_deref() != Some("pending") {
+            // Answered before (a retry): the verdict stands.
+            return Ok(ProofResponse { round, segment, spot_check: state.unwrap_or_default() });
+        }
+        let chain: String = row.try_get::<Option<String>, _>("chain")?.unwrap_or_default();
+        let hashes: Vec<Hash32> = chain.split(',').filter_map(|h| h.parse().ok()).collect();
+        let (start, end) =
+            agora_verify::chain::split_proof(&body).map_err(|e| ApiError::bad_request("malformed_proof", e))?;
+        let committed = |k: u64| hashes.get(k as usize).copied();
+        let verdict = if committed(segment) != Some(agora_protocol::hash_bytes(start))
+            || committed(segment + 1) != Some(agora_protocol::hash_bytes(end))
+        {
+            "failed: the states sent are not the ones committed to".to_string()
+        } else {
+            let timer = Instant::now();
+            let unit = Shard::from_bytes(&self.blobs.get(&self.units[row.try_get::<i64, _>("unit")? as usize]).await?)?;
+            let me = self.clone();
+            let steps = self.run.inner.steps;
+            let segments = self.chain_segments();
+            let tolerance = self.run.trust.tolerance;
+            let body = body.clone();
+            let verdict = tokio::task::spawn_blocking(move || -> Result<String> {
+                let (start, end) = agora_verify::chain::split_proof(&body).map_err(|e| anyhow::anyhow!(e))?;
+                let check = trust::run_spot_check(
+                    &me.model_config,
+                    &me.run.train_config(),
+                    &me.specs,
+                    &unit,
+                    round * steps,
+                    steps,
+                    segments,
+                    segment,
+                    start,
+                    end,
+                    tolerance,
+                );
+                // A state that does not even decode is a failed proof, not a coordinator error.
+                Ok(check.unwrap_or_else(|e| format!("failed: {e:#}")))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("spot-check task failed: {e}"))??;
+            self.metrics.spot_check_ms.fetch_add(timer.elapsed().as_millis() as u64, Ordering::Relaxed);
+            verdict
+        };
+        let mut live = self.live.lock().await;
+        sqlx::query(
+            "UPDATE submissions SET spot_check = $3 WHERE round = $1 AND worker = $2 AND spot_check = 'pending'",
+        )
+        .bind(round as i64)
+        .bind(worker.hex())
+        .bind(&verdict)
+        .execute(&self.db)
+        .await?;
+        if verdict != "passed" {
+            self.metrics.reject("spot_check_failed");
+        }
+        tracing::info!(worker = worker.short(), round, segment, verdict, "spot check");
+        self.notify();
+        if round == live.round {
+            self.maybe_close_round(&mut live).await?;
+        }
+        Ok(ProofResponse { round, segment, spot_check: verdict })
+    }
+
+    /// Identities by reputation, best first.
+    pub async fn leaderboard(&self) -> Result<Vec<LeaderboardEntry>, ApiError> {
+        let names = self.known.lock().expect("known lock").clone();
+        let credits: HashMap<String, i64> = sqlx::query(
+            "SELECT account, CAST(SUM(amount) AS BIGINT) AS balance FROM ledger WHERE account LIKE 'worker:%' GROUP BY account",
+        )
+        .fetch_all(&self.db)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get::<String, _>("account")?, r.try_get::<i64, _>("balance")?)))
+        .collect::<Result<_>>()?;
+        let rows = sqlx::query(
+            "SELECT worker, rating, accepted, rejected FROM reputation ORDER BY rating DESC, accepted DESC, worker",
+        )
+        .fetch_all(&self.db)
+        .await?;
+        rows.iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let worker = worker_col(r, "worker")?;
+                Ok(LeaderboardEntry {
+                    rank: i as u64 + 1,
+                    worker,
+                    name: names.get(&worker).cloned().unwrap_or_default(),
+                    rating: r.try_get("rating")?,
+                    accepted: r.try_get::<i64, _>("accepted")? as u64,
+                    rejected: r.try_get::<i64, _>("rejected")? as u64,
+                    credits: credits.get(&agora_ledger::worker_account(&worker)).copied().unwrap_or(0).max(0) as u64,
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map_err(ApiError::from)
+    }
+
+    async fn roots(&self) -> Result<Vec<agora_ledger::RoundRoot>, ApiError> {
+        sqlx::query("SELECT signed FROM round_roots ORDER BY round")
+            .fetch_all(&self.db)
+            .await?
+            .iter()
+            .map(|r| Ok(serde_json::from_str(&r.try_get::<String, _>("signed")?)?))
+            .collect::<Result<Vec<_>>>()
+            .map_err(ApiError::from)
+    }
+
+    /// Every account's balance and every round's signed root.
+    pub async fn ledger_report(&self) -> Result<LedgerReport, ApiError> {
+        let balances = sqlx::query(
+            "SELECT account, CAST(SUM(amount) AS BIGINT) AS balance FROM ledger GROUP BY account ORDER BY account",
+        )
+        .fetch_all(&self.db)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get::<String, _>("account")?, r.try_get::<i64, _>("balance")?)))
+        .collect::<Result<Vec<_>>>()?;
+        let entries: i64 = sqlx::query("SELECT COUNT(*) AS n FROM ledger").fetch_one(&self.db).await?.try_get("n")?;
+        let roots = self
+            .roots()
+            .await?
+            .into_iter()
+            .map(|r| serde_json::to_value(r).map_err(anyhow::Error::from))
+            .collect::<Result<_>>()?;
+        Ok(LedgerReport {
+            run_id: self.run_id.clone(),
+            coordinator: self.key.id(),
+            balances,
+            entries: entries as u64,
+            roots,
+        })
+    }
+
+    /// One worker's receipts with their inclusion proofs, and the signed roots they lead to: everything
+    /// `agora ledger verify` needs to check the worker's credits offline.
+    pub async fn worker_statement(&self, worker: &WorkerId) -> Result<agora_ledger::WorkerStatement, ApiError> {
+        let mine = sqlx::query("SELECT round FROM receipts WHERE worker = $1 ORDER BY round")
+            .bind(worker.hex())
+            .fetch_all(&self.db)
+            .await?;
+        let mut receipts = Vec::with_capacity(mine.len());
+        for r in &mine {
+            let round: i64 = r.try_get("round")?;
+            let all: Vec<(String, agora_ledger::SignedReceipt)> =
+                sqlx::query("SELECT worker, receipt FROM receipts WHERE round = $1 ORDER BY position")
+                    .bind(round)
+                    .fetch_all(&self.db)
+                    .await?
+                    .iter()
+                    .map(|r| Ok((r.try_get("worker")?, serde_json::from_str(&r.try_get::<String, _>("receipt")?)?)))
+                    .collect::<Result<_>>()?;
+            let leaves: Vec<[u8; 32]> = all.iter().map(|(_, s)| s.receipt.digest()).collect();
+            let index = all.iter().position(|(w, _)| *w == worker.hex()).context("the worker's receipt")?;
+            let proof = agora_ledger::inclusion_proof(&leaves, index).context("an inclusion proof")?;
+            receipts.push(agora_ledger::ProvenReceipt { receipt: all[index].1.clone(), proof });
+        }
+        let rounds: HashSet<u64> = receipts.iter().map(|r| r.receipt.receipt.round).collect();
+        let roots = self.roots().await?.into_iter().filter(|r| rounds.contains(&r.round)).collect();
+        let balance = receipts.iter().map(|r| r.receipt.receipt.credits).sum();
+        Ok(agora_ledger::WorkerStatement {
+            run_id: self.run_id.clone(),
+            coordinator: self.key.id(),
+            worker: *worker,
+            balance,
+            roots,
+            receipts,
+        })
     }
 
     /// Periodic duties: drop silent workers, close a round whose deadline has passed.
     pub async fn tick(self: &Arc<Self>) -> Result<(), ApiError> {
+        sqlx::query("DELETE FROM nonces WHERE timestamp_ms < $1")
+            .bind(now_ms() - 2 * crate::http::MAX_SKEW_MS)
+            .execute(&self.db)
+            .await?;
         let mut live = self.live.lock().await;
         if live.finished {
             return Ok(());
@@ -759,37 +1140,149 @@ impl Coordinator {
         .await?;
         let submitted: i64 = counts.try_get("submitted")?;
         let training: i64 = counts.try_get("training")?;
+        // A challenged submission is waited for until its proof arrives (or the deadline passes).
+        let proofs_pending: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM submissions WHERE round = $1 AND spot_check = 'pending'")
+                .bind(live.round as i64)
+                .fetch_one(&self.db)
+                .await?
+                .try_get("n")?;
         let enough = submitted as u64 >= self.run.rounds.min_workers;
         let past_deadline = now_ms() >= self.deadline_ms(live);
-        if enough && (training == 0 || past_deadline) {
+        if enough && ((training == 0 && proofs_pending == 0) || past_deadline) {
             self.close_round(live).await?;
         }
         Ok(())
     }
 
-    /// The outer step: the mean of the round's accepted pseudo-gradients (summed in acceptance order, so a
-    /// replay after a crash computes the same bits), the outer optimizer on the fragment the round
-    /// synchronises, the new global weights and momentum published as blobs, then the round committed in
-    /// one transaction.
-    async fn close_round(self: &Arc<Self>, live: &mut Live) -> Result<(), ApiError> {
+    /// Judges the open round's uploads (verifying runs): loads them in acceptance order with what each
+    /// verdict needs, then decodes, compares, scores and aggregates off the async runtime.
+    async fn judge(self: &Arc<Self>, live: &Live) -> Result<(Vec<SubmissionRow>, trust::RoundJudgement), ApiError> {
         let round = live.round;
         let rows = sqlx::query(
-            "SELECT worker, delta_hash, train_loss FROM submissions WHERE round = $1 AND applied = 0 ORDER BY worker",
+            "SELECT worker, delta_hash, unit, train_loss, spot_check, content_hash FROM submissions \
+             WHERE round = $1 AND applied = 0 ORDER BY seq",
         )
         .bind(round as i64)
         .fetch_all(&self.db)
         .await?;
-        let started = Instant::now();
-        let sum = self.round_sum(live).await?;
-        assert_eq!(sum.count(), rows.len(), "the sum holds every accepted payload of the round");
-        let mut losses = Vec::new();
-        let mut contributors = Vec::new();
+        let mut subs = Vec::with_capacity(rows.len());
+        let mut candidates = Vec::with_capacity(rows.len());
         for row in &rows {
-            contributors.push(row.try_get::<String, _>("worker")?);
-            if let Some(l) = row.try_get::<Option<f64>, _>("train_loss")? {
-                losses.push(l);
+            let sub = SubmissionRow {
+                worker: worker_col(row, "worker")?,
+                delta_hash: hash_col(row, "delta_hash")?,
+                unit: row.try_get::<i64, _>("unit")? as u64,
+                train_loss: row.try_get("train_loss")?,
+            };
+            let content: Option<String> = row.try_get("content_hash")?;
+            let replayed = match &content {
+                Some(c) => {
+                    sqlx::query("SELECT 1 AS one FROM submissions WHERE content_hash = $1 AND round < $2 LIMIT 1")
+                        .bind(c)
+                        .bind(round as i64)
+                        .fetch_optional(&self.db)
+                        .await?
+                        .is_some()
+                }
+                None => false,
+            };
+            let unit = Shard::from_bytes(&self.blobs.get(&self.units[sub.unit as usize]).await?)?;
+            candidates.push(trust::Candidate {
+                worker: sub.worker,
+                payload: self.blobs.get(&sub.delta_hash).await?,
+                unit,
+                spot_check: row.try_get("spot_check")?,
+                replayed,
+            });
+            subs.push(sub);
+        }
+        // The same fragment's accepted pseudo-gradients of its previous round: a near-copy is a replay.
+        let fragments = self.plan.count() as u64;
+        let mut previous = Vec::new();
+        if round >= fragments {
+            for row in
+                sqlx::query("SELECT delta_hash FROM submissions WHERE round = $1 AND verdict = 'accepted' ORDER BY seq")
+                    .bind((round - fragments) as i64)
+                    .fetch_all(&self.db)
+                    .await?
+            {
+                previous.push(self.blobs.get(&hash_col(&row, "delta_hash")?).await?);
             }
         }
+        let global = self.blobs.get(&live.global_hash).await?;
+        let me = self.clone();
+        let seed = u64::from_le_bytes(
+            self.key.keyed_hash("agora-coordinator v1 score batches", &round.to_le_bytes())[..8].try_into().expect("8"),
+        );
+        let timer = Instant::now();
+        let judgement = tokio::task::spawn_blocking(move || -> Result<trust::RoundJudgement> {
+            let theta = from_named(&decode_tensors(&global, Some(&me.specs))?.0, Device::Cpu);
+            let fragment = me.plan.synced_in(round);
+            let fragment_tensors = me.plan.tensors(fragment);
+            let mut ctx = trust::JudgeContext {
+                trust: &me.run.trust,
+                compression: &me.run.compression,
+                model: &me.model_config,
+                specs: &me.specs,
+                fragment,
+                fragment_tensors: &fragment_tensors,
+                global: &theta,
+                val: &me.val,
+                seq_len: me.run.inner.seq_len,
+                batch_size: me.run.inner.batch_size,
+                inner_steps: me.run.inner.steps,
+                seed,
+                previous: &[],
+            };
+            let fragment_specs = &me.fragment_specs[fragment];
+            let previous: Vec<Vec<f32>> =
+                previous.iter().map(|p| trust::decode_flat(&ctx, fragment_specs, p)).collect::<Result<_>>()?;
+            ctx.previous = &previous;
+            trust::judge_round(&ctx, &candidates)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("judging task failed: {e}"))??;
+        self.metrics.judge_ms.fetch_add(timer.elapsed().as_millis() as u64, Ordering::Relaxed);
+        Ok((subs, judgement))
+    }
+
+    /// The outer step: the round's pseudo-gradients combined (verifying runs: judged, and only the
+    /// accepted ones aggregated by the run's rule; otherwise their mean, summed in acceptance order, so a
+    /// replay after a crash computes the same bits), the outer optimizer on the fragment the round
+    /// synchronises, the new global weights and momentum published as blobs, then the round committed in
+    /// one transaction (with, when verifying, its receipts, their Merkle root, credits and reputations).
+    async fn close_round(self: &Arc<Self>, live: &mut Live) -> Result<(), ApiError> {
+        let round = live.round;
+        let started = Instant::now();
+        let (subs, mean, judged) = if self.run.trust.verify {
+            let (subs, judgement) = self.judge(live).await?;
+            (subs, judgement.aggregate.clone(), Some(judgement))
+        } else {
+            let rows = sqlx::query(
+                "SELECT worker, delta_hash, unit, train_loss FROM submissions WHERE round = $1 AND applied = 0 ORDER BY seq",
+            )
+            .bind(round as i64)
+            .fetch_all(&self.db)
+            .await?;
+            let subs = rows
+                .iter()
+                .map(|row| {
+                    Ok(SubmissionRow {
+                        worker: worker_col(row, "worker")?,
+                        delta_hash: hash_col(row, "delta_hash")?,
+                        unit: row.try_get::<i64, _>("unit")? as u64,
+                        train_loss: row.try_get("train_loss")?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let sum = self.round_sum(live).await?;
+            assert_eq!(sum.count(), subs.len(), "the sum holds every accepted payload of the round");
+            (subs, Some(sum.mean()), None)
+        };
+        let verdict_of = |i: usize| judged.as_ref().map_or(trust::ACCEPTED, |j| j.judgements[i].verdict);
+        let accepted: Vec<usize> = (0..subs.len()).filter(|&i| verdict_of(i) == trust::ACCEPTED).collect();
+        let losses: Vec<f64> = accepted.iter().filter_map(|&i| subs[i].train_loss).collect();
         let global = self.blobs.get(&live.global_hash).await?;
         let momentum = match &live.momentum_hash {
             Some(h) => Some(self.blobs.get(h).await?),
@@ -800,7 +1293,7 @@ impl Coordinator {
             .fetch_one(&self.db)
             .await?
             .try_get("n")?;
-        let finished = self.run.is_finished(next, applied_before as u64 + rows.len() as u64);
+        let finished = self.run.is_finished(next, applied_before as u64 + accepted.len() as u64);
         let evaluate = next.is_multiple_of(self.run.eval.every_rounds) || finished;
         let (specs, outer, config, val) =
             (self.specs.clone(), self.run.outer, self.model_config.clone(), self.val.clone());
@@ -812,12 +1305,14 @@ impl Coordinator {
                     Ok(from_named(&decode_tensors(b, Some(&specs))?.0, Device::Cpu))
                 };
                 let theta = decode(&global)?;
-                let mean = from_named(&sum.mean(), Device::Cpu);
                 let mut optimizer = match &momentum {
                     Some(m) => OuterOptimizer::with_momentum(outer, decode(m)?),
                     None => OuterOptimizer::new(outer, &theta),
                 };
-                optimizer.step_subset(&stepped, &theta, &mean);
+                // Nothing accepted: the weights and momentum stay as they are.
+                if let Some(mean) = &mean {
+                    optimizer.step_subset(&stepped, &theta, &from_named(mean, Device::Cpu));
+                }
                 let global_bytes = encode_tensors(&to_named(&specs, &theta), &round_meta(next));
                 let momentum_bytes = outer
                     .has_state()
@@ -842,14 +1337,20 @@ impl Coordinator {
         let now = now_ms();
 
         let mut tx = self.db.begin().await?;
+        if let Some(judged) = &judged {
+            self.settle(&mut tx, round, &subs, judged).await?;
+        }
         sqlx::query("UPDATE rounds SET closed_ms = $2, contributions = $3, train_loss = $4 WHERE round = $1")
             .bind(round as i64)
             .bind(now)
-            .bind(rows.len() as i64)
+            .bind(accepted.len() as i64)
             .bind(train_loss)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE submissions SET applied = 1 WHERE round = $1").bind(round as i64).execute(&mut *tx).await?;
+        sqlx::query("UPDATE submissions SET applied = 1 WHERE round = $1 AND applied = 0")
+            .bind(round as i64)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
             "UPDATE work_queue SET state = 'done' WHERE EXISTS (SELECT 1 FROM assignments a WHERE a.round = $1 \
              AND a.state = 'submitted' AND a.epoch = work_queue.epoch AND a.position = work_queue.position)",
@@ -862,9 +1363,9 @@ impl Coordinator {
             .execute(&mut *tx)
             .await?;
         let late = release_training(&mut tx, round, None).await?;
-        for worker in &contributors {
+        for &i in &accepted {
             sqlx::query("UPDATE workers SET rounds_accepted = rounds_accepted + 1 WHERE id = $1")
-                .bind(worker)
+                .bind(subs[i].worker.hex())
                 .execute(&mut *tx)
                 .await?;
         }
@@ -898,7 +1399,8 @@ impl Coordinator {
         self.finished.store(finished, Ordering::Relaxed);
         tracing::info!(
             round,
-            contributions = rows.len(),
+            contributions = accepted.len(),
+            rejected = subs.len() - accepted.len(),
             released_late = late,
             train_loss,
             val_loss,
@@ -907,6 +1409,134 @@ impl Coordinator {
             "round closed: outer step committed"
         );
         self.notify();
+        Ok(())
+    }
+
+    /// Records a judged round inside its commit transaction: each submission's verdict and score, its
+    /// signed receipt, the round's Merkle root, the credits (double entry against the reward pool), the
+    /// reputations, and the data of rejected submissions back in the queue.
+    async fn settle(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        round: u64,
+        subs: &[SubmissionRow],
+        judged: &trust::RoundJudgement,
+    ) -> Result<(), ApiError> {
+        let trust_config = &self.run.trust;
+        let pool = agora_ledger::pool_account(&self.run_id);
+        let mut pool_left: i64 =
+            sqlx::query("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS n FROM ledger WHERE account = $1")
+                .bind(&pool)
+                .fetch_one(&mut **tx)
+                .await?
+                .try_get("n")?;
+        let mut seq: i64 = sqlx::query("SELECT CAST(COALESCE(MAX(seq) + 1, 0) AS BIGINT) AS n FROM ledger")
+            .fetch_one(&mut **tx)
+            .await?
+            .try_get("n")?;
+        let tokens = self.run.tokens_per_unit();
+        let mut leaves = Vec::with_capacity(subs.len());
+        for (position, (sub, j)) in subs.iter().zip(&judged.judgements).enumerate() {
+            let accepted = j.verdict == trust::ACCEPTED;
+            let credits = if accepted {
+                agora_ledger::credits_for(tokens, j.score, trust_config.micro_credits_per_token)
+                    .min(pool_left.max(0) as u64)
+            } else {
+                0
+            };
+            pool_left -= credits as i64;
+            let receipt = agora_ledger::Receipt {
+                run_id: self.run_id.clone(),
+                round,
+                worker: sub.worker,
+                delta_hash: sub.delta_hash,
+                tokens,
+                score: j.score,
+                credits,
+                verdict: j.verdict.to_string(),
+            };
+            leaves.push(receipt.digest());
+            for posting in agora_ledger::postings(&receipt) {
+                sqlx::query(
+                    "INSERT INTO ledger (seq, round, account, amount, memo, created_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(seq)
+                .bind(round as i64)
+                .bind(posting.account)
+                .bind(posting.amount)
+                .bind(format!("round {round} receipt {}", hex_digest(&receipt.digest())))
+                .bind(now_ms())
+                .execute(&mut **tx)
+                .await?;
+                seq += 1;
+            }
+            let signed = receipt.sign(&self.key);
+            sqlx::query("INSERT INTO receipts (round, worker, position, receipt) VALUES ($1, $2, $3, $4)")
+                .bind(round as i64)
+                .bind(sub.worker.hex())
+                .bind(position as i64)
+                .bind(serde_json::to_string(&signed).map_err(anyhow::Error::from)?)
+                .execute(&mut **tx)
+                .await?;
+            sqlx::query(
+                "UPDATE submissions SET verdict = $3, score = $4, credits = $5, gain_random = $6, gain_assigned = $7, \
+                 similarity = $8, norm = $9, applied = $10, \
+                 spot_check = CASE WHEN spot_check = 'pending' THEN 'failed: no proof before the round closed' ELSE spot_check END \
+                 WHERE round = $1 AND worker = $2",
+            )
+            .bind(round as i64)
+            .bind(sub.worker.hex())
+            .bind(j.verdict)
+            .bind(j.score)
+            .bind(credits as i64)
+            .bind(j.gains.map(|g| g.random))
+            .bind(j.gains.map(|g| g.assigned))
+            .bind(j.similarity)
+            .bind(j.norm)
+            .bind(if accepted { 1i64 } else { 2 })
+            .execute(&mut **tx)
+            .await?;
+            if !accepted {
+                sqlx::query(
+                    "UPDATE work_queue SET state = 'pending' WHERE EXISTS (SELECT 1 FROM assignments a WHERE a.round = $1 \
+                     AND a.worker = $2 AND a.epoch = work_queue.epoch AND a.position = work_queue.position)",
+                )
+                .bind(round as i64)
+                .bind(sub.worker.hex())
+                .execute(&mut **tx)
+                .await?;
+                sqlx::query("UPDATE assignments SET state = 'rejected' WHERE round = $1 AND worker = $2")
+                    .bind(round as i64)
+                    .bind(sub.worker.hex())
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            let outcome = if trust::is_slashing(j.verdict) {
+                agora_verify::Outcome::Slashed
+            } else {
+                agora_verify::Outcome::Scored(j.score)
+            };
+            update_reputation(tx, &sub.worker, outcome, trust_config.reputation_alpha, accepted).await?;
+            tracing::info!(
+                worker = sub.worker.short(),
+                round,
+                verdict = j.verdict,
+                score = j.score,
+                credits,
+                gain_random = j.gains.map(|g| g.random),
+                gain_assigned = j.gains.map(|g| g.assigned),
+                similarity = j.similarity,
+                "judged"
+            );
+        }
+        let root = agora_ledger::RoundRoot::signed(&self.run_id, round, &leaves, &self.key);
+        sqlx::query("INSERT INTO round_roots (round, root, receipts, signed) VALUES ($1, $2, $3, $4)")
+            .bind(round as i64)
+            .bind(root.root.hex())
+            .bind(leaves.len() as i64)
+            .bind(serde_json::to_string(&root).map_err(anyhow::Error::from)?)
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 
@@ -1087,6 +1717,73 @@ async fn release_training(
         .await?
         .rows_affected();
     Ok(released)
+}
+
+/// The run's admission set (None: open) and what a refused worker is told. Reputations of the run named
+/// in `[admission] previous` are carried over first (an identity keeps its standing between phases).
+async fn admission(run: &RunFile, db: &AnyPool) -> Result<(Option<HashSet<WorkerId>>, String)> {
+    let a = &run.admission;
+    let mut ranking: Vec<(WorkerId, f64)> = Vec::new();
+    let mut previous_id = String::new();
+    if let Some(url) = &a.previous {
+        sqlx::any::install_default_drivers();
+        let previous = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(url)
+            .await
+            .with_context(|| format!("[admission] previous: cannot open the earlier run's database {url}"))?;
+        previous_id = sqlx::query("SELECT id FROM run")
+            .fetch_one(&previous)
+            .await
+            .with_context(|| format!("[admission] previous: {url} holds no agora run"))?
+            .try_get("id")?;
+        if let Some(expected) = &a.previous_run {
+            if *expected != previous_id {
+                bail!("[admission] previous: {url} holds run {previous_id}, not previous_run = {expected}");
+            }
+        }
+        let rows = sqlx::query(
+            "SELECT worker, rating, accepted, rejected FROM reputation ORDER BY rating DESC, accepted DESC, worker",
+        )
+        .fetch_all(&previous)
+        .await?;
+        for row in &rows {
+            let worker = worker_col(row, "worker")?;
+            let rating: f64 = row.try_get("rating")?;
+            sqlx::query(
+                "INSERT INTO reputation (worker, rating, accepted, rejected, updated_ms) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (worker) DO NOTHING",
+            )
+            .bind(worker.hex())
+            .bind(rating)
+            .bind(row.try_get::<i64, _>("accepted")?)
+            .bind(row.try_get::<i64, _>("rejected")?)
+            .bind(now_ms())
+            .execute(db)
+            .await?;
+            ranking.push((worker, rating));
+        }
+        previous.close().await;
+    }
+    Ok(match a.policy {
+        AdmissionPolicy::Open => (None, String::new()),
+        AdmissionPolicy::Allowlist => (
+            Some(a.allowlist.iter().copied().collect()),
+            format!("this run admits only the {} public keys of its allowlist", a.allowlist.len()),
+        ),
+        AdmissionPolicy::Cohort => {
+            let cohort: Vec<(WorkerId, f64)> =
+                ranking.iter().copied().filter(|(_, r)| *r > 0.0).take(a.cohort_size).collect();
+            let cutoff = cohort.last().map_or(0.0, |c| c.1);
+            let note = format!(
+                "this run admits only the top {} identities by reputation from run {previous_id} (rating ≥ {cutoff:.3}; {} rated there)",
+                a.cohort_size,
+                ranking.len()
+            );
+            tracing::info!(cohort = cohort.len(), cutoff, "cohort admission from run {previous_id}");
+            (Some(cohort.into_iter().map(|c| c.0).collect()), note)
+        }
+    })
 }
 
 fn round_meta(round: u64) -> BTreeMap<String, String> {

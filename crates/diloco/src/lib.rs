@@ -19,7 +19,7 @@ pub mod units;
 
 pub use codec::{Accumulator, CompressionConfig};
 pub use fragments::FragmentPlan;
-pub use inner::{train_round, RoundStats};
+pub use inner::{train_round, train_steps, RoundStats};
 pub use outer::{mean, pseudo_gradient, OuterConfig, OuterKind, OuterOptimizer};
 pub use sync::{SyncState, Upload};
 pub use units::{cut_units, unit_batches, unit_order};

@@ -1,7 +1,8 @@
 //! Worker identities: an ed25519 key pair kept in the worker's data directory; the public key is the id.
 //!
-//! A request is signed over (run id, method, path, timestamp, blake3 of the body), so a captured
-//! signature cannot be moved to another run, endpoint or body.
+//! A request is signed over (run id, method, path, round, timestamp, nonce, blake3 of the body), so a
+//! captured signature cannot be moved to another run, endpoint, round or body, and the coordinator refuses
+//! one it has seen (the nonce) or one from too far in the past (the timestamp).
 
 use crate::hash::parse_hex32;
 use anyhow::{bail, Context, Result};
@@ -111,22 +112,53 @@ impl Identity {
         hex::encode(self.key.sign(message).to_bytes())
     }
 
-    /// Signature headers for a request: (timestamp ms, signature hex).
-    pub fn sign_request(&self, run_id: &str, method: &str, path: &str, timestamp_ms: u64, body: &[u8]) -> String {
-        self.sign(&signing_message(run_id, method, path, timestamp_ms, body))
+    /// A pseudo-random function keyed by this identity's secret: values others cannot predict (the
+    /// coordinator's spot-check choices and scoring batches) but that it can recompute after a restart.
+    pub fn keyed_hash(&self, context: &str, data: &[u8]) -> [u8; 32] {
+        let key = blake3::derive_key(context, &self.key.to_bytes());
+        *blake3::keyed_hash(&key, data).as_bytes()
+    }
+
+    /// The signature header of a request.
+    pub fn sign_request(&self, request: &SignedRequest<'_>, body: &[u8]) -> String {
+        self.sign(&request.signing_message(body))
     }
 }
 
-/// The 32 bytes a request signature covers.
-pub fn signing_message(run_id: &str, method: &str, path: &str, timestamp_ms: u64, body: &[u8]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_derive_key("agora-protocol v1 request signature");
-    for part in [run_id.as_bytes(), method.as_bytes(), path.as_bytes()] {
-        h.update(&(part.len() as u64).to_le_bytes());
-        h.update(part);
+/// What a request signature covers besides the body; each field travels in its own header.
+#[derive(Debug, Clone, Copy)]
+pub struct SignedRequest<'a> {
+    pub run_id: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    /// The round the request concerns: the path's round for uploads, else the open round as the worker
+    /// last heard it (0 before it knows).
+    pub round: u64,
+    pub timestamp_ms: u64,
+    /// Fresh random hex per request: the coordinator refuses a nonce it has already seen.
+    pub nonce: &'a str,
+}
+
+impl SignedRequest<'_> {
+    /// The 32 bytes a request signature covers.
+    pub fn signing_message(&self, body: &[u8]) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("agora-protocol v3 request signature");
+        for part in [self.run_id, self.method, self.path, self.nonce] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        h.update(&self.round.to_le_bytes());
+        h.update(&self.timestamp_ms.to_le_bytes());
+        h.update(blake3::hash(body).as_bytes());
+        *h.finalize().as_bytes()
     }
-    h.update(&timestamp_ms.to_le_bytes());
-    h.update(blake3::hash(body).as_bytes());
-    *h.finalize().as_bytes()
+}
+
+/// A fresh request nonce: 16 random bytes as hex.
+pub fn new_nonce() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::getrandom(&mut bytes).expect("OS randomness for a request nonce");
+    hex::encode(bytes)
 }
 
 /// Checks a hex signature by `worker` over `message`.

@@ -12,15 +12,17 @@ pub mod messages;
 pub mod tensors;
 
 pub use hash::{hash_bytes, Hash32};
-pub use identity::{signing_message, verify_signature, Identity, WorkerId};
+pub use identity::{new_nonce, verify_signature, Identity, SignedRequest, WorkerId};
 pub use messages::*;
 pub use tensors::{decode_tensors, encode_tensors, NamedTensor, TensorError, TensorSpec};
 
 /// Bumped whenever a message or payload changes incompatibly; the coordinator refuses other versions.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
-/// Request headers. Every worker request carries all four; the signature covers the other three and the body.
+/// Request headers. Every worker request carries all six; the signature covers the other five and the body.
 pub const HEADER_RUN: &str = "x-agora-run";
 pub const HEADER_WORKER: &str = "x-agora-worker";
+pub const HEADER_ROUND: &str = "x-agora-round";
 pub const HEADER_TIMESTAMP: &str = "x-agora-timestamp";
+pub const HEADER_NONCE: &str = "x-agora-nonce";
 pub const HEADER_SIGNATURE: &str = "x-agora-signature";

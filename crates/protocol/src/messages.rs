@@ -24,6 +24,10 @@ pub struct RunInfo {
     pub tokenizer_hash: Hash32,
     /// The run's `[compression]` section: how every pseudo-gradient must be encoded.
     pub compression: serde_json::Value,
+    /// The run's `[trust]` section: how contributions are judged (the worker reads its hash-chain length).
+    pub trust: serde_json::Value,
+    /// The coordinator's ed25519 key: it signs receipts and round roots.
+    pub coordinator_key: WorkerId,
     /// Largest pseudo-gradient upload the coordinator accepts, in bytes.
     pub max_delta_bytes: u64,
     pub heartbeat_interval_ms: u64,
@@ -112,6 +116,42 @@ pub struct SubmitResponse {
     pub delta_hash: Hash32,
     /// False when the same delta had already been accepted (a retried upload): nothing changed.
     pub newly_accepted: bool,
+    /// The hash-chain segment the worker must now prove (`POST /v1/rounds/{round}/proof`), if challenged.
+    pub challenge: Option<u64>,
+}
+
+/// `POST /v1/rounds/{round}/proof`: the answer to a spot check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProofResponse {
+    pub round: u64,
+    pub segment: u64,
+    /// `passed`, or `failed: <why>`.
+    pub spot_check: String,
+}
+
+/// `GET /v1/leaderboard`: one identity's standing, best first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaderboardEntry {
+    pub rank: u64,
+    pub worker: WorkerId,
+    pub name: String,
+    /// EMA of bounded scores in [0, 1]; reset to 0 by proven cheating. Carried over between runs.
+    pub rating: f64,
+    pub accepted: u64,
+    pub rejected: u64,
+    /// Micro-credits earned in this run.
+    pub credits: u64,
+}
+
+/// `GET /v1/ledger`: every account's balance and every round's signed receipt root.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LedgerReport {
+    pub run_id: String,
+    pub coordinator: WorkerId,
+    /// (account, micro-credits); the balances sum to zero (double entry).
+    pub balances: Vec<(String, i64)>,
+    pub entries: u64,
+    pub roots: Vec<serde_json::Value>,
 }
 
 /// Every 4xx/5xx body.

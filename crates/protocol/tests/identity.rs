@@ -1,6 +1,6 @@
 //! Identities and request signatures.
 
-use agora_protocol::{signing_message, verify_signature, Hash32, Identity, WorkerId};
+use agora_protocol::{new_nonce, verify_signature, Hash32, Identity, SignedRequest, WorkerId};
 use proptest::prelude::*;
 
 #[test]
@@ -15,15 +15,22 @@ fn identity_persists_and_signatures_bind_every_field() {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
-    let sig = a.sign_request("run1", "POST", "/v1/work", 42, b"{}");
-    let ok = signing_message("run1", "POST", "/v1/work", 42, b"{}");
+    let nonce = new_nonce();
+    assert_eq!(nonce.len(), 32);
+    assert_ne!(nonce, new_nonce(), "nonces are fresh");
+    let base =
+        SignedRequest { run_id: "run1", method: "POST", path: "/v1/work", round: 7, timestamp_ms: 42, nonce: &nonce };
+    let sig = a.sign_request(&base, b"{}");
+    let ok = base.signing_message(b"{}");
     assert!(verify_signature(&a.id(), &ok, &sig).is_ok());
     for other in [
-        signing_message("run2", "POST", "/v1/work", 42, b"{}"),
-        signing_message("run1", "GET", "/v1/work", 42, b"{}"),
-        signing_message("run1", "POST", "/v1/join", 42, b"{}"),
-        signing_message("run1", "POST", "/v1/work", 43, b"{}"),
-        signing_message("run1", "POST", "/v1/work", 42, b"{ }"),
+        SignedRequest { run_id: "run2", ..base }.signing_message(b"{}"),
+        SignedRequest { method: "GET", ..base }.signing_message(b"{}"),
+        SignedRequest { path: "/v1/join", ..base }.signing_message(b"{}"),
+        SignedRequest { round: 8, ..base }.signing_message(b"{}"),
+        SignedRequest { timestamp_ms: 43, ..base }.signing_message(b"{}"),
+        SignedRequest { nonce: "00", ..base }.signing_message(b"{}"),
+        base.signing_message(b"{ }"),
     ] {
         assert!(verify_signature(&a.id(), &other, &sig).is_err());
     }

@@ -11,4 +11,4 @@ pub mod optim;
 pub mod trainer;
 
 pub use optim::{AdamW, AdamWConfig, Schedule};
-pub use trainer::{evaluate, StepStats, TrainConfig, Trainer};
+pub use trainer::{evaluate, loss_on, StepStats, TrainConfig, Trainer};

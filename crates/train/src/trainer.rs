@@ -211,6 +211,21 @@ pub fn evaluate(model: &Llama, shard: &Shard, seq_len: usize, batch_size: usize,
     Ok(total / count.max(1) as f64)
 }
 
+/// Mean next-token loss of `model` over explicitly chosen windows (each inner slice one batch of window
+/// start offsets into `shard`): how a verifier measures a contribution on the batches it picked.
+pub fn loss_on(model: &Llama, shard: &Shard, batches: &[Vec<usize>], seq_len: usize) -> Result<f64> {
+    ensure_window_fits(shard.len(), seq_len)?;
+    let (mut total, mut count) = (0.0, 0usize);
+    tch::no_grad(|| {
+        for offsets in batches {
+            let (inputs, targets) = batch_tensors(shard, offsets, seq_len, model.device());
+            total += model.loss(&inputs, &targets).double_value(&[]) * offsets.len() as f64;
+            count += offsets.len();
+        }
+    });
+    Ok(total / count.max(1) as f64)
+}
+
 /// The device named on the command line: `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(name: &str) -> Result<Device> {
     match name {

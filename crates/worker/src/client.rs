@@ -1,13 +1,15 @@
 //! The worker's HTTP client: signed requests, JSON in and out, patient retries, and a verified blob cache.
 
 use agora_protocol::{
-    hash_bytes, ErrorBody, Hash32, Identity, HEADER_RUN, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WORKER,
+    hash_bytes, new_nonce, ErrorBody, Hash32, Identity, SignedRequest, HEADER_NONCE, HEADER_ROUND, HEADER_RUN,
+    HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WORKER,
 };
 use anyhow::{Context, Result};
 use reqwest::blocking::{Client as Http, RequestBuilder};
 use reqwest::{Method, StatusCode};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -44,6 +46,13 @@ pub struct Client {
     run_id: String,
     cache: PathBuf,
     patience: Duration,
+    /// The open round as this worker last heard it; signed into every request that names no round.
+    round: Arc<AtomicU64>,
+}
+
+/// The round a `/v1/rounds/{r}/...` path names.
+pub fn path_round(path: &str) -> Option<u64> {
+    path.strip_prefix("/v1/rounds/")?.split('/').next()?.parse().ok()
 }
 
 impl Client {
@@ -57,7 +66,15 @@ impl Client {
             .timeout(Duration::from_secs(300))
             .build()
             .context("cannot build the HTTP client")?;
-        Ok(Client { base, http, identity, run_id: String::new(), cache: data_dir.join("blobs"), patience })
+        Ok(Client {
+            base,
+            http,
+            identity,
+            run_id: String::new(),
+            cache: data_dir.join("blobs"),
+            patience,
+            round: Arc::new(AtomicU64::new(0)),
+        })
     }
 
     /// The same client, signing for `run_id`.
@@ -65,14 +82,25 @@ impl Client {
         Client { run_id: run_id.to_string(), ..self.clone() }
     }
 
+    /// Records the open round the coordinator last named (signed into later requests).
+    pub fn set_round(&self, round: u64) {
+        self.round.store(round, Ordering::Relaxed);
+    }
+
     fn request(&self, method: Method, path: &str, body: Vec<u8>) -> RequestBuilder {
-        let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as u64;
-        let signature = self.identity.sign_request(&self.run_id, method.as_str(), path, timestamp, &body);
+        let timestamp_ms = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as u64;
+        let round = path_round(path).unwrap_or_else(|| self.round.load(Ordering::Relaxed));
+        let nonce = new_nonce();
+        let signed =
+            SignedRequest { run_id: &self.run_id, method: method.as_str(), path, round, timestamp_ms, nonce: &nonce };
+        let signature = self.identity.sign_request(&signed, &body);
         self.http
             .request(method, format!("{}{path}", self.base))
             .header(HEADER_RUN, &self.run_id)
             .header(HEADER_WORKER, self.identity.id().hex())
-            .header(HEADER_TIMESTAMP, timestamp.to_string())
+            .header(HEADER_ROUND, round.to_string())
+            .header(HEADER_TIMESTAMP, timestamp_ms.to_string())
+            .header(HEADER_NONCE, nonce)
             .header(HEADER_SIGNATURE, signature)
             .body(body)
     }

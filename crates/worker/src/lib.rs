@@ -7,6 +7,8 @@
 //! Must not know about: other workers, aggregation, the coordinator's storage. It trusts nothing it
 //! downloads without checking the hash it was told.
 
+#[cfg(feature = "adversary")]
+pub mod adversary;
 mod client;
 mod state;
 
@@ -14,14 +16,17 @@ pub use client::{CallError, Client};
 
 use agora_data::Shard;
 use agora_diloco::tensors::{from_named, param_specs};
-use agora_diloco::{train_round, CompressionConfig, FragmentPlan};
+use agora_diloco::tensors::{load_weights, model_weights};
+use agora_diloco::{train_steps, CompressionConfig, FragmentPlan};
 use agora_model::{Llama, LlamaConfig};
 use agora_protocol::messages::delta_meta;
 use agora_protocol::{
-    decode_tensors, Assignment, Heartbeat, HeartbeatResponse, Identity, JoinRequest, JoinResponse, RunInfo,
-    SubmitResponse, TensorSpec, WorkResponse, PROTOCOL_VERSION,
+    decode_tensors, hash_bytes, Assignment, Hash32, Heartbeat, HeartbeatResponse, Identity, JoinRequest, JoinResponse,
+    ProofResponse, RunInfo, SubmitResponse, TensorSpec, WorkResponse, PROTOCOL_VERSION,
 };
 use agora_train::{TrainConfig, Trainer};
+use agora_verify::chain::{self, segment_bounds};
+use agora_verify::TrustConfig;
 use anyhow::{bail, Context, Result};
 use state::{PendingUpload, WorkerState};
 use std::collections::BTreeMap;
@@ -43,6 +48,9 @@ pub struct WorkerOptions {
     pub max_rounds: Option<u64>,
     /// Give up when the coordinator has been unreachable this long.
     pub patience: Duration,
+    /// Test-only misbehaviour (the adversarial suite); honest unless built with the `adversary` feature.
+    #[cfg(feature = "adversary")]
+    pub behaviour: adversary::Behaviour,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -50,11 +58,16 @@ pub struct WorkerSummary {
     pub worker: String,
     pub rounds_contributed: u64,
     pub rounds_rejected: u64,
+    /// Spot checks answered, and how many the coordinator found wrong.
+    pub spot_checks: u64,
+    pub spot_checks_failed: u64,
     /// Payload bytes of accepted uploads ...
     pub bytes_sent: u64,
     /// ... and what the same pseudo-gradients would take as fp32 values.
     pub fp32_bytes: u64,
     pub bytes_received: u64,
+    /// Seconds spent in inner steps (what verification costs are compared with).
+    pub train_seconds: f64,
     pub finished: bool,
 }
 
@@ -99,6 +112,7 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
 
     let compression: CompressionConfig =
         serde_json::from_value(info.compression.clone()).context("the run's compression config")?;
+    let trust: TrustConfig = serde_json::from_value(info.trust.clone()).context("the run's trust config")?;
     let plan = FragmentPlan::new(&specs, model_config.num_hidden_layers, compression.fragments)?;
     tracing::info!(codec = compression.describe(), "pseudo-gradient encoding");
     let run_dir = options.data_dir.join("runs").join(&info.run_id);
@@ -112,7 +126,16 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
         }
         None => WorkerState::fresh(&specs, &compression),
     };
-    let ctx = RunContext { specs, plan, compression, run_dir, device: options.device };
+    let ctx = RunContext {
+        specs,
+        plan,
+        compression,
+        trust,
+        run_dir,
+        device: options.device,
+        #[cfg(feature = "adversary")]
+        adversary: std::cell::RefCell::new(adversary::Adversary::new(options.behaviour.clone())),
+    };
 
     let progress = Arc::new(Mutex::new(Progress::default()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -122,9 +145,12 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
         worker: identity.id().hex(),
         rounds_contributed: 0,
         rounds_rejected: 0,
+        spot_checks: 0,
+        spot_checks_failed: 0,
         bytes_sent: 0,
         fp32_bytes: 0,
         bytes_received: 0,
+        train_seconds: 0.0,
         finished: false,
     };
     let result = (|| -> Result<()> {
@@ -133,7 +159,7 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
             // the coordinator answers a repeat of an accepted upload with "accepted", so the residual it
             // leaves behind is kept exactly when the coordinator has the payload.
             if let Some(pending) = state.pending.take() {
-                if send_upload(&client, &pending, &mut summary, &identity, &options.name)? {
+                if send_upload(&client, &ctx, &pending, &mut summary, &identity, &options.name)? {
                     state.sync.accepted(&ctx.plan, pending.fragment, pending.residual);
                 }
                 state.save(&ctx.run_dir, &ctx.specs, &ctx.plan)?;
@@ -145,6 +171,9 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
                 return Ok(());
             }
             let work: WorkResponse = client.post_json("/v1/work", &serde_json::json!({}))?;
+            if let WorkResponse::Assignment(Assignment { round, .. }) | WorkResponse::Wait { round, .. } = &work {
+                client.set_round(*round);
+            }
             let assignment = match work {
                 WorkResponse::Finished { rounds, global_hash } => {
                     tracing::info!(rounds, %global_hash, "the run is finished");
@@ -172,14 +201,41 @@ struct RunContext {
     specs: Vec<TensorSpec>,
     plan: FragmentPlan,
     compression: CompressionConfig,
+    trust: TrustConfig,
     run_dir: PathBuf,
     device: Device,
+    #[cfg(feature = "adversary")]
+    adversary: std::cell::RefCell<adversary::Adversary>,
+}
+
+impl RunContext {
+    /// Where the states a round's hash chain commits to are kept until the round is settled.
+    fn proof_dir(&self, round: u64) -> PathBuf {
+        self.run_dir.join("proofs").join(format!("round-{round}"))
+    }
+
+    /// Forgets the chain states of rounds before `round`.
+    fn prune_proofs(&self, round: u64) {
+        let Ok(entries) = std::fs::read_dir(self.run_dir.join("proofs")) else { return };
+        for entry in entries.flatten() {
+            let old = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("round-"))
+                .and_then(|r| r.parse::<u64>().ok())
+                .is_some_and(|r| r < round);
+            if old {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }
 
 /// Uploads a round's payload. Ok(true) when the coordinator has it (now or from an earlier attempt),
 /// Ok(false) when it refused it for being late or reassigned (the run goes on without it).
 fn send_upload(
     client: &Client,
+    ctx: &RunContext,
     p: &PendingUpload,
     summary: &mut WorkerSummary,
     identity: &Identity,
@@ -199,6 +255,10 @@ fn send_upload(
                 loss = p.train_loss,
                 "pseudo-gradient accepted"
             );
+            if let Some(segment) = r.challenge {
+                send_proof(client, ctx, p.round, segment, summary)?;
+            }
+            ctx.prune_proofs(p.round);
             Ok(true)
         }
         // Too late (the round closed, or this worker was dropped and its data reassigned): the work is
@@ -220,6 +280,34 @@ fn send_upload(
         // The coordinator refuses the payload itself: retraining would produce the same, so stop.
         Err(CallError::Rejected { status, body: err }) => {
             bail!("the coordinator refused this worker's pseudo-gradient ({status} {}): {}", err.error, err.message);
+        }
+        Err(CallError::Failed(e)) => Err(e),
+    }
+}
+
+/// Answers a spot check: the challenged segment's start and end states, exactly as committed.
+fn send_proof(client: &Client, ctx: &RunContext, round: u64, segment: u64, summary: &mut WorkerSummary) -> Result<()> {
+    let dir = ctx.proof_dir(round);
+    let read = |k: u64| {
+        let path = dir.join(format!("state-{k}.bin"));
+        std::fs::read(&path)
+            .with_context(|| format!("{}: the committed state of the challenged segment", path.display()))
+    };
+    let (start, end) = (read(segment)?, read(segment + 1)?);
+    let path = format!("/v1/rounds/{round}/proof");
+    summary.spot_checks += 1;
+    match client.post_bytes::<ProofResponse>(&path, chain::proof_body(&start, &end)) {
+        Ok(r) => {
+            tracing::info!(round, segment, spot_check = r.spot_check, "spot check answered");
+            if r.spot_check != "passed" {
+                summary.spot_checks_failed += 1;
+            }
+            Ok(())
+        }
+        Err(CallError::Rejected { body: err, .. }) => {
+            summary.spot_checks_failed += 1;
+            tracing::warn!(round, segment, code = err.error, "spot check refused: {}", err.message);
+            Ok(())
         }
         Err(CallError::Failed(e)) => Err(e),
     }
@@ -247,25 +335,85 @@ fn train_assignment(
     *progress.lock().expect("progress lock") = Progress { round: Some(a.round), step: 0, loss: None };
     tracing::info!(round = a.round, unit = a.unit, epoch = a.epoch, steps = a.inner_steps, "training");
     let start = state.sync.start_weights(&ctx.compression, &ctx.plan, a.round, &global);
-    let (local, stats) = train_round(trainer, &start, &unit, a.first_step, a.inner_steps, |step, s| {
-        let mut p = progress.lock().expect("progress lock");
-        p.step = step;
-        p.loss = Some(s.loss);
-    })?;
-    let finite = tch::no_grad(|| local.iter().all(|t| t.isfinite().all().int64_value(&[]) != 0));
-    if !finite {
-        bail!("round {}: training diverged (non-finite weights); not uploading", a.round);
+    #[cfg(feature = "adversary")]
+    let unit = ctx.adversary.borrow_mut().training_data(unit);
+    load_weights(&trainer.model, &start);
+    // With a hash chain, the round runs segment by segment and the state at every boundary is hashed
+    // (and kept on disk until the round is settled, in case that segment is challenged).
+    let segments = ctx.trust.chain_segments(a.inner_steps);
+    let bounds = if segments > 0 { segment_bounds(a.inner_steps, segments) } else { vec![0, a.inner_steps] };
+    let proofs = ctx.proof_dir(a.round);
+    let mut chain_hashes: Vec<Hash32> = Vec::new();
+    let mut commit = |trainer: &Trainer, k: usize| -> Result<()> {
+        if segments == 0 {
+            return Ok(());
+        }
+        #[allow(unused_mut)]
+        let mut bytes = chain::encode_state(trainer, &ctx.specs);
+        #[cfg(feature = "adversary")]
+        ctx.adversary.borrow_mut().committed_state(&mut bytes, k, &ctx.specs);
+        std::fs::create_dir_all(&proofs).with_context(|| format!("{}: cannot create", proofs.display()))?;
+        let path = proofs.join(format!("state-{k}.bin"));
+        std::fs::write(&path, &bytes).with_context(|| format!("{}: cannot write", path.display()))?;
+        chain_hashes.push(hash_bytes(&bytes));
+        Ok(())
+    };
+    commit(trainer, 0)?;
+    let (mut loss_sum, mut steps_run) = (0.0, 0u64);
+    let training = Instant::now();
+    for (k, window) in bounds.windows(2).enumerate() {
+        #[cfg(feature = "adversary")]
+        if ctx.adversary.borrow().skips_training() {
+            commit(trainer, k + 1)?;
+            continue;
+        }
+        let stats = train_steps(trainer, &unit, a.first_step, a.inner_steps, window[0]..window[1], |step, s| {
+            let mut p = progress.lock().expect("progress lock");
+            p.step = step;
+            p.loss = Some(s.loss);
+        })?;
+        loss_sum += stats.mean_loss * (window[1] - window[0]) as f64;
+        steps_run += window[1] - window[0];
+        commit(trainer, k + 1)?;
     }
-    let metadata = BTreeMap::from([
+    let stats_mean_loss = loss_sum / steps_run.max(1) as f64;
+    summary.train_seconds += training.elapsed().as_secs_f64();
+    #[allow(unused_mut)]
+    let mut local = model_weights(&trainer.model);
+    #[cfg(feature = "adversary")]
+    ctx.adversary.borrow_mut().transform(&global, &mut local);
+    #[cfg(not(feature = "adversary"))]
+    {
+        let finite = tch::no_grad(|| local.iter().all(|t| t.isfinite().all().int64_value(&[]) != 0));
+        if !finite {
+            bail!("round {}: training diverged (non-finite weights); not uploading", a.round);
+        }
+    }
+    let mut metadata = BTreeMap::from([
         (delta_meta::ROUND.to_string(), a.round.to_string()),
         (delta_meta::UNIT.to_string(), a.unit.to_string()),
         (delta_meta::BASE.to_string(), a.global_hash.hex()),
-        (delta_meta::TRAIN_LOSS.to_string(), format!("{}", stats.mean_loss)),
+        (delta_meta::TRAIN_LOSS.to_string(), format!("{stats_mean_loss}")),
     ]);
-    let upload = state.sync.prepare_upload(&ctx.compression, &ctx.plan, &ctx.specs, a.round, &global, local, &metadata);
+    if !chain_hashes.is_empty() {
+        metadata.insert(chain::CHAIN_META.to_string(), chain::chain_to_meta(&chain_hashes));
+    }
+    #[allow(unused_mut)]
+    let mut upload =
+        state.sync.prepare_upload(&ctx.compression, &ctx.plan, &ctx.specs, a.round, &global, local, &metadata);
+    #[cfg(feature = "adversary")]
+    ctx.adversary.borrow_mut().payload(
+        client,
+        &ctx.compression,
+        &ctx.plan,
+        &ctx.specs,
+        a.round,
+        &metadata,
+        &mut upload.payload,
+    );
     tracing::info!(
         round = a.round,
-        loss = stats.mean_loss,
+        loss = stats_mean_loss,
         fragment = upload.fragment,
         bytes = upload.payload.len(),
         secs = started.elapsed().as_secs_f64(),
@@ -275,7 +423,7 @@ fn train_assignment(
         round: a.round,
         unit: a.unit,
         base: a.global_hash,
-        train_loss: stats.mean_loss,
+        train_loss: stats_mean_loss,
         fragment: upload.fragment,
         payload: upload.payload,
         residual: upload.residual,

@@ -48,6 +48,9 @@ pub struct RunSpec {
     pub heartbeat_timeout_secs: u64,
     /// The body of a `[compression]` section (fp32 when empty).
     pub compression: String,
+    /// The bodies of the `[trust]` and `[admission]` sections (defaults when empty).
+    pub trust: String,
+    pub admission: String,
 }
 
 impl Default for RunSpec {
@@ -59,6 +62,8 @@ impl Default for RunSpec {
             deadline_secs: 120,
             heartbeat_timeout_secs: 8,
             compression: String::new(),
+            trust: String::new(),
+            admission: String::new(),
         }
     }
 }
@@ -93,13 +98,19 @@ heartbeat_timeout_secs = {}
 batches = 4
 [compression]
 {}
+[trust]
+{}
+[admission]
+{}
 "#,
             spec.inner_steps,
             spec.rounds,
             spec.min_workers,
             spec.deadline_secs,
             spec.heartbeat_timeout_secs,
-            spec.compression
+            spec.compression,
+            spec.trust,
+            spec.admission
         ),
     )
     .unwrap();
@@ -188,6 +199,11 @@ impl Cluster {
     }
 
     pub fn start_worker(&mut self, name: &str) {
+        self.start_worker_with(name, &[]);
+    }
+
+    /// A worker with extra arguments (e.g. `--behaviour` in the adversarial build).
+    pub fn start_worker_with(&mut self, name: &str, extra: &[&str]) {
         let log = std::fs::File::create(self.log(name)).unwrap();
         let child = Command::new(AGORA)
             .args([
@@ -204,6 +220,7 @@ impl Cluster {
             ])
             .arg("--data-dir")
             .arg(self.dir.join("workers").join(name))
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

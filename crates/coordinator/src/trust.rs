@@ -1,0 +1,259 @@
+//! Judging a round: the blocking computations (decode, similarity, loss before/after, spot-check
+//! re-runs) and the rules that turn them into verdicts. `state.rs` feeds them from storage and records
+//! what they decide, in the round's commit transaction.
+
+use agora_data::sampling::batch_offsets;
+use agora_data::Shard;
+use agora_diloco::codec::{self, Expected};
+use agora_diloco::tensors::load_weights;
+use agora_diloco::{unit_batches, CompressionConfig};
+use agora_model::{Llama, LlamaConfig};
+use agora_protocol::{Hash32, NamedTensor, TensorSpec, WorkerId};
+use agora_verify::{aggregate, bounded_scores, cosine, l2_norm, relative_gain, Gains, TrustConfig};
+use anyhow::{Context, Result};
+use tch::{Device, Tensor};
+
+/// Verdicts, in the order they are tested. Every one but `accepted` earns nothing and stays out of the
+/// aggregate; all but `zero_score` also reset the identity's reputation (proven misbehaviour).
+pub const ACCEPTED: &str = "accepted";
+pub const NORM: &str = "norm";
+pub const REPLAY: &str = "replay";
+pub const COPY: &str = "copy";
+pub const SPOT_CHECK_FAILED: &str = "spot_check_failed";
+pub const ZERO_SCORE: &str = "zero_score";
+/// Points against the consensus of the round's other uploads (negative cosine with their mean).
+pub const OPPOSED: &str = "opposed";
+pub const NON_FINITE: &str = "non_finite";
+
+/// Whether a verdict proves misbehaviour (as opposed to a contribution that merely did not help).
+pub fn is_slashing(verdict: &str) -> bool {
+    !matches!(verdict, ACCEPTED | ZERO_SCORE | OPPOSED)
+}
+
+/// One accepted upload of the round, in acceptance order.
+pub struct Candidate {
+    pub worker: WorkerId,
+    pub payload: bytes::Bytes,
+    /// The data unit the worker was assigned.
+    pub unit: Shard,
+    /// `None`: not challenged; else `pending`, `passed` or `failed: ...`.
+    pub spot_check: Option<String>,
+    /// Its decoded values equal a pseudo-gradient accepted in an earlier round.
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Judgement {
+    pub verdict: &'static str,
+    pub score: f64,
+    pub gains: Option<Gains>,
+    /// Largest cosine with an earlier upload of this round.
+    pub similarity: f64,
+    pub norm: f64,
+}
+
+pub struct RoundJudgement {
+    pub judgements: Vec<Judgement>,
+    /// The aggregate of the accepted pseudo-gradients (fragment tensors), None when none was accepted.
+    pub aggregate: Option<Vec<NamedTensor>>,
+}
+
+/// What judging needs besides the candidates.
+pub struct JudgeContext<'a> {
+    pub trust: &'a TrustConfig,
+    pub compression: &'a CompressionConfig,
+    pub model: &'a LlamaConfig,
+    /// Every tensor of the model, and the indices of the fragment this round synchronises.
+    pub specs: &'a [TensorSpec],
+    pub fragment: usize,
+    pub fragment_tensors: &'a [usize],
+    pub global: &'a [Tensor],
+    pub val: &'a Shard,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    pub inner_steps: u64,
+    /// Secret per-round seed: which held-out and assigned batches are scored.
+    pub seed: u64,
+    /// The previous round of the same fragment's accepted pseudo-gradients (flattened): a near-duplicate
+    /// of one of them is a replay.
+    pub previous: &'a [Vec<f32>],
+}
+
+/// The content hash replay detection compares: blake3 of the decoded values, whatever the metadata.
+pub fn content_hash(compression: &CompressionConfig, specs: &[TensorSpec], payload: &codec::Payload<'_>) -> Hash32 {
+    let mut h = blake3::Hasher::new_derive_key("agora-coordinator v1 delta content");
+    for t in codec::decode(compression, specs, payload) {
+        for v in t.data {
+            h.update(&v.to_le_bytes());
+        }
+    }
+    Hash32(*h.finalize().as_bytes())
+}
+
+pub fn decode_flat(ctx: &JudgeContext<'_>, fragment_specs: &[TensorSpec], bytes: &[u8]) -> Result<Vec<f32>> {
+    let expected = Expected { config: ctx.compression, fragment: ctx.fragment, specs: fragment_specs };
+    let payload = codec::parse(bytes, expected).map_err(|e| anyhow::anyhow!("stored payload: {e}"))?;
+    Ok(codec::decode(ctx.compression, fragment_specs, &payload).into_iter().flat_map(|t| t.data).collect())
+}
+
+/// The `score_batches` batches of a worker's unit that are scored (spread over its round).
+fn assigned_batches(ctx: &JudgeContext<'_>, unit: &Shard) -> Vec<Vec<usize>> {
+    let all = unit_batches(unit.len(), ctx.batch_size, ctx.seq_len, ctx.inner_steps);
+    let k = ctx.trust.score_batches.min(all.len());
+    let offset = (ctx.seed % all.len() as u64) as usize;
+    (0..k).map(|j| all[(offset + j * all.len() / k) % all.len()].clone()).collect()
+}
+
+fn random_batches(ctx: &JudgeContext<'_>) -> Vec<Vec<usize>> {
+    (0..ctx.trust.score_batches as u64)
+        .map(|b| batch_offsets(ctx.seed, &ctx.val.content_hash, b, 0, ctx.batch_size, ctx.seq_len, ctx.val.len()))
+        .collect()
+}
+
+/// Judges every candidate and aggregates the accepted ones.
+pub fn judge_round(ctx: &JudgeContext<'_>, candidates: &[Candidate]) -> Result<RoundJudgement> {
+    let fragment_specs: Vec<TensorSpec> = ctx.fragment_tensors.iter().map(|&i| ctx.specs[i].clone()).collect();
+    let deltas: Vec<Vec<f32>> =
+        candidates.iter().map(|c| decode_flat(ctx, &fragment_specs, &c.payload)).collect::<Result<_>>()?;
+    let norms: Vec<f64> = deltas.iter().map(|d| l2_norm(d)).collect();
+    let mut sorted = norms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median_norm = sorted.get((sorted.len().max(1) - 1) / 2).copied().unwrap_or(0.0);
+
+    let mut judgements: Vec<Judgement> = Vec::with_capacity(candidates.len());
+    for (i, c) in candidates.iter().enumerate() {
+        let similarity = (0..i).map(|j| cosine(&deltas[i], &deltas[j])).fold(0.0, f64::max);
+        let replay = c.replayed
+            || ctx
+                .previous
+                .iter()
+                .any(|p| p.len() == deltas[i].len() && cosine(&deltas[i], p) >= ctx.trust.copy_cosine);
+        let verdict = if norms[i] > ctx.trust.norm_limit * median_norm {
+            NORM
+        } else if replay {
+            REPLAY
+        } else if similarity >= ctx.trust.copy_cosine {
+            COPY
+        } else if c.spot_check.as_deref().is_some_and(|s| s != "passed") {
+            SPOT_CHECK_FAILED
+        } else {
+            ACCEPTED
+        };
+        judgements.push(Judgement { verdict, score: 0.0, gains: None, similarity, norm: norms[i] });
+    }
+
+    // Direction: a Δ pointing away from the mean of the round's other remaining uploads pulls the model
+    // back (a sign flip); it earns nothing and stays out, whatever its loss measurement says.
+    let remaining: Vec<usize> = (0..candidates.len()).filter(|&i| judgements[i].verdict == ACCEPTED).collect();
+    if remaining.len() >= 2 {
+        let mut total = vec![0f64; deltas[0].len()];
+        for &i in &remaining {
+            for (t, &v) in total.iter_mut().zip(&deltas[i]) {
+                *t += f64::from(v);
+            }
+        }
+        for &i in &remaining {
+            let others: Vec<f32> = total.iter().zip(&deltas[i]).map(|(&t, &v)| (t - f64::from(v)) as f32).collect();
+            if cosine(&deltas[i], &others) < 0.0 {
+                judgements[i].verdict = OPPOSED;
+            }
+        }
+    }
+
+    // Loss before and after a step along each remaining Δ, on held-out batches and on its own data.
+    let model = Llama::zeros(ctx.model, Device::Cpu);
+    load_weights(&model, ctx.global);
+    let random = random_batches(ctx);
+    let random_before = agora_train::loss_on(&model, ctx.val, &random, ctx.seq_len)?;
+    for (i, c) in candidates.iter().enumerate() {
+        if judgements[i].verdict != ACCEPTED {
+            continue;
+        }
+        let assigned = assigned_batches(ctx, &c.unit);
+        load_weights(&model, ctx.global);
+        let assigned_before = agora_train::loss_on(&model, &c.unit, &assigned, ctx.seq_len)?;
+        let mut weights: Vec<Tensor> = ctx.global.iter().map(|t| t.shallow_clone()).collect();
+        let mut at = 0;
+        for &t in ctx.fragment_tensors {
+            let n = ctx.global[t].numel();
+            let delta = Tensor::from_slice(&deltas[i][at..at + n]).view(ctx.global[t].size().as_slice());
+            weights[t] = tch::no_grad(|| &ctx.global[t] - delta * ctx.trust.score_scale);
+            at += n;
+        }
+        load_weights(&model, &weights);
+        let gains = Gains {
+            random: relative_gain(random_before, agora_train::loss_on(&model, ctx.val, &random, ctx.seq_len)?),
+            assigned: relative_gain(assigned_before, agora_train::loss_on(&model, &c.unit, &assigned, ctx.seq_len)?),
+        };
+        judgements[i].gains = Some(gains);
+    }
+    let scores = bounded_scores(&judgements.iter().map(|j| j.gains).collect::<Vec<_>>());
+    for (j, score) in judgements.iter_mut().zip(scores) {
+        j.score = score;
+        if j.verdict == ACCEPTED && score <= 0.0 {
+            j.verdict = ZERO_SCORE;
+        }
+    }
+
+    let admitted: Vec<usize> = (0..candidates.len()).filter(|&i| judgements[i].verdict == ACCEPTED).collect();
+    let aggregate = (!admitted.is_empty()).then(|| {
+        let views: Vec<&[f32]> = admitted.iter().map(|&i| deltas[i].as_slice()).collect();
+        let scores: Vec<f64> = admitted.iter().map(|&i| judgements[i].score).collect();
+        let flat = aggregate(ctx.trust.aggregation, &views, &scores);
+        let mut at = 0;
+        fragment_specs
+            .iter()
+            .map(|s| {
+                let n: usize = s.shape.iter().product();
+                let t = NamedTensor { name: s.name.clone(), shape: s.shape.clone(), data: flat[at..at + n].to_vec() };
+                at += n;
+                t
+            })
+            .collect()
+    });
+    Ok(RoundJudgement { judgements, aggregate })
+}
+
+/// Whether the submission with this payload hash is challenged, and which segment: a keyed choice the
+/// worker could not predict when it committed.
+pub fn challenge_for(choice: [u8; 32], spot_check: f64, segments: u64) -> Option<u64> {
+    if segments == 0 || spot_check <= 0.0 {
+        return None;
+    }
+    let draw = u64::from_le_bytes(choice[..8].try_into().expect("8 bytes")) as f64 / u64::MAX as f64;
+    (draw < spot_check).then(|| u64::from_le_bytes(choice[8..16].try_into().expect("8 bytes")) % segments)
+}
+
+/// Re-runs a challenged segment; returns the `spot_check` column's new value.
+#[allow(clippy::too_many_arguments)]
+pub fn run_spot_check(
+    model: &LlamaConfig,
+    train: &agora_train::TrainConfig,
+    specs: &[TensorSpec],
+    unit: &Shard,
+    first_step: u64,
+    steps: u64,
+    segments: u64,
+    segment: u64,
+    start: &[u8],
+    end: &[u8],
+    tolerance: f64,
+) -> Result<String> {
+    let bounds = agora_verify::chain::segment_bounds(steps, segments);
+    let (from, to) = (bounds[segment as usize], bounds[segment as usize + 1]);
+    let check = agora_verify::chain::recompute(
+        &agora_verify::chain::Segment { model, train, specs, unit, first_step, steps, from, to },
+        start,
+        end,
+        tolerance,
+    )
+    .context("spot check")?;
+    tracing::info!(
+        segment,
+        passed = check.passed,
+        exact = check.exact,
+        error = check.update_error,
+        "spot check re-run"
+    );
+    Ok(if check.passed { "passed".to_string() } else { format!("failed: {}", check.reason) })
+}

@@ -1,0 +1,191 @@
+//! agora-ledger: who earned what, in a form a worker can check without trusting the coordinator's database.
+//!
+//! Owns: coordinator-signed receipts (one per submission), per-round Merkle roots over receipt digests with
+//! inclusion proofs, double-entry postings (every worker credit debits the run's pool), the credit formula,
+//! and offline verification of a worker's statement.
+//! Must not know about: storage, HTTP, tensors. Statements arrive from the network, so every check here
+//! returns an error instead of panicking.
+
+mod merkle;
+mod statement;
+
+pub use merkle::{inclusion_proof, merkle_root, root_from_proof, InclusionProof};
+pub use statement::{verify_statement, ProvenReceipt, VerifyReport, WorkerStatement};
+
+use agora_protocol::{verify_signature, Hash32, Identity, WorkerId};
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// The verdict of a receipt that earned credits; anything else is a rejection code.
+pub const ACCEPTED: &str = "accepted";
+
+/// One submission's outcome, signed by the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub run_id: String,
+    pub round: u64,
+    pub worker: WorkerId,
+    pub delta_hash: Hash32,
+    pub tokens: u64,
+    /// Bounded score in [0, 1].
+    pub score: f64,
+    /// Micro-credits (1e-6 credit) paid from the run's pool; 0 when rejected.
+    pub credits: u64,
+    /// "accepted", or the rejection code (e.g. "spot_check_failed", "copy", "replay", "norm", "zero_score").
+    pub verdict: String,
+}
+
+// Length prefixes keep variable-length fields from sliding into each other ("ab"+"c" vs "a"+"bc").
+fn update_str(h: &mut blake3::Hasher, s: &str) {
+    h.update(&(s.len() as u64).to_le_bytes());
+    h.update(s.as_bytes());
+}
+
+impl Receipt {
+    /// The Merkle leaf: blake3 keyed by derive_key("agora-ledger v1 receipt") over every field.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("agora-ledger v1 receipt");
+        update_str(&mut h, &self.run_id);
+        h.update(&self.round.to_le_bytes());
+        h.update(&self.worker.0);
+        h.update(&self.delta_hash.0);
+        h.update(&self.tokens.to_le_bytes());
+        h.update(&self.score.to_bits().to_le_bytes());
+        h.update(&self.credits.to_le_bytes());
+        update_str(&mut h, &self.verdict);
+        *h.finalize().as_bytes()
+    }
+
+    pub fn sign(&self, coordinator: &Identity) -> SignedReceipt {
+        SignedReceipt { receipt: self.clone(), signature: coordinator.sign(&self.digest()) }
+    }
+
+    pub fn accepted(&self) -> bool {
+        self.verdict == ACCEPTED
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignedReceipt {
+    pub receipt: Receipt,
+    /// Hex ed25519 signature by the coordinator over `receipt.digest()`.
+    pub signature: String,
+}
+
+impl SignedReceipt {
+    pub fn verify(&self, coordinator: &WorkerId) -> anyhow::Result<()> {
+        verify_signature(coordinator, &self.receipt.digest(), &self.signature)
+            .with_context(|| format!("receipt is not signed by coordinator {}", coordinator.short()))
+    }
+}
+
+/// A round's published root, signed by the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundRoot {
+    pub run_id: String,
+    pub round: u64,
+    pub root: Hash32,
+    /// Number of receipts (leaves) under `root`; pins the tree's shape for proofs.
+    pub receipts: u64,
+    /// Hex ed25519 signature by the coordinator over `digest(..)`.
+    pub signature: String,
+}
+
+impl RoundRoot {
+    pub fn digest(run_id: &str, round: u64, root: &Hash32, receipts: u64) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("agora-ledger v1 round root");
+        update_str(&mut h, run_id);
+        h.update(&round.to_le_bytes());
+        h.update(&root.0);
+        h.update(&receipts.to_le_bytes());
+        *h.finalize().as_bytes()
+    }
+
+    /// Roots and signs a round's receipt digests (in the order proofs will index them).
+    pub fn signed(run_id: &str, round: u64, leaves: &[[u8; 32]], coordinator: &Identity) -> RoundRoot {
+        let root = Hash32(merkle_root(leaves));
+        let receipts = leaves.len() as u64;
+        let signature = coordinator.sign(&Self::digest(run_id, round, &root, receipts));
+        RoundRoot { run_id: run_id.to_string(), round, root, receipts, signature }
+    }
+
+    pub fn verify(&self, coordinator: &WorkerId) -> anyhow::Result<()> {
+        let digest = Self::digest(&self.run_id, self.round, &self.root, self.receipts);
+        verify_signature(coordinator, &digest, &self.signature)
+            .with_context(|| format!("round {} root is not signed by coordinator {}", self.round, coordinator.short()))
+    }
+}
+
+/// Double-entry: every credit to a worker has a matching debit of the run's pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Posting {
+    pub account: String,
+    pub amount: i64,
+}
+
+pub fn pool_account(run_id: &str) -> String {
+    format!("pool:{run_id}")
+}
+
+pub fn worker_account(worker: &WorkerId) -> String {
+    format!("worker:{}", worker.hex())
+}
+
+/// The two postings of a receipt (+credits to the worker, −credits to the pool); empty when it paid nothing.
+/// Amounts beyond i64::MAX saturate on both sides, so the pair still sums to zero.
+pub fn postings(receipt: &Receipt) -> Vec<Posting> {
+    if receipt.credits == 0 {
+        return Vec::new();
+    }
+    let amount = i64::try_from(receipt.credits).unwrap_or(i64::MAX);
+    vec![
+        Posting { account: worker_account(&receipt.worker), amount },
+        Posting { account: pool_account(&receipt.run_id), amount: -amount },
+    ]
+}
+
+/// Micro-credits for a submission: floor(tokens × clamp(score, 0, 1) × micro_per_token), saturating.
+/// A NaN or negative score or rate pays nothing.
+pub fn credits_for(tokens: u64, score: f64, micro_per_token: f64) -> u64 {
+    let score = if score.is_nan() { 0.0 } else { score.clamp(0.0, 1.0) };
+    let credits = tokens as f64 * score * micro_per_token;
+    if credits.is_nan() || credits <= 0.0 {
+        0
+    } else {
+        // `as` saturates at u64::MAX (and +inf), which is the intended behaviour.
+        credits.floor() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credits_edge_cases() {
+        assert_eq!(credits_for(1000, 0.5, 2.0), 1000);
+        assert_eq!(credits_for(1000, f64::NAN, 2.0), 0);
+        assert_eq!(credits_for(1000, -1.0, 2.0), 0);
+        assert_eq!(credits_for(1000, 7.0, 2.0), 2000);
+        assert_eq!(credits_for(1000, 1.0, f64::NAN), 0);
+        assert_eq!(credits_for(1000, 1.0, -3.0), 0);
+        assert_eq!(credits_for(u64::MAX, 1.0, f64::INFINITY), u64::MAX);
+        assert_eq!(credits_for(3, 0.5, 1.0), 1);
+    }
+
+    #[test]
+    fn saturated_postings_still_balance() {
+        let receipt = Receipt {
+            run_id: "r".into(),
+            round: 0,
+            worker: WorkerId([1; 32]),
+            delta_hash: Hash32([2; 32]),
+            tokens: 1,
+            score: 1.0,
+            credits: u64::MAX,
+            verdict: ACCEPTED.into(),
+        };
+        let p = postings(&receipt);
+        assert_eq!(p[0].amount + p[1].amount, 0);
+    }
+}
