@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 ENV := . scripts/env.sh &&
 
-.PHONY: all setup setup-test build demo test lint bench clean
+.PHONY: all setup setup-test build demo test lint bench bench-trust clean
 
 all: build
 
@@ -32,6 +32,10 @@ test: setup-test
 
 bench: build setup-test
 	bench/run.sh
+
+# The adversarial suite (a separate build with the test-only misbehaving workers); appends to TRUST.md.
+bench-trust: setup
+	bench/trust.sh
 
 clean:
 	rm -rf target runs

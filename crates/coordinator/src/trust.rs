@@ -21,13 +21,14 @@ pub const REPLAY: &str = "replay";
 pub const COPY: &str = "copy";
 pub const SPOT_CHECK_FAILED: &str = "spot_check_failed";
 pub const ZERO_SCORE: &str = "zero_score";
-/// Points against the consensus of the round's other uploads (negative cosine with their mean).
-pub const OPPOSED: &str = "opposed";
+/// Points against or across the consensus of the round's other uploads (cosine with their mean below
+/// `min_agreement`): a sign flip, or noise.
+pub const OFF_CONSENSUS: &str = "off_consensus";
 pub const NON_FINITE: &str = "non_finite";
 
 /// Whether a verdict proves misbehaviour (as opposed to a contribution that merely did not help).
 pub fn is_slashing(verdict: &str) -> bool {
-    !matches!(verdict, ACCEPTED | ZERO_SCORE | OPPOSED)
+    !matches!(verdict, ACCEPTED | ZERO_SCORE | OFF_CONSENSUS)
 }
 
 /// One accepted upload of the round, in acceptance order.
@@ -143,7 +144,8 @@ pub fn judge_round(ctx: &JudgeContext<'_>, candidates: &[Candidate]) -> Result<R
     }
 
     // Direction: a Δ pointing away from the mean of the round's other remaining uploads pulls the model
-    // back (a sign flip); it earns nothing and stays out, whatever its loss measurement says.
+    // back (a sign flip), one across it adds noise; it earns nothing and stays out, whatever its loss
+    // measurement says.
     let remaining: Vec<usize> = (0..candidates.len()).filter(|&i| judgements[i].verdict == ACCEPTED).collect();
     if remaining.len() >= 2 {
         let mut total = vec![0f64; deltas[0].len()];
@@ -154,8 +156,8 @@ pub fn judge_round(ctx: &JudgeContext<'_>, candidates: &[Candidate]) -> Result<R
         }
         for &i in &remaining {
             let others: Vec<f32> = total.iter().zip(&deltas[i]).map(|(&t, &v)| (t - f64::from(v)) as f32).collect();
-            if cosine(&deltas[i], &others) < 0.0 {
-                judgements[i].verdict = OPPOSED;
+            if cosine(&deltas[i], &others) < ctx.trust.min_agreement {
+                judgements[i].verdict = OFF_CONSENSUS;
             }
         }
     }

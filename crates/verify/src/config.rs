@@ -30,6 +30,9 @@ pub struct TrustConfig {
     pub norm_limit: f64,
     /// Cosine similarity at or above which the later of two same-round uploads is a copy.
     pub copy_cosine: f64,
+    /// Least cosine between a Δ and the mean of the round's other uploads. Honest workers' Δs agree
+    /// (0.2–0.8 measured); a sign flip is negative and random noise of model size is within ±0.005.
+    pub min_agreement: f64,
     /// Reputation EMA weight of a new score.
     pub reputation_alpha: f64,
     /// Micro-credits per token trained at score 1.
@@ -50,6 +53,7 @@ impl Default for TrustConfig {
             score_scale: 0.25,
             norm_limit: 10.0,
             copy_cosine: 0.95,
+            min_agreement: 0.01,
             reputation_alpha: 0.2,
             micro_credits_per_token: 1.0,
             reward_pool: 1_000_000_000_000_000,
@@ -76,6 +80,9 @@ impl TrustConfig {
             if v.is_nan() || v <= 0.0 {
                 bail!("trust.{name} must be positive, got {v}");
             }
+        }
+        if !(-1.0..1.0).contains(&self.min_agreement) {
+            bail!("trust.min_agreement must be in [-1, 1), got {}", self.min_agreement);
         }
         if !(self.copy_cosine > 0.0 && self.copy_cosine <= 1.0) {
             bail!("trust.copy_cosine must be in (0, 1], got {}", self.copy_cosine);

@@ -199,11 +199,12 @@ impl Cluster {
     }
 
     pub fn start_worker(&mut self, name: &str) {
-        self.start_worker_with(name, &[]);
+        self.start_worker_with(name, &self.dir.join("workers").join(name), &[]);
     }
 
-    /// A worker with extra arguments (e.g. `--behaviour` in the adversarial build).
-    pub fn start_worker_with(&mut self, name: &str, extra: &[&str]) {
+    /// A worker keeping its identity and state in `data_dir`, with extra arguments (e.g. `--behaviour` in
+    /// the adversarial build).
+    pub fn start_worker_with(&mut self, name: &str, data_dir: &Path, extra: &[&str]) {
         let log = std::fs::File::create(self.log(name)).unwrap();
         let child = Command::new(AGORA)
             .args([
@@ -219,7 +220,7 @@ impl Cluster {
                 name,
             ])
             .arg("--data-dir")
-            .arg(self.dir.join("workers").join(name))
+            .arg(data_dir)
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(log)

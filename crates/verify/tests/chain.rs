@@ -1,0 +1,98 @@
+//! The hash chain and its spot check: an honest segment re-runs bit for bit; states from other data,
+//! states that skipped the work, and proofs that are not the committed states all fail.
+
+use agora_data::Shard;
+use agora_diloco::tensors::param_specs;
+use agora_diloco::train_steps;
+use agora_model::{preset, Llama};
+use agora_protocol::hash_bytes;
+use agora_train::{TrainConfig, Trainer};
+use agora_verify::chain::{self, segment_bounds, Segment};
+use tch::Device;
+
+const STEPS: u64 = 8;
+const SEGMENTS: u64 = 4;
+
+fn setup() -> (agora_model::LlamaConfig, TrainConfig, Shard) {
+    let config = preset("tiny", Some(300)).unwrap();
+    let train = TrainConfig { batch_size: 2, seq_len: 16, steps: 100, warmup_steps: 2, ..TrainConfig::default() };
+    // A unit of exactly STEPS batches of 2 windows of 17 tokens.
+    let tokens: Vec<u32> = (0..STEPS as usize * 2 * 17).map(|i| ((i * 7919) % 300) as u32).collect();
+    (config, train, Shard::from_tokens(tokens, [1; 32], 300).unwrap())
+}
+
+/// Trains a whole round on `data` and returns the encoded state at every segment boundary.
+fn chain_of(config: &agora_model::LlamaConfig, train: &TrainConfig, data: &Shard) -> Vec<Vec<u8>> {
+    let specs = param_specs(config);
+    let mut trainer = Trainer::new(Llama::new(config, Device::Cpu, 5), train.clone()).unwrap();
+    let bounds = segment_bounds(STEPS, SEGMENTS);
+    let mut states = vec![chain::encode_state(&trainer, &specs)];
+    for w in bounds.windows(2) {
+        train_steps(&mut trainer, data, 10, STEPS, w[0]..w[1], |_, _| {}).unwrap();
+        states.push(chain::encode_state(&trainer, &specs));
+    }
+    states
+}
+
+#[test]
+fn spot_checks_reproduce_honest_segments_and_catch_the_rest() {
+    tch::set_num_threads(1);
+    let (config, train, unit) = setup();
+    let specs = param_specs(&config);
+    let states = chain_of(&config, &train, &unit);
+    assert_eq!(states.len(), SEGMENTS as usize + 1);
+    let hashes: Vec<_> = states.iter().map(|s| hash_bytes(s)).collect();
+    let meta = std::collections::BTreeMap::from([(chain::CHAIN_META.to_string(), chain::chain_to_meta(&hashes))]);
+    assert_eq!(chain::parse_chain(&meta, SEGMENTS).unwrap(), hashes);
+    assert!(chain::parse_chain(&meta, SEGMENTS + 1).is_err());
+
+    let bounds = segment_bounds(STEPS, SEGMENTS);
+    let segment = |k: usize| Segment {
+        model: &config,
+        train: &train,
+        specs: &specs,
+        unit: &unit,
+        first_step: 10,
+        steps: STEPS,
+        from: bounds[k],
+        to: bounds[k + 1],
+    };
+    for k in 0..SEGMENTS as usize {
+        let check = chain::recompute(&segment(k), &states[k], &states[k + 1], 0.01).unwrap();
+        assert!(check.passed && check.exact, "segment {k}: {check:?}");
+    }
+
+    // Trained on other data (the unit reversed): its own chain is consistent, but not with the assignment.
+    let mut reversed = unit.tokens().to_vec();
+    reversed.reverse();
+    let other = chain_of(&config, &train, &Shard::from_tokens(reversed, [1; 32], 300).unwrap());
+    let check = chain::recompute(&segment(1), &other[1], &other[2], 0.01).unwrap();
+    assert!(!check.passed && check.update_error > 0.1, "{check:?}");
+
+    // Skipped the work: the "end" state is the start state.
+    let check = chain::recompute(&segment(2), &states[2], &states[2], 0.01).unwrap();
+    assert!(!check.passed, "{check:?}");
+
+    // Perturbed end state (committed to a state it never reached).
+    let mut lie = chain::decode_state(&states[3], &specs).unwrap();
+    lie.weights[0].data[0] += 1e-3;
+    let (tensors, meta): (Vec<_>, _) = {
+        let mut t: Vec<agora_protocol::NamedTensor> = Vec::new();
+        for (p, part) in [("w", &lie.weights), ("m", &lie.exp_avg), ("v", &lie.exp_avg_sq)] {
+            t.extend(part.iter().map(|x| agora_protocol::NamedTensor { name: format!("{p}.{}", x.name), ..x.clone() }));
+        }
+        (t, std::collections::BTreeMap::from([("agora.step".to_string(), lie.step.to_string())]))
+    };
+    let forged = agora_protocol::encode_tensors(&tensors, &meta);
+    let check = chain::recompute(&segment(2), &states[2], &forged, 0.01).unwrap();
+    assert!(!check.exact, "{check:?}");
+
+    // Proof framing.
+    let body = chain::proof_body(&states[0], &states[1]);
+    assert_eq!(chain::split_proof(&body).unwrap(), (&states[0][..], &states[1][..]));
+    assert!(chain::split_proof(&body[..4]).is_err());
+    let mut bad = body.clone();
+    bad[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(chain::split_proof(&bad).is_err());
+    assert!(chain::decode_state(b"garbage", &specs).is_err());
+}
