@@ -6,7 +6,7 @@
 
 use crate::bench_compression::parse_codec;
 use agora_ledger::WorkerStatement;
-use agora_protocol::{LeaderboardEntry, RunInfo, StatusReport, WorkerId};
+use agora_protocol::{JudgedSubmission, LeaderboardEntry, RunInfo, StatusReport, WorkerId};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
@@ -71,6 +71,10 @@ pub struct Scenario {
     pub train_seconds: f64,
     /// Every receipt of every worker verified offline against the signed round roots.
     pub receipts_verified: usize,
+    /// Mean (assigned − random) held-out gain over the judged uploads that were scored: the evidence of
+    /// training on the assignment, for the honest workers and for the attacker.
+    pub honest_evidence: Option<f64>,
+    pub attacker_evidence: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -242,7 +246,20 @@ fn scenario(args: &TrustArgs, corpus: &Path, behaviour: Option<&str>) -> Result<
         judge_seconds: counter(&status, "judge_ms") as f64 / 1000.0,
         train_seconds: summaries.values().filter_map(|s| s["train_seconds"].as_f64()).sum(),
         receipts_verified: 0,
+        honest_evidence: None,
+        attacker_evidence: None,
     };
+    let judged: Vec<JudgedSubmission> = get(&url, "/v1/judgements")?;
+    let evidence = |honest: bool| -> Option<f64> {
+        let xs: Vec<f64> = judged
+            .iter()
+            .filter(|j| names.get(&j.worker).is_some_and(|n| n.starts_with("honest")) == honest)
+            .filter_map(|j| Some(j.gain_assigned? - j.gain_random?))
+            .collect();
+        (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+    };
+    result.honest_evidence = evidence(true);
+    result.attacker_evidence = evidence(false);
     let refused_nan = counter(&status, "rejected.non_finite");
     if refused_nan > 0 {
         result.attacker_verdicts.insert("non_finite (refused at upload)".into(), refused_nan);
@@ -343,12 +360,13 @@ pub fn trust(mut args: TrustArgs) -> Result<()> {
     );
     println!("honest-only run (3 workers): val loss {:.4}, honest credits {}\n", b.final_val_loss, b.honest_credits);
     println!(
-        "| attack | attacker's verdicts | attacker credits | honest credits vs honest-only | val loss | vs honest-only | honest refused |"
+        "| attack | attacker's verdicts | attacker credits | honest credits vs honest-only | val loss | vs honest-only | honest refused | assigned − random gain (honest / attacker) |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    let evidence = |e: Option<f64>| e.map_or("-".to_string(), |e| format!("{e:+.4}"));
     for s in &report.attacks {
         println!(
-            "| {} | {} | {} | {:.3} | {:.4} | {:+.2}% | {}/{} |",
+            "| {} | {} | {} | {:.3} | {:.4} | {:+.2}% | {}/{} | {} / {} |",
             s.behaviour,
             describe(&s.attacker_verdicts),
             s.attacker_credits,
@@ -356,7 +374,9 @@ pub fn trust(mut args: TrustArgs) -> Result<()> {
             s.final_val_loss,
             100.0 * (s.final_val_loss / b.final_val_loss - 1.0),
             s.honest_rejected,
-            s.honest_submissions
+            s.honest_submissions,
+            evidence(s.honest_evidence),
+            evidence(s.attacker_evidence)
         );
     }
     let all = || report.attacks.iter().chain([&report.baseline]);

@@ -76,6 +76,42 @@ struct Summary {
     sample: String,
     distributed_seconds: f64,
     baseline_seconds: f64,
+    trust: TrustSummary,
+}
+
+/// How the run's uploads were judged and paid.
+#[derive(Debug, Serialize)]
+struct TrustSummary {
+    uploads_judged: u64,
+    uploads_accepted: u64,
+    spot_checks: u64,
+    spot_checks_passed: u64,
+    /// Micro-credits per worker name.
+    credits: BTreeMap<String, u64>,
+    /// Every worker's receipts checked against the signed round roots, as `agora ledger verify` does.
+    receipts_verified: usize,
+}
+
+fn trust_summary(url: &str, info: &RunInfo, report: &StatusReport) -> Result<TrustSummary> {
+    let judged: Vec<agora_protocol::JudgedSubmission> = crate::net::fetch_json(url, "/v1/judgements")?;
+    let mut credits = BTreeMap::new();
+    let mut receipts_verified = 0;
+    for w in &report.workers {
+        let statement: agora_ledger::WorkerStatement =
+            crate::net::fetch_json(url, &format!("/v1/ledger?worker={}", w.id.hex()))?;
+        receipts_verified += agora_ledger::verify_statement(&statement, Some(&info.coordinator_key))
+            .with_context(|| format!("{}'s receipts do not verify", w.name))?
+            .receipts;
+        credits.insert(w.name.clone(), statement.balance);
+    }
+    Ok(TrustSummary {
+        uploads_judged: judged.len() as u64,
+        uploads_accepted: judged.iter().filter(|j| j.verdict == "accepted").count() as u64,
+        spot_checks: judged.iter().filter(|j| j.spot_check.is_some()).count() as u64,
+        spot_checks_passed: judged.iter().filter(|j| j.spot_check.as_deref() == Some("passed")).count() as u64,
+        credits,
+        receipts_verified,
+    })
 }
 
 /// Child processes that die with the demo.
@@ -191,6 +227,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let model = Llama::zeros(&config, Device::Cpu);
     load_weights(&model, &from_named(&weights, Device::Cpu));
     let tokenizer = Tokenizer::from_json_bytes(&fetch(&info.tokenizer_hash)?)?;
+    let trust = trust_summary(&url, &info, &report)?;
     drop(children);
 
     writeln!(
@@ -242,6 +279,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         sample,
         distributed_seconds,
         baseline_seconds,
+        trust,
     };
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
@@ -422,6 +460,14 @@ fn print_summary(s: &Summary, out: &Path) {
         human_bytes(s.bytes_per_round_per_worker as u64),
         s.compression_ratio
     );
+    let t = &s.trust;
+    println!(
+        "trust: {} uploads judged, {} accepted; {} spot checks (segments re-run by the coordinator), {} passed; \
+         {} receipts verified against the signed round roots",
+        t.uploads_judged, t.uploads_accepted, t.spot_checks, t.spot_checks_passed, t.receipts_verified
+    );
+    let credits: Vec<String> = t.credits.iter().map(|(n, c)| format!("{n} {:.4}", *c as f64 / 1e6)).collect();
+    println!("credits earned: {}", credits.join(", "));
     println!("time: distributed {:.0}s, baseline {:.0}s", s.distributed_seconds, s.baseline_seconds);
     println!(
         "\nsample from the final global weights (temperature 0.8):\n  {}",

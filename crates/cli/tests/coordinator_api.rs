@@ -413,3 +413,32 @@ fn status_command_reports_the_run() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
 }
+
+/// `[admission] policy = "allowlist"`: listed keys join; anyone else gets 403 `not_admitted`, saying why.
+#[test]
+fn allowlist_admits_only_its_keys() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let member = Identity::generate().unwrap();
+    let spec = RunSpec {
+        admission: format!("policy = \"allowlist\"\nallowlist = [\"{}\"]", member.id().hex()),
+        ..RunSpec::default()
+    };
+    let cluster = Cluster::start(dir.path(), &spec, None);
+    let http = Client::new();
+    let info: RunInfo = http.get(format!("{}/v1/run", cluster.url)).send().unwrap().json().unwrap();
+    let api = Api { http, url: cluster.url.clone(), run_id: info.run_id.clone(), identity: member };
+    let join = |id: &Identity| {
+        let body =
+            serde_json::to_vec(&JoinRequest { protocol_version: PROTOCOL_VERSION, worker: id.id(), name: "x".into() })
+                .unwrap();
+        api.signed_as(id, &api.run_id, "POST", "/v1/join", body.clone(), &body)
+    };
+    assert_eq!(join(&api.identity).send().unwrap().status(), StatusCode::OK);
+    let outsider = Identity::generate().unwrap();
+    let response = join(&outsider).send().unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let body: ErrorBody = response.json().unwrap();
+    assert_eq!(body.error, "not_admitted");
+    assert!(body.message.contains("allowlist"), "{}", body.message);
+}

@@ -302,4 +302,8 @@ fn demo_prints_a_json_summary() {
     assert!(loss.is_finite() && loss < (512f64).ln(), "trained below uniform: {loss}");
     assert!(summary["sample"].as_str().unwrap().len() > 3);
     assert!(stderr.contains("round"), "the live view goes to stderr with --json: {stderr}");
+    let trust = &summary["trust"];
+    assert_eq!(trust["uploads_judged"], 4, "{trust}");
+    assert_eq!(trust["receipts_verified"], 4, "every receipt checked against its signed round root: {trust}");
+    assert_eq!(trust["credits"].as_object().unwrap().len(), 2, "{trust}");
 }

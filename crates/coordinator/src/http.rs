@@ -40,6 +40,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/rounds/{round}/proof", post(proof))
         .route("/v1/blobs/{hash}", get(blob))
         .route("/v1/leaderboard", get(leaderboard))
+        .route("/v1/judgements", get(judgements))
         .route("/v1/ledger", get(ledger))
         .route("/v1/status", get(status))
         .route("/v1/contributions", get(contributions))
@@ -277,6 +278,11 @@ async fn proof(
         app.proof(worker, round, body).await
     }
     .await;
+    reply(&app, result)
+}
+
+async fn judgements(State(app): State<App>) -> Response {
+    let result = app.judgements().await;
     reply(&app, result)
 }
 

@@ -26,8 +26,8 @@ use agora_model::{Llama, LlamaConfig};
 use agora_protocol::messages::delta_meta;
 use agora_protocol::{
     decode_tensors, encode_tensors, Assignment, Contribution, Hash32, Heartbeat, HeartbeatResponse, Identity,
-    JoinResponse, LeaderboardEntry, LedgerReport, ProofResponse, RoundSummary, RunInfo, StatusReport, SubmitResponse,
-    TensorSpec, WorkResponse, WorkerId, WorkerStatus, PROTOCOL_VERSION,
+    JoinResponse, JudgedSubmission, LeaderboardEntry, LedgerReport, ProofResponse, RoundSummary, RunInfo, StatusReport,
+    SubmitResponse, TensorSpec, WorkResponse, WorkerId, WorkerStatus, PROTOCOL_VERSION,
 };
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -985,6 +985,33 @@ impl Coordinator {
             self.maybe_close_round(&mut live).await?;
         }
         Ok(ProofResponse { round, segment, spot_check: verdict })
+    }
+
+    /// Every judged upload, in round and acceptance order.
+    pub async fn judgements(&self) -> Result<Vec<JudgedSubmission>, ApiError> {
+        sqlx::query(
+            "SELECT round, worker, delta_hash, verdict, score, credits, gain_random, gain_assigned, similarity, spot_check \
+             FROM submissions WHERE verdict IS NOT NULL ORDER BY round, seq",
+        )
+        .fetch_all(&self.db)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(JudgedSubmission {
+                round: r.try_get::<i64, _>("round")? as u64,
+                worker: worker_col(r, "worker")?,
+                delta_hash: hash_col(r, "delta_hash")?,
+                verdict: r.try_get("verdict")?,
+                score: r.try_get::<Option<f64>, _>("score")?.unwrap_or(0.0),
+                credits: r.try_get::<Option<i64>, _>("credits")?.unwrap_or(0) as u64,
+                gain_random: r.try_get("gain_random")?,
+                gain_assigned: r.try_get("gain_assigned")?,
+                similarity: r.try_get("similarity")?,
+                spot_check: r.try_get("spot_check")?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()
+        .map_err(ApiError::from)
     }
 
     /// Identities by reputation, best first.

@@ -129,6 +129,27 @@ pub struct ProofResponse {
     pub spot_check: String,
 }
 
+/// `GET /v1/judgements`: how each judged upload fared, round by round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JudgedSubmission {
+    pub round: u64,
+    pub worker: WorkerId,
+    pub delta_hash: Hash32,
+    /// `accepted`, or why not (`norm`, `replay`, `copy`, `spot_check_failed`, `off_consensus`, `zero_score`).
+    pub verdict: String,
+    pub score: f64,
+    pub credits: u64,
+    /// Relative loss improvement of a step along the Δ on random held-out batches, and on the worker's
+    /// assigned batches (assigned > random is evidence it trained on its assignment); None when a hard
+    /// check rejected it first.
+    pub gain_random: Option<f64>,
+    pub gain_assigned: Option<f64>,
+    /// Largest cosine with an earlier upload of the round.
+    pub similarity: Option<f64>,
+    /// None: not challenged; else `passed` or `failed: ...`.
+    pub spot_check: Option<String>,
+}
+
 /// `GET /v1/leaderboard`: one identity's standing, best first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeaderboardEntry {

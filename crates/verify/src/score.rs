@@ -30,7 +30,7 @@ impl Gains {
 
 /// (before − after) / before, bounded to [-1, 1]; a non-finite or non-positive loss counts as the worst.
 pub fn relative_gain(before: f64, after: f64) -> f64 {
-    if !(before.is_finite() && before > 0.0) || !after.is_finite() {
+    if !(before.is_finite() && before > 0.0 && after.is_finite()) {
         return -1.0;
     }
     ((before - after) / before).clamp(-1.0, 1.0)
