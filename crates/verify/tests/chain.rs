@@ -96,3 +96,16 @@ fn spot_checks_reproduce_honest_segments_and_catch_the_rest() {
     assert!(chain::split_proof(&bad).is_err());
     assert!(chain::decode_state(b"garbage", &specs).is_err());
 }
+
+proptest::proptest! {
+    /// Proof bodies come from the network: any bytes are an error or a pair of slices, never a panic, and
+    /// any state bytes either decode to exactly the model's tensors or are refused.
+    #[test]
+    fn proofs_from_untrusted_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+        if let Ok((start, end)) = chain::split_proof(&bytes) {
+            proptest::prop_assert_eq!(start.len() + end.len() + 8, bytes.len());
+        }
+        let specs = param_specs(&preset("tiny", Some(300)).unwrap());
+        proptest::prop_assert!(chain::decode_state(&bytes, &specs).is_err());
+    }
+}
