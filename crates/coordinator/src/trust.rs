@@ -97,10 +97,11 @@ pub fn decode_flat(ctx: &JudgeContext<'_>, fragment_specs: &[TensorSpec], bytes:
     Ok(codec::decode(ctx.compression, fragment_specs, &payload).into_iter().flat_map(|t| t.data).collect())
 }
 
-/// The `score_batches` batches of a worker's unit that are scored (spread over its round).
+/// A quarter of `score_batches` batches of a worker's unit (spread over its round): the assigned-data
+/// evidence is a diagnostic, the score rests on the held-out batches.
 fn assigned_batches(ctx: &JudgeContext<'_>, unit: &Shard) -> Vec<Vec<usize>> {
     let all = unit_batches(unit.len(), ctx.batch_size, ctx.seq_len, ctx.inner_steps);
-    let k = ctx.trust.score_batches.min(all.len());
+    let k = ctx.trust.score_batches.div_ceil(4).min(all.len());
     let offset = (ctx.seed % all.len() as u64) as usize;
     (0..k).map(|j| all[(offset + j * all.len() / k) % all.len()].clone()).collect()
 }

@@ -20,7 +20,8 @@ pub struct TrustConfig {
     /// Largest relative difference between the recomputed and the committed update of a segment
     /// (‖Δw_recomputed − Δw_committed‖ / ‖Δw_committed‖). Bit-exact when both use the same thread count.
     pub tolerance: f64,
-    /// Batches (of `inner.batch_size` windows) for each of the assigned and random loss measurements.
+    /// Random held-out batches (of `inner.batch_size` windows) the score is measured on; the assigned-data
+    /// evidence, which is reported but not scored, uses a quarter as many.
     pub score_batches: usize,
     /// Step along a submission's Δ when its loss is measured: θ − scale·Δ. One worker's whole Δ
     /// overshoots on held-out data once training is under way (it is 1/n of an outer step); a shorter
@@ -49,7 +50,7 @@ impl Default for TrustConfig {
             segments: 4,
             spot_check: 0.25,
             tolerance: 0.01,
-            score_batches: 4,
+            score_batches: 8,
             score_scale: 0.25,
             norm_limit: 10.0,
             copy_cosine: 0.95,
