@@ -227,6 +227,24 @@ async fn heartbeat(State(app): State<App>, method: Method, uri: Uri, headers: He
     reply(&app, result)
 }
 
+fn parse_round(round: &str) -> Result<u64, ApiError> {
+    round.parse().map_err(|_| ApiError::bad_request("bad_round", format!("{round:?} is not a round number")))
+}
+
+/// Reads a binary upload of at most `limit` bytes and authenticates its (joined) sender.
+async fn read_signed_upload(
+    app: &Coordinator,
+    headers: &HeaderMap,
+    method: &Method,
+    uri: &Uri,
+    body: Body,
+    limit: u64,
+) -> Result<(WorkerId, Bytes), ApiError> {
+    let body = read_body(app, headers, body, limit).await?;
+    let worker = authenticate(app, headers, method, uri.path(), &body, true).await?;
+    Ok((worker, body))
+}
+
 async fn submit(
     State(app): State<App>,
     Path(round): Path<String>,
@@ -236,13 +254,10 @@ async fn submit(
     body: Body,
 ) -> Response {
     let result = async {
-        let round: u64 = round
-            .parse()
-            .map_err(|_| ApiError::bad_request("bad_round", format!("{round:?} is not a round number")))?;
+        let round = parse_round(&round)?;
         // Bounds how many uploads are in memory at once, whatever the number of workers.
         let _permit = app.delta_permits.acquire().await.map_err(|e| ApiError::internal(anyhow::anyhow!("{e}")))?;
-        let body = read_body(&app, &headers, body, app.max_delta_bytes).await?;
-        let worker = authenticate(&app, &headers, &method, uri.path(), &body, true).await?;
+        let (worker, body) = read_signed_upload(&app, &headers, &method, &uri, body, app.max_delta_bytes).await?;
         let (app2, body2) = (app.clone(), body.clone());
         let checked = tokio::task::spawn_blocking(move || app2.check_delta(round, &body2))
             .await
@@ -269,12 +284,9 @@ async fn proof(
     body: Body,
 ) -> Response {
     let result = async {
-        let round: u64 = round
-            .parse()
-            .map_err(|_| ApiError::bad_request("bad_round", format!("{round:?} is not a round number")))?;
+        let round = parse_round(&round)?;
         let _permit = app.delta_permits.acquire().await.map_err(|e| ApiError::internal(anyhow::anyhow!("{e}")))?;
-        let body = read_body(&app, &headers, body, app.max_proof_bytes()).await?;
-        let worker = authenticate(&app, &headers, &method, uri.path(), &body, true).await?;
+        let (worker, body) = read_signed_upload(&app, &headers, &method, &uri, body, app.max_proof_bytes()).await?;
         app.proof(worker, round, body).await
     }
     .await;
