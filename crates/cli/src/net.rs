@@ -369,18 +369,20 @@ pub fn render_status(r: &StatusReport) -> String {
     }
     s += "\n";
     s += &format!(
-        "  {:<10} {:<10} {:<10} {:>6} {:>8} {:>7} {:>11} {:>11} {:>11}\n",
-        "worker", "name", "state", "step", "loss", "rounds", "sent", "sent/round", "received"
+        "  {:<10} {:<10} {:<10} {:>6} {:>8} {:>7} {:>7} {:>10} {:>11} {:>11} {:>11}\n",
+        "worker", "name", "state", "step", "loss", "rounds", "refused", "credits", "sent", "sent/round", "received"
     );
     for w in &r.workers {
         s += &format!(
-            "  {:<10} {:<10} {:<10} {:>6} {:>8} {:>7} {:>11} {:>11} {:>11}\n",
+            "  {:<10} {:<10} {:<10} {:>6} {:>8} {:>7} {:>7} {:>10} {:>11} {:>11} {:>11}\n",
             w.id.short(),
             w.name.chars().take(10).collect::<String>(),
             w.state,
             w.inner_step,
             w.last_loss.map(|l| format!("{l:.3}")).unwrap_or_else(|| "-".into()),
             w.rounds_accepted,
+            w.rounds_rejected,
+            format!("{:.4}", w.credits as f64 / 1e6),
             human_bytes(w.bytes_sent),
             w.bytes_sent.checked_div(w.rounds_accepted).map_or_else(|| "-".into(), human_bytes),
             human_bytes(w.bytes_received)

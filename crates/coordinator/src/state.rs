@@ -1623,6 +1623,22 @@ impl Coordinator {
                 })
                 .collect::<Result<_>>()?;
         let presence = self.presence.lock().expect("presence lock").clone();
+        let rejected: HashMap<String, i64> = sqlx::query(
+            "SELECT worker, CAST(COUNT(*) AS BIGINT) AS n FROM submissions WHERE applied = 2 GROUP BY worker",
+        )
+        .fetch_all(&self.db)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("worker")?, r.try_get("n")?)))
+        .collect::<Result<_>>()?;
+        let credits: HashMap<String, i64> = sqlx::query(
+            "SELECT account, CAST(SUM(amount) AS BIGINT) AS n FROM ledger WHERE account LIKE 'worker:%' GROUP BY account",
+        )
+        .fetch_all(&self.db)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("account")?, r.try_get("n")?)))
+        .collect::<Result<_>>()?;
         let mut workers = Vec::new();
         for r in sqlx::query(
             "SELECT id, name, active, rounds_accepted, bytes_sent, bytes_received FROM workers ORDER BY joined_ms, id",
@@ -1652,6 +1668,8 @@ impl Coordinator {
                 last_loss: p.and_then(|p| p.loss),
                 last_seen_ms_ago: p.map_or(u64::MAX, |p| p.last_seen.elapsed().as_millis() as u64),
                 rounds_accepted: r.try_get::<i64, _>("rounds_accepted")? as u64,
+                rounds_rejected: rejected.get(&id.hex()).copied().unwrap_or(0) as u64,
+                credits: credits.get(&agora_ledger::worker_account(&id)).copied().unwrap_or(0).max(0) as u64,
                 bytes_sent: r.try_get::<i64, _>("bytes_sent")? as u64,
                 bytes_received: r.try_get::<i64, _>("bytes_received")? as u64,
             });

@@ -215,6 +215,10 @@ pub struct WorkerStatus {
     pub last_loss: Option<f64>,
     pub last_seen_ms_ago: u64,
     pub rounds_accepted: u64,
+    /// Uploads judged and not accepted (verifying runs).
+    pub rounds_rejected: u64,
+    /// Micro-credits earned in this run.
+    pub credits: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
 }
