@@ -168,21 +168,10 @@ fn scenario(args: &TrustArgs, corpus: &Path, behaviour: Option<&str>) -> Result<
     let exe = std::env::current_exe().context("cannot find the agora binary")?;
     let mut procs = Procs(Vec::new());
     let log = |n: &str| std::fs::File::create(dir.join("logs").join(format!("{n}.log")));
-    let mut coordinator = Command::new(&exe)
-        .args(["coordinator", "--run"])
-        .arg(&run)
-        .args(["--listen", "127.0.0.1:0", "--threads", "1", "--dir"])
-        .arg(dir.join("coordinator"))
-        .stdout(Stdio::piped())
-        .stderr(log("coordinator")?)
-        .spawn()?;
-    let stdout = coordinator.stdout.take().expect("piped");
+    let (coordinator, url) =
+        crate::net::spawn_coordinator(&run, &dir.join("coordinator"), &dir.join("logs/coordinator.log"))
+            .with_context(|| format!("{name}: see {}", dir.join("logs").display()))?;
     procs.0.push(coordinator);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")).map(str::to_string) else {
-        bail!("{name}: the coordinator did not start (see {})", dir.join("logs/coordinator.log").display());
-    };
     let info: RunInfo = get(&url, "/v1/run")?;
     let mut workers: Vec<(String, bool)> = (0..3).map(|i| (format!("honest-{i}"), true)).collect();
     if behaviour.is_some() {

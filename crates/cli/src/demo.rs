@@ -4,7 +4,7 @@
 //! from the final global weights.
 
 use crate::commands::{complete, set_threads};
-use crate::net::{fetch_status, human_bytes, render_status, wire_summary};
+use crate::net::{fetch_status, human_bytes, render_status, spawn_coordinator, wire_summary};
 use agora_data::{MarkovSource, Shard, Tokenizer};
 use agora_diloco::tensors::{from_named, load_weights, param_specs};
 use agora_model::{Llama, LlamaConfig};
@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -166,24 +166,9 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     // The coordinator picks a free port and prints it.
     let exe = std::env::current_exe().context("cannot find the agora binary")?;
     let mut children = Children(Vec::new());
-    let coordinator_log = logs.join("coordinator.log");
-    let mut coordinator = Command::new(&exe)
-        .args(["coordinator", "--run"])
-        .arg(&run_file)
-        .args(["--listen", "127.0.0.1:0", "--threads", "1", "--dir"])
-        .arg(out.join("coordinator"))
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&coordinator_log)?)
-        .spawn()
-        .context("cannot start the coordinator")?;
-    let stdout = coordinator.stdout.take().expect("piped stdout");
-    children.0.push(("coordinator".into(), coordinator));
     writeln!(view, "starting the coordinator (tokenizer, data units, initial weights)...")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")).map(str::to_string) else {
-        bail!("the coordinator did not start:\n{}", log_tail(&coordinator_log));
-    };
+    let (coordinator, url) = spawn_coordinator(&run_file, &out.join("coordinator"), &logs.join("coordinator.log"))?;
+    children.0.push(("coordinator".into(), coordinator));
     let info: RunInfo = reqwest::blocking::get(format!("{url}/v1/run"))?.json()?;
     writeln!(view, "coordinator: {url} (run {}); starting {} workers", info.run_id, args.workers)?;
 

@@ -145,6 +145,38 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+/// Starts `agora coordinator` (this binary) for `run_file` on a free loopback port, its state in `dir` and
+/// its log in `log`; returns the process and the URL it printed once listening.
+pub fn spawn_coordinator(
+    run_file: &std::path::Path,
+    dir: &std::path::Path,
+    log: &std::path::Path,
+) -> Result<(std::process::Child, String)> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().context("cannot find the agora binary")?;
+    let mut child = std::process::Command::new(exe)
+        .args(["coordinator", "--run"])
+        .arg(run_file)
+        .args(["--listen", "127.0.0.1:0", "--threads", "1", "--dir"])
+        .arg(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(log).with_context(|| format!("{}: cannot create", log.display()))?)
+        .spawn()
+        .context("cannot start the coordinator")?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line)?;
+    match line.split_whitespace().find(|w| w.starts_with("http://")) {
+        Some(url) => Ok((child, url.to_string())),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            anyhow::bail!("the coordinator did not start:\n{}", lines[lines.len().saturating_sub(15)..].join("\n"))
+        }
+    }
+}
+
 pub fn fetch_status(url: &str) -> Result<StatusReport> {
     fetch_json(url, "/v1/status")
 }

@@ -1014,17 +1014,23 @@ impl Coordinator {
         .map_err(ApiError::from)
     }
 
-    /// Identities by reputation, best first.
-    pub async fn leaderboard(&self) -> Result<Vec<LeaderboardEntry>, ApiError> {
-        let names = self.known.lock().expect("known lock").clone();
-        let credits: HashMap<String, i64> = sqlx::query(
+    /// Every worker account's balance (micro-credits), by ledger account name.
+    async fn worker_credits(&self) -> Result<HashMap<String, i64>, ApiError> {
+        sqlx::query(
             "SELECT account, CAST(SUM(amount) AS BIGINT) AS balance FROM ledger WHERE account LIKE 'worker:%' GROUP BY account",
         )
         .fetch_all(&self.db)
         .await?
         .iter()
         .map(|r| Ok((r.try_get::<String, _>("account")?, r.try_get::<i64, _>("balance")?)))
-        .collect::<Result<_>>()?;
+        .collect::<Result<_>>()
+        .map_err(ApiError::from)
+    }
+
+    /// Identities by reputation, best first.
+    pub async fn leaderboard(&self) -> Result<Vec<LeaderboardEntry>, ApiError> {
+        let names = self.known.lock().expect("known lock").clone();
+        let credits = self.worker_credits().await?;
         let rows = sqlx::query(
             "SELECT worker, rating, accepted, rejected FROM reputation ORDER BY rating DESC, accepted DESC, worker",
         )
@@ -1631,14 +1637,7 @@ impl Coordinator {
         .iter()
         .map(|r| Ok((r.try_get("worker")?, r.try_get("n")?)))
         .collect::<Result<_>>()?;
-        let credits: HashMap<String, i64> = sqlx::query(
-            "SELECT account, CAST(SUM(amount) AS BIGINT) AS n FROM ledger WHERE account LIKE 'worker:%' GROUP BY account",
-        )
-        .fetch_all(&self.db)
-        .await?
-        .iter()
-        .map(|r| Ok((r.try_get("account")?, r.try_get("n")?)))
-        .collect::<Result<_>>()?;
+        let credits = self.worker_credits().await?;
         let mut workers = Vec::new();
         for r in sqlx::query(
             "SELECT id, name, active, rounds_accepted, bytes_sent, bytes_received FROM workers ORDER BY joined_ms, id",
