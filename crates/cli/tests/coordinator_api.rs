@@ -325,12 +325,12 @@ fn api_refuses_bad_input(database: Option<String>) {
 
     // None of that changed the run: a valid pseudo-gradient is accepted (once) and closes round 0.
     let ok: SubmitResponse = api.signed("POST", path, delta(&zeros, &meta)).send().unwrap().json().unwrap();
-    assert!(ok.newly_accepted);
+    assert!(ok.newly_received);
     let report = cluster.wait_for("round 0 to close", std::time::Duration::from_secs(60), |r| r.round == 1);
     assert_eq!(report.history[0].contributions, 1);
     // The same upload again (a retry whose answer was lost) is still "accepted", not applied twice.
     let again: SubmitResponse = api.signed("POST", path, delta(&zeros, &meta)).send().unwrap().json().unwrap();
-    assert_eq!((again.newly_accepted, again.delta_hash), (false, ok.delta_hash));
+    assert_eq!((again.newly_received, again.delta_hash), (false, ok.delta_hash));
     // A worker whose round closed without it is refused: too late.
     let late = Identity::generate().unwrap();
     let late_join = JoinRequest { protocol_version: PROTOCOL_VERSION, worker: late.id(), name: "late".into() };

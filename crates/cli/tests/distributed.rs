@@ -38,7 +38,7 @@ fn three_workers_five_rounds(database: Option<String>) {
         assert_eq!(s["finished"], true);
     }
     let metrics = cluster.metrics();
-    assert!(metrics.contains("agora_submissions_accepted_total 15"), "{metrics}");
+    assert!(metrics.contains("agora_uploads_received_total 15"), "{metrics}");
     assert!(metrics.contains("agora_rounds_closed_total 5"), "{metrics}");
     assert!(metrics.contains("agora_val_loss "), "{metrics}");
 }

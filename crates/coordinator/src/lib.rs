@@ -1,20 +1,36 @@
 //! agora-coordinator: owns a DiLoCo run and serves it over HTTP.
 //!
-//! Owns: the run file, membership (join, heartbeats, drops), rounds and their deadlines, data assignment
-//! (units, epochs, reassignment), validation of uploads against the run's codec, the round's running sum (one
-//! model-sized buffer however many workers), the outer step and its atomic commit, durable
-//! state (sqlx: SQLite by default, PostgreSQL by URL, one schema), content-addressed blobs (object_store),
-//! status and Prometheus metrics.
+//! Owns: the run file, membership (join, heartbeats, drops, no-shows), rounds and when they close, data
+//! assignment (units, epochs, reassignment), validation of uploads against the run's codec, spot checks,
+//! judging and settling a round (receipts, vesting credits, reputations), the round's running sum (one
+//! model-sized buffer however many workers), the outer step and its atomic commit, durable state (sqlx:
+//! SQLite by default, PostgreSQL by URL, one schema), content-addressed blobs (object_store), status and
+//! Prometheus metrics.
 //! Must not know about: how a worker trains (it only sees pseudo-gradients), terminals or processes.
+//!
+//! The shape: `core` makes every decision (which unit to whom, when a round closes, who is benched, how
+//! credits vest) as pure functions of what the store holds and the time, with the judge's rules in
+//! `agora_verify::rules`; the other modules read the store, call the core, and write what it decided.
 
+mod assignment;
 pub mod blobs;
+pub mod clock;
+mod close;
+pub mod core;
 pub mod error;
 pub mod http;
+mod membership;
 pub mod metrics;
 pub mod prepare;
+mod proofs;
+pub mod redact;
 pub mod run_file;
+mod settlement;
 pub mod state;
+mod store;
 pub mod trust;
+mod uploads;
+mod views;
 
 pub use run_file::RunFile;
 pub use state::{Coordinator, Options};

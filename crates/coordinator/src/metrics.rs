@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 #[derive(Default)]
 pub struct Metrics {
-    pub submissions_accepted: AtomicU64,
+    pub uploads_received: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     /// Time spent re-running spot-checked segments, and judging rounds (decoding, similarity, scoring), ms.
@@ -45,7 +45,7 @@ impl Metrics {
                     rejected.insert(code.to_string(), *value);
                 }
                 None => match name.as_str() {
-                    "submissions_accepted" => self.submissions_accepted.store(*value, Ordering::Relaxed),
+                    "uploads_received" => self.uploads_received.store(*value, Ordering::Relaxed),
                     "bytes_in" => self.bytes_in.store(*value, Ordering::Relaxed),
                     "bytes_out" => self.bytes_out.store(*value, Ordering::Relaxed),
                     "spot_check_ms" => self.spot_check_ms.store(*value, Ordering::Relaxed),
@@ -59,7 +59,7 @@ impl Metrics {
     /// Everything worth persisting, as (name, value).
     pub fn snapshot(&self) -> Vec<(String, u64)> {
         let mut out = vec![
-            ("submissions_accepted".to_string(), self.submissions_accepted.load(Ordering::Relaxed)),
+            ("uploads_received".to_string(), self.uploads_received.load(Ordering::Relaxed)),
             ("bytes_in".to_string(), self.bytes_in.load(Ordering::Relaxed)),
             ("bytes_out".to_string(), self.bytes_out.load(Ordering::Relaxed)),
             ("spot_check_ms".to_string(), self.spot_check_ms.load(Ordering::Relaxed)),
@@ -88,10 +88,10 @@ impl Metrics {
         );
         metric("agora_active_workers", "gauge", "Workers not dropped.", plain(g.active_workers.to_string()));
         metric(
-            "agora_submissions_accepted_total",
+            "agora_uploads_received_total",
             "counter",
-            "Pseudo-gradients accepted.",
-            plain(self.submissions_accepted.load(Ordering::Relaxed).to_string()),
+            "Pseudo-gradient uploads received and stored (judged at the round's close).",
+            plain(self.uploads_received.load(Ordering::Relaxed).to_string()),
         );
         let rejected = self.rejected();
         let total: u64 = rejected.values().sum();

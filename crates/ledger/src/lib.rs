@@ -127,21 +127,40 @@ pub fn pool_account(run_id: &str) -> String {
     format!("pool:{run_id}")
 }
 
+/// Where a worker's posted (vested) credits are.
 pub fn worker_account(worker: &WorkerId) -> String {
     format!("worker:{}", worker.hex())
 }
 
-/// The two postings of a receipt (+credits to the worker, −credits to the pool); empty when it paid nothing.
-/// Amounts beyond i64::MAX saturate on both sides, so the pair still sums to zero.
+/// Where a worker's credits wait while they vest: booked from the pool, then posted to
+/// [`worker_account`] or voided back to the pool (two-phase transfers; the coordinator decides when).
+pub fn pending_account(worker: &WorkerId) -> String {
+    format!("pending:{}", worker.hex())
+}
+
+/// The two postings of a receipt: its credits booked as pending (+credits to the worker's pending account,
+/// −credits to the pool); empty when it paid nothing. Amounts beyond i64::MAX saturate on both sides, so
+/// the pair still sums to zero.
 pub fn postings(receipt: &Receipt) -> Vec<Posting> {
     if receipt.credits == 0 {
         return Vec::new();
     }
     let amount = i64::try_from(receipt.credits).unwrap_or(i64::MAX);
     vec![
-        Posting { account: worker_account(&receipt.worker), amount },
+        Posting { account: pending_account(&receipt.worker), amount },
         Posting { account: pool_account(&receipt.run_id), amount: -amount },
     ]
+}
+
+/// The postings that resolve a pending credit of `amount`: posting it moves it from the worker's pending
+/// account to its account; voiding it returns it to the pool. Each pair sums to zero.
+pub fn resolution_postings(run_id: &str, worker: &WorkerId, amount: u64, post: bool) -> Vec<Posting> {
+    if amount == 0 {
+        return Vec::new();
+    }
+    let amount = i64::try_from(amount).unwrap_or(i64::MAX);
+    let to = if post { worker_account(worker) } else { pool_account(run_id) };
+    vec![Posting { account: pending_account(worker), amount: -amount }, Posting { account: to, amount }]
 }
 
 /// Micro-credits for a submission: floor(tokens × clamp(score, 0, 1) × micro_per_token), saturating.

@@ -114,10 +114,29 @@ pub mod delta_meta {
 pub struct SubmitResponse {
     pub round: u64,
     pub delta_hash: Hash32,
-    /// False when the same delta had already been accepted (a retried upload): nothing changed.
-    pub newly_accepted: bool,
+    /// False when the same upload had already been received (a retried upload): nothing changed.
+    /// Received is not accepted: the verdict comes with the round's receipt
+    /// (`GET /v1/rounds/{round}/receipt`).
+    pub newly_received: bool,
     /// The hash-chain segment the worker must now prove (`POST /v1/rounds/{round}/proof`), if challenged.
     pub challenge: Option<u64>,
+}
+
+/// `GET /v1/rounds/{round}/receipt` (signed): the worker's judged upload of a closed round, signed by the
+/// coordinator, with its inclusion proof under the round's signed root. The worker checks both against
+/// the coordinator key it pinned and learns its verdict from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ReceiptResponse {
+    /// The round is not judged yet: ask again (the request long-polls meanwhile).
+    Pending { round: u64 },
+    /// The round closed without judging this worker's upload: the run does not verify (nothing is
+    /// credited), or the upload was never received.
+    NotJudged { round: u64, reason: String },
+    /// The signed receipt (`agora_ledger::SignedReceipt`), its inclusion proof and the round's signed root
+    /// (`agora_ledger::InclusionProof`, `agora_ledger::RoundRoot`), as JSON values: the protocol crate does
+    /// not know the ledger's types.
+    Judged { receipt: serde_json::Value, proof: serde_json::Value, root: serde_json::Value },
 }
 
 /// `POST /v1/rounds/{round}/proof`: the answer to a spot check.
@@ -160,8 +179,11 @@ pub struct LeaderboardEntry {
     pub rating: f64,
     pub accepted: u64,
     pub rejected: u64,
-    /// Micro-credits earned in this run.
+    /// Micro-credits posted (vested) in this run ...
     pub credits: u64,
+    /// ... and booked but still vesting (voided if the identity is proven to cheat first).
+    #[serde(default)]
+    pub pending_credits: u64,
 }
 
 /// `GET /v1/ledger`: every account's balance and every round's signed receipt root.
@@ -217,8 +239,10 @@ pub struct WorkerStatus {
     pub rounds_accepted: u64,
     /// Uploads judged and not accepted (verifying runs).
     pub rounds_rejected: u64,
-    /// Micro-credits earned in this run.
+    /// Micro-credits posted (vested) in this run, and booked but still vesting.
     pub credits: u64,
+    #[serde(default)]
+    pub pending_credits: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
 }

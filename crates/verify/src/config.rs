@@ -40,6 +40,13 @@ pub struct TrustConfig {
     pub micro_credits_per_token: f64,
     /// Micro-credits the run's reward pool is funded with; payouts stop when it is empty.
     pub reward_pool: u64,
+    /// Credits vest: a judged credit is booked as a pending transfer and posted only at the close of the
+    /// round this many rounds later; a proven cheat in between voids every pending credit of the identity.
+    pub vesting_rounds: u64,
+    /// Probation: nothing of an identity's is posted before it has this many verified rounds (uploads
+    /// whose spot check passed) since its last proven cheat, so a fresh identity that lies on every
+    /// challenge never posts anything.
+    pub probation_rounds: u64,
 }
 
 impl Default for TrustConfig {
@@ -58,6 +65,8 @@ impl Default for TrustConfig {
             reputation_alpha: 0.2,
             micro_credits_per_token: 1.0,
             reward_pool: 1_000_000_000_000_000,
+            vesting_rounds: 8,
+            probation_rounds: 2,
         }
     }
 }

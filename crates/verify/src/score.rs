@@ -37,12 +37,13 @@ pub fn relative_gain(before: f64, after: f64) -> f64 {
 }
 
 /// One bounded score in [0, 1] per candidate; `None` (rejected on other grounds) scores 0 and does not
-/// set the reference. The reference is the median positive random-batch gain of the round, so a score
-/// measures "as useful as a typical honest contribution" whatever the stage of training.
+/// set the reference. The reference is the upper median of the round's positive random-batch gains, so a
+/// score measures "as useful as a typical honest contribution" whatever the stage of training, and fewer
+/// than half of the scored uploads cannot pull the reference below every honest gain (which would pay
+/// their own small gains in full: issue 11, finding 2).
 pub fn bounded_scores(gains: &[Option<Gains>]) -> Vec<f64> {
-    let mut positive: Vec<f64> = gains.iter().flatten().map(|g| g.random).filter(|&g| g > 0.0).collect();
-    positive.sort_by(f64::total_cmp);
-    let reference = if positive.is_empty() { 0.0 } else { positive[(positive.len() - 1) / 2] };
+    let positive: Vec<f64> = gains.iter().flatten().map(|g| g.random).filter(|&g| g > 0.0).collect();
+    let reference = crate::rules::upper_median(&positive);
     gains
         .iter()
         .map(|g| match g {
@@ -85,6 +86,10 @@ mod tests {
         assert_eq!(s[5], 1.0, "the assignment evidence is reported, not scored");
         assert!(!Gains { random: 0.02, assigned: 0.01 }.trained_on_assignment());
         assert!(bounded_scores(&[g(-0.1, -0.1), g(0.0, 0.0)]).iter().all(|&s| s == 0.0));
+        // Two tiny gains out of four cannot lower the reference: they score low, the honest ones in full.
+        let s = bounded_scores(&[g(0.001, 0.0), g(0.02, 0.0), g(0.001, 0.0), g(0.021, 0.0)]);
+        assert!(s[0] < 0.06 && s[2] < 0.06, "{s:?}");
+        assert!(s[1] > 0.9 && s[3] == 1.0, "{s:?}");
         assert_eq!(relative_gain(2.0, 1.0), 0.5);
         assert_eq!(relative_gain(2.0, f64::NAN), -1.0);
         assert_eq!(relative_gain(1.0, 1e9), -1.0);

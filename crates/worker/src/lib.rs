@@ -251,7 +251,7 @@ fn send_upload(
                 round = r.round,
                 bytes = p.payload.len(),
                 ratio = format!("{:.1}", p.fp32_bytes as f64 / p.payload.len() as f64),
-                new = r.newly_accepted,
+                new = r.newly_received,
                 loss = p.train_loss,
                 "pseudo-gradient accepted"
             );

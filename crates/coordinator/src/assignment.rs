@@ -1,0 +1,173 @@
+//! Data assignment: who trains which unit in the open round. The choice is `core::assign` (a unit is
+//! never trained twice in one round; extra workers wait); this module reads the queue and writes the
+//! choice, in one transaction.
+
+use crate::core::assign::{choose_unit, QueueEntry, UnitChoice};
+use crate::error::ApiError;
+use crate::state::{now_ms, Coordinator, Live};
+use agora_diloco::unit_order;
+use agora_protocol::{Assignment, WorkResponse, WorkerId};
+use anyhow::Context;
+use sqlx::Row;
+use std::collections::BTreeSet;
+
+/// One assignment row.
+pub(crate) struct AssignmentRow {
+    pub(crate) epoch: u64,
+    pub(crate) unit: u64,
+    pub(crate) state: String,
+}
+
+/// How long a waiting worker is told to wait before asking again (it long-polls meanwhile).
+const RETRY_AFTER_MS: u64 = 1000;
+
+impl Coordinator {
+    pub(crate) async fn assignment_row(&self, round: u64, worker: &WorkerId) -> Result<Option<AssignmentRow>, ApiError> {
+        let row = sqlx::query("SELECT epoch, unit, state FROM assignments WHERE round = $1 AND worker = $2")
+            .bind(round as i64)
+            .bind(worker.hex())
+            .fetch_optional(&self.db)
+            .await?;
+        Ok(match row {
+            Some(r) => Some(AssignmentRow {
+                epoch: r.try_get::<i64, _>("epoch")? as u64,
+                unit: r.try_get::<i64, _>("unit")? as u64,
+                state: r.try_get("state")?,
+            }),
+            None => None,
+        })
+    }
+
+    pub(crate) fn assignment(&self, live: &Live, row: &AssignmentRow) -> Assignment {
+        Assignment {
+            round: live.round,
+            global_hash: live.global_hash,
+            unit: row.unit,
+            unit_hash: self.units[row.unit as usize],
+            epoch: row.epoch,
+            first_step: live.round * self.run.inner.steps,
+            inner_steps: self.run.inner.steps,
+            deadline_unix_ms: self.deadline_ms(live) as u64,
+        }
+    }
+
+    /// The worker's job for the open round: its current assignment, a new one, or "wait" (it has
+    /// submitted, it is benched for no-shows, or every free unit is being trained this round).
+    pub async fn next_work(&self, worker: WorkerId) -> Result<WorkResponse, ApiError> {
+        let live = self.live.lock().await;
+        self.touch(&worker);
+        if live.finished {
+            return Ok(WorkResponse::Finished { rounds: live.round, global_hash: live.global_hash });
+        }
+        let wait = WorkResponse::Wait { round: live.round, retry_after_ms: RETRY_AFTER_MS };
+        match self.assignment_row(live.round, &worker).await? {
+            Some(row) if row.state == "training" => return Ok(WorkResponse::Assignment(self.assignment(&live, &row))),
+            Some(row) if row.state != "released" => return Ok(wait),
+            _ => {}
+        }
+        let benched_until: i64 = sqlx::query("SELECT benched_until FROM workers WHERE id = $1")
+            .bind(worker.hex())
+            .fetch_optional(&self.db)
+            .await?
+            .map(|r| r.try_get("benched_until"))
+            .transpose()?
+            .unwrap_or(0);
+        if (live.round as i64) < benched_until {
+            return Ok(wait);
+        }
+        sqlx::query("UPDATE workers SET active = 1 WHERE id = $1 AND active = 0")
+            .bind(worker.hex())
+            .execute(&self.db)
+            .await?;
+        let Some(row) = self.take_unit(&live, &worker).await? else {
+            return Ok(wait);
+        };
+        tracing::info!(worker = worker.short(), round = live.round, unit = row.unit, epoch = row.epoch, "assigned");
+        self.notify();
+        Ok(WorkResponse::Assignment(self.assignment(&live, &row)))
+    }
+
+    /// Hands the worker the unit `core::assign` chooses (opening the next epoch when none is pending), in
+    /// one transaction; None when every free unit is already being trained this round.
+    async fn take_unit(&self, live: &Live, worker: &WorkerId) -> Result<Option<AssignmentRow>, ApiError> {
+        let mut tx = self.db.begin().await?;
+        let busy: BTreeSet<u64> = sqlx::query(
+            "SELECT unit FROM assignments WHERE round = $1 AND state IN ('training', 'submitted', 'applied')",
+        )
+        .bind(live.round as i64)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<i64, _>("unit").map(|u| u as u64))
+        .collect::<Result<_, _>>()?;
+        let mut opened = false;
+        let entry = loop {
+            let pending: Vec<QueueEntry> =
+                sqlx::query("SELECT epoch, position, unit FROM work_queue WHERE state = 'pending'")
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        Ok(QueueEntry {
+                            epoch: r.try_get::<i64, _>("epoch")? as u64,
+                            position: r.try_get::<i64, _>("position")? as u64,
+                            unit: r.try_get::<i64, _>("unit")? as u64,
+                        })
+                    })
+                    .collect::<Result<_, sqlx::Error>>()?;
+            match choose_unit(&pending, &busy) {
+                UnitChoice::Take(entry) => break entry,
+                UnitChoice::Wait => {
+                    tx.commit().await?;
+                    return Ok(None);
+                }
+                UnitChoice::OpenEpoch => {
+                    assert!(!opened, "a freshly opened epoch has pending entries");
+                    opened = true;
+                    let next: i64 = sqlx::query("SELECT COALESCE(MAX(epoch) + 1, 0) AS next FROM work_queue")
+                        .fetch_one(&mut *tx)
+                        .await?
+                        .try_get("next")?;
+                    for (position, unit) in
+                        unit_order(self.run.seed, next as u64, self.units.len()).into_iter().enumerate()
+                    {
+                        sqlx::query(
+                            "INSERT INTO work_queue (epoch, position, unit, state) VALUES ($1, $2, $3, 'pending')",
+                        )
+                        .bind(next)
+                        .bind(position as i64)
+                        .bind(unit as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+            }
+        };
+        let (epoch, position, unit) = (entry.epoch as i64, entry.position as i64, entry.unit as i64);
+        sqlx::query("UPDATE work_queue SET state = 'assigned' WHERE epoch = $1 AND position = $2")
+            .bind(epoch)
+            .bind(position)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM assignments WHERE round = $1 AND worker = $2")
+            .bind(live.round as i64)
+            .bind(worker.hex())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO assignments (round, worker, epoch, position, unit, state, assigned_ms) \
+             VALUES ($1, $2, $3, $4, $5, 'training', $6)",
+        )
+        .bind(live.round as i64)
+        .bind(worker.hex())
+        .bind(epoch)
+        .bind(position)
+        .bind(unit)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .context("recording an assignment")?;
+        tx.commit().await?;
+        Ok(Some(AssignmentRow { epoch: entry.epoch, unit: entry.unit, state: "training".into() }))
+    }
+}

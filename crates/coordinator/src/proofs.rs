@@ -1,0 +1,125 @@
+//! Spot checks: a challenged upload's proof, checked against the worker's commitment and re-run.
+
+use crate::error::ApiError;
+use crate::state::*;
+use agora_protocol::*;
+use anyhow::Result;
+use bytes::Bytes;
+use sqlx::Row;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+use agora_data::Shard;
+use crate::trust;
+
+impl Coordinator {
+    /// Largest proof upload: two training states (weights and both AdamW moments) plus their framing.
+    pub fn max_proof_bytes(&self) -> u64 {
+        let elements: usize = self.specs.iter().map(|s| s.shape.iter().product::<usize>()).sum();
+        2 * (3 * 4 * elements as u64 + 64 * 1024 * 3) + 8
+    }
+    /// A spot-check answer: the challenged segment's start and end states. They must hash to the committed
+    /// boundary states, and re-running the segment from the start must reproduce the end.
+    pub async fn proof(self: &Arc<Self>, worker: WorkerId, round: u64, body: Bytes) -> Result<ProofResponse, ApiError> {
+        let row =
+            sqlx::query("SELECT unit, chain, challenge, spot_check FROM submissions WHERE round = $1 AND worker = $2")
+                .bind(round as i64)
+                .bind(worker.hex())
+                .fetch_optional(&self.db)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::conflict("no_submission", format!("this worker has no submission in round {round}"))
+                })?;
+        let Some(segment) = row.try_get::<Option<i64>, _>("challenge")?.map(|c| c as u64) else {
+            return Err(ApiError::conflict("not_challenged", format!("round {round}'s submission was not challenged")));
+        };
+        let state: Option<String> = row.try_get("spot_check")?;
+        if state.as_deref() != Some("pending") {
+            // Answered before (a retry): the verdict stands.
+            return Ok(ProofResponse { round, segment, spot_check: state.unwrap_or_default() });
+        }
+        let chain: String = row.try_get::<Option<String>, _>("chain")?.unwrap_or_default();
+        let hashes: Vec<Hash32> = chain.split(',').filter_map(|h| h.parse().ok()).collect();
+        let (start, end) =
+            agora_verify::chain::split_proof(&body).map_err(|e| ApiError::bad_request("malformed_proof", e))?;
+        let committed = |k: u64| hashes.get(k as usize).copied();
+        let verdict = if committed(segment) != Some(agora_protocol::hash_bytes(start))
+            || committed(segment + 1) != Some(agora_protocol::hash_bytes(end))
+        {
+            "failed: the states sent are not the ones committed to".to_string()
+        } else {
+            // Claim the check, so that the round's close waits for its verdict (`core::liveness`) instead of
+            // judging the upload unanswered while it is being re-run.
+            let claimed = {
+                let _live = self.live.lock().await;
+                sqlx::query(
+                    "UPDATE submissions SET spot_check = 'verifying' WHERE round = $1 AND worker = $2 AND spot_check = 'pending'",
+                )
+                .bind(round as i64)
+                .bind(worker.hex())
+                .execute(&self.db)
+                .await?
+                .rows_affected()
+            };
+            if claimed == 0 {
+                // Answered meanwhile (a concurrent retry), or the round closed first: that state stands.
+                let state: Option<String> =
+                    sqlx::query("SELECT spot_check FROM submissions WHERE round = $1 AND worker = $2")
+                        .bind(round as i64)
+                        .bind(worker.hex())
+                        .fetch_one(&self.db)
+                        .await?
+                        .try_get("spot_check")?;
+                return Ok(ProofResponse { round, segment, spot_check: state.unwrap_or_default() });
+            }
+            let timer = Instant::now();
+            let unit = Shard::from_bytes(&self.blobs.get(&self.units[row.try_get::<i64, _>("unit")? as usize]).await?)?;
+            let me = self.clone();
+            let steps = self.run.inner.steps;
+            let segments = self.chain_segments();
+            let tolerance = self.run.trust.tolerance;
+            let body = body.clone();
+            let verdict = tokio::task::spawn_blocking(move || -> Result<String> {
+                let (start, end) = agora_verify::chain::split_proof(&body).map_err(|e| anyhow::anyhow!(e))?;
+                let check = trust::run_spot_check(
+                    &me.model_config,
+                    &me.run.train_config(),
+                    &me.specs,
+                    &unit,
+                    round * steps,
+                    steps,
+                    segments,
+                    segment,
+                    start,
+                    end,
+                    tolerance,
+                );
+                // A state that does not even decode is a failed proof, not a coordinator error.
+                Ok(check.unwrap_or_else(|e| format!("failed: {e:#}")))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("spot-check task failed: {e}"))??;
+            self.metrics.spot_check_ms.fetch_add(timer.elapsed().as_millis() as u64, Ordering::Relaxed);
+            verdict
+        };
+        let mut live = self.live.lock().await;
+        sqlx::query(
+            "UPDATE submissions SET spot_check = $3 WHERE round = $1 AND worker = $2 \
+             AND spot_check IN ('pending', 'verifying')",
+        )
+        .bind(round as i64)
+        .bind(worker.hex())
+        .bind(&verdict)
+        .execute(&self.db)
+        .await?;
+        if verdict != "passed" {
+            self.metrics.reject("spot_check_failed");
+        }
+        tracing::info!(worker = worker.short(), round, segment, verdict, "spot check");
+        self.notify();
+        if round == live.round {
+            self.maybe_close_round(&mut live).await?;
+        }
+        Ok(ProofResponse { round, segment, spot_check: verdict })
+    }
+}

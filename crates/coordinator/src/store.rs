@@ -1,0 +1,98 @@
+//! The store's edges: opening the database (SQLite or PostgreSQL, one schema), typed column readers, and
+//! the few writes several concerns share (reputation, releasing a round's unfinished assignments).
+
+use crate::error::ApiError;
+use crate::state::*;
+use agora_protocol::*;
+use anyhow::{Context, Result};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+pub(crate) fn hash_col(row: &AnyRow, col: &str) -> Result<Hash32> {
+    let s: String = row.try_get(col)?;
+    s.parse().map_err(|e| anyhow::anyhow!("database column {col} holds {s:?}, not a hash: {e}"))
+}
+
+pub(crate) fn worker_col(row: &AnyRow, col: &str) -> Result<WorkerId> {
+    let s: String = row.try_get(col)?;
+    s.parse().map_err(|e| anyhow::anyhow!("database column {col} holds {s:?}, not a worker id: {e}"))
+}
+
+pub(crate) fn hex_digest(d: &[u8; 32]) -> String {
+    Hash32(*d).hex()
+}
+
+/// Applies a judgement to an identity's reputation (created at 0 on its first judgement).
+pub(crate) async fn update_reputation(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    worker: &WorkerId,
+    outcome: agora_verify::Outcome,
+    alpha: f64,
+    accepted: bool,
+) -> Result<(), ApiError> {
+    let old: f64 = sqlx::query("SELECT rating FROM reputation WHERE worker = $1")
+        .bind(worker.hex())
+        .fetch_optional(&mut **tx)
+        .await?
+        .map(|r| r.try_get("rating"))
+        .transpose()?
+        .unwrap_or(0.0);
+    let rating = agora_verify::update_rating(old, outcome, alpha);
+    let (a, r) = if accepted { (1i64, 0i64) } else { (0, 1) };
+    sqlx::query(
+        "INSERT INTO reputation (worker, rating, accepted, rejected, updated_ms) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (worker) DO UPDATE SET rating = excluded.rating, accepted = reputation.accepted + excluded.accepted, \
+         rejected = reputation.rejected + excluded.rejected, updated_ms = excluded.updated_ms",
+    )
+    .bind(worker.hex())
+    .bind(rating)
+    .bind(a)
+    .bind(r)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Releases the `training` assignments of `round` (one worker's, or all) and puts their units back in
+/// the queue for whoever asks next. Returns how many were released.
+pub(crate) async fn release_training(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    round: u64,
+    worker: Option<&WorkerId>,
+) -> Result<u64, ApiError> {
+    let worker = worker.map(|w| w.hex()).unwrap_or_default();
+    let filter = "round = $1 AND state = 'training' AND ($2 = '' OR worker = $2)";
+    let requeue = "UPDATE work_queue SET state = 'pending' WHERE EXISTS (SELECT 1 FROM assignments a WHERE a.round = $1 \
+         AND a.state = 'training' AND ($2 = '' OR a.worker = $2) AND a.epoch = work_queue.epoch AND a.position = work_queue.position)";
+    sqlx::query(requeue).bind(round as i64).bind(&worker).execute(&mut **tx).await?;
+    let released = sqlx::query(&format!("UPDATE assignments SET state = 'released' WHERE {filter}"))
+        .bind(round as i64)
+        .bind(&worker)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    Ok(released)
+}
+
+pub(crate) async fn connect(url: &str) -> Result<AnyPool> {
+    sqlx::any::install_default_drivers();
+    let sqlite = url.starts_with("sqlite:");
+    use sqlx::migrate::MigrateDatabase;
+    if !sqlx::Any::database_exists(url).await.unwrap_or(false) {
+        tracing::info!("creating database {url}");
+        sqlx::Any::create_database(url).await.with_context(|| format!("cannot create the database {url}"))?;
+    }
+    let pool = AnyPoolOptions::new()
+        // SQLite has one writer anyway; one connection also keeps `:memory:` databases whole.
+        .max_connections(if sqlite { 1 } else { 8 })
+        .connect(url)
+        .await
+        .with_context(|| format!("cannot open the database {url}"))?;
+    sqlx::migrate!("./migrations")
+        .run(&pool)
+        .await
+        .with_context(|| format!("cannot apply the schema migrations to {url}"))?;
+    Ok(pool)
+}
+
