@@ -136,6 +136,11 @@ pub struct RoundsSection {
     /// A worker silent (no heartbeat or request) for this long is dropped and its data reassigned.
     #[serde(default = "default_heartbeat_timeout")]
     pub heartbeat_timeout_secs: u64,
+    /// Once a quorum (half the round's holders, at least `min_workers`) has uploaded, the others get this
+    /// fraction of the time the quorum took before the round closes without them (at least 1 s; see
+    /// `core::liveness`). A worker that holds work without delivering costs this much, not the deadline.
+    #[serde(default = "default_grace_fraction")]
+    pub grace_fraction: f64,
 }
 
 fn one() -> u64 {
@@ -146,6 +151,9 @@ fn default_deadline() -> u64 {
 }
 fn default_heartbeat_timeout() -> u64 {
     30
+}
+fn default_grace_fraction() -> f64 {
+    0.5
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -229,6 +237,9 @@ impl RunFile {
         if r.deadline_secs == 0 || r.heartbeat_timeout_secs == 0 {
             bail!("[rounds] deadline_secs and heartbeat_timeout_secs must be positive");
         }
+        if !(r.grace_fraction.is_finite() && r.grace_fraction >= 0.0) {
+            bail!("[rounds] grace_fraction must be a non-negative number, got {}", r.grace_fraction);
+        }
         if self.eval.every_rounds == 0 || self.eval.batches == 0 {
             bail!("[eval] every_rounds and batches must be positive");
         }
@@ -294,16 +305,84 @@ impl RunFile {
         self.inner.steps as usize * self.inner.batch_size
     }
 
-    /// The run id: a hash of the canonical form of this file (paths included) and the corpus contents' sizes.
+    /// The run id: a hash of the canonical form of this file (paths included) and of the contents of every
+    /// file the run reads: the corpus (each file, or each corpus file directly inside a directory, in the
+    /// order the corpus reader takes them), the tokenizer and the model config. Contents are streamed
+    /// through blake3, never read whole into memory.
     pub fn run_id(&self) -> Result<String> {
-        let mut h = blake3::Hasher::new_derive_key("agora-coordinator run id v1");
+        let mut h = blake3::Hasher::new_derive_key("agora-coordinator run id v2");
         h.update(serde_json::to_string(self)?.as_bytes());
         for f in &self.data.files {
-            let len = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
-            h.update(&len.to_le_bytes());
+            if f.is_dir() {
+                let files = corpus_files_in(f)?;
+                h.update(b"dir");
+                h.update(&(files.len() as u64).to_le_bytes());
+                for file in &files {
+                    let name = file.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default();
+                    h.update(&(name.len() as u64).to_le_bytes());
+                    h.update(name);
+                    hash_contents(&mut h, file)?;
+                }
+            } else {
+                h.update(b"file");
+                hash_contents(&mut h, f)?;
+            }
+        }
+        for (what, path) in [("tokenizer", &self.data.tokenizer), ("model config", &self.model.config)] {
+            h.update(what.as_bytes());
+            match path {
+                Some(p) => {
+                    h.update(&[1]);
+                    hash_contents(&mut h, p)?;
+                }
+                None => {
+                    h.update(&[0]);
+                }
+            }
         }
         Ok(h.finalize().to_hex()[..16].to_string())
     }
+}
+
+/// The corpus files directly inside `dir` that the corpus reader takes, in its (file-name) order.
+fn corpus_files_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let cannot = || format!("{}: cannot list the corpus directory to hash it into the run id", dir.display());
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(cannot)? {
+        let path = entry.with_context(cannot)?.path();
+        let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+        if ext.is_some_and(|e| agora_data::corpus::SUPPORTED_EXTENSIONS.contains(&e.as_str())) && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Streams a file's length and contents into `h` (1 MiB at a time); the length is checked against what
+/// was read, so a file that changes while it is hashed is an error rather than a wrong id.
+fn hash_contents(h: &mut blake3::Hasher, path: &Path) -> Result<()> {
+    use std::io::Read;
+    let cannot = || format!("{}: cannot read it to hash it into the run id", path.display());
+    let mut file = std::fs::File::open(path).with_context(cannot)?;
+    let len = file.metadata().with_context(cannot)?.len();
+    h.update(&len.to_le_bytes());
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut read = 0u64;
+    loop {
+        let n = match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).with_context(cannot),
+        };
+        h.update(&buffer[..n]);
+        read += n as u64;
+    }
+    if read != len {
+        bail!("{}: changed while it was hashed into the run id ({len} bytes, then {read})", path.display());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -381,5 +460,43 @@ mod tests {
         let a = RunFile::load(&write(dir.path(), base)).unwrap().run_id().unwrap();
         let b = RunFile::load(&write(dir.path(), &base.replace("count = 3", "count = 4"))).unwrap().run_id().unwrap();
         assert_ne!(a, b);
+    }
+
+    /// A changed byte of the corpus (same size, same path, same run file) is a different run.
+    #[test]
+    fn the_run_id_hashes_the_corpus_contents_not_their_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = "[model]\npreset = \"tiny\"\n[data]\nfiles = [\"corpus.txt\"]\n[rounds]\ncount = 3\n";
+        let run = RunFile::load(&write(dir.path(), base)).unwrap();
+        let a = run.run_id().unwrap();
+        let corpus = dir.path().join("corpus.txt");
+        std::fs::write(&corpus, "some test\n").unwrap();
+        let b = run.run_id().unwrap();
+        assert_ne!(a, b, "one byte of the corpus changed, its size did not");
+        std::fs::write(&corpus, "some text\n").unwrap();
+        assert_eq!(run.run_id().unwrap(), a, "the same contents are the same run");
+
+        // A corpus directory: a byte of a file inside it.
+        std::fs::create_dir(dir.path().join("shards")).unwrap();
+        std::fs::write(dir.path().join("shards/a.txt"), "alpha\n").unwrap();
+        std::fs::write(dir.path().join("shards/b.jsonl"), "{\"text\": \"beta\"}\n").unwrap();
+        let run = RunFile::load(&write(dir.path(), &base.replace("corpus.txt", "shards"))).unwrap();
+        let c = run.run_id().unwrap();
+        std::fs::write(dir.path().join("shards/b.jsonl"), "{\"text\": \"beto\"}\n").unwrap();
+        assert_ne!(run.run_id().unwrap(), c);
+
+        // A tokenizer file, likewise.
+        std::fs::write(dir.path().join("tokenizer.json"), "{\"v\": 1}").unwrap();
+        let with_tokenizer =
+            base.replace("files = [\"corpus.txt\"]", "files = [\"corpus.txt\"]\ntokenizer = \"tokenizer.json\"");
+        let run = RunFile::load(&write(dir.path(), &with_tokenizer)).unwrap();
+        let d = run.run_id().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), "{\"v\": 2}").unwrap();
+        assert_ne!(run.run_id().unwrap(), d);
+
+        // A file that cannot be read is an error that names it.
+        std::fs::remove_file(&corpus).unwrap();
+        let err = format!("{:#}", run.run_id().unwrap_err());
+        assert!(err.contains("corpus.txt"), "{err}");
     }
 }

@@ -382,3 +382,244 @@ fn parse_accepted_decodes_what_parse_accepted() {
         assert!(codec::parse_accepted(&bytes[..bytes.len() - 1], expected(&c, &specs)).is_err());
     }
 }
+
+/// Where each tensor's section starts in a payload under `c` carrying `meta()`.
+fn sections_at(c: &CompressionConfig) -> Vec<usize> {
+    let mut at = 68 + 16 * specs().len() + serde_json::to_vec(&meta()).unwrap().len();
+    specs()
+        .iter()
+        .map(|s| {
+            let here = at;
+            at += codec::section::section_len(c, s.shape.iter().product());
+            here
+        })
+        .collect()
+}
+
+/// The malformed-payload refusal's message (panics if `bytes` is accepted or refused otherwise).
+fn malformed(bytes: &[u8], c: &CompressionConfig) -> String {
+    let e = codec::parse(bytes, expected(c, &specs())).err().expect("refused");
+    assert!(e.is_malformed(), "{e}");
+    assert_eq!(e.code(), "malformed_delta");
+    e.to_string()
+}
+
+/// What a buffer decodes to when the value checks are skipped (to show two encodings of the same values).
+fn decoded_unchecked(bytes: &[u8], c: &CompressionConfig) -> Vec<Vec<f32>> {
+    let p = codec::parse_accepted(bytes, expected(c, &specs())).unwrap();
+    codec::decode(c, &specs(), &p).into_iter().map(|t| t.data).collect()
+}
+
+fn compress_with(c: &CompressionConfig, d: &[Vec<f32>]) -> Vec<u8> {
+    codec::compress(c, 0, &specs(), d, None, &meta()).0
+}
+
+#[test]
+fn integer_codes_outside_the_encoders_range_are_refused() {
+    for (codec, name) in [(Codec::Int8, "int8"), (Codec::Int4, "int4")] {
+        let c = CompressionConfig { block: 16, ..cfg(codec) };
+        let good = payload(&c);
+        assert_eq!(refusal(&good, &c), "accepted");
+        // Tensor a's codes start after its ⌈231 / 16⌉ = 15 scales.
+        let codes = sections_at(&c)[0] + 4 * 15;
+        let mut bad = good.clone();
+        bad[codes] = if codec == Codec::Int8 { 0x80 } else { (bad[codes] & 0xF0) | 0x08 }; // −128 / −8
+        let m = malformed(&reseal(bad), &c);
+        assert!(m.contains(name) && m.contains("outside"), "{m}");
+        if codec == Codec::Int4 {
+            let mut bad = good.clone();
+            bad[codes] = (bad[codes] & 0x0F) | 0x80; // −8 in the high nibble
+            assert!(malformed(&reseal(bad), &c).contains("outside"));
+        }
+    }
+}
+
+#[test]
+fn integer_blocks_have_one_scale_for_their_codes() {
+    for (codec, levels) in [(Codec::Int8, 127u8), (Codec::Int4, 7)] {
+        let c = CompressionConfig { block: 16, ..cfg(codec) };
+        let mut d = delta(11);
+        d[1] = vec![0.0; 5]; // tensor b: one block of zeros, written as scale 0 and codes 0
+        let good = compress_with(&c, &d);
+        assert_eq!(refusal(&good, &c), "accepted");
+        let b = sections_at(&c)[1];
+        assert_eq!(&good[b..b + 4], &0f32.to_le_bytes());
+        let with = |scale: f32, codes: &[u8]| {
+            let mut bytes = good.clone();
+            bytes[b..b + 4].copy_from_slice(&scale.to_le_bytes());
+            bytes[b + 4..b + 4 + codes.len()].copy_from_slice(codes);
+            reseal(bytes)
+        };
+        // Scale 0 with a nonzero code decodes to the same zeros.
+        let bad = with(0.0, &[1]);
+        assert_eq!(decoded_unchecked(&bad, &c), decoded_unchecked(&good, &c));
+        assert!(malformed(&bad, &c).contains("scale 0 but nonzero codes"), "{codec:?}");
+        // −0 as a scale, and a positive scale over codes that are all 0: the same zeros again.
+        assert!(malformed(&with(-0.0, &[0]), &c).contains("−0"));
+        let bad = with(1.0, &[0]);
+        assert_eq!(decoded_unchecked(&bad, &c), decoded_unchecked(&good, &c));
+        assert!(malformed(&bad, &c).contains("every code 0"));
+        // (1, [2, 4, 0, 0, 0]) and (2, [1, 2, 0, 0, 0]) decode alike; the encoder writes neither, since
+        // it codes a block's largest magnitude ±levels.
+        let (small, large) = if codec == Codec::Int8 { (vec![2, 4], vec![1, 2]) } else { (vec![0x42], vec![0x21]) };
+        let (x, y) = (with(1.0, &small), with(2.0, &large));
+        assert_eq!(decoded_unchecked(&x, &c), decoded_unchecked(&y, &c));
+        for bad in [x, y] {
+            let m = malformed(&bad, &c);
+            assert!(m.contains("largest code magnitude") && m.contains(&format!("±{levels}")), "{m}");
+        }
+    }
+}
+
+/// Rewrites a payload's metadata bytes (and its metadata length and checksum).
+fn with_metadata(good: &[u8], raw: &[u8]) -> Vec<u8> {
+    let start = 68 + 16 * specs().len();
+    let old = serde_json::to_vec(&meta()).unwrap().len();
+    let mut out = good[..start].to_vec();
+    out[32..36].copy_from_slice(&(raw.len() as u32).to_le_bytes());
+    out.extend_from_slice(raw);
+    out.extend_from_slice(&good[start + old..]);
+    reseal(out)
+}
+
+#[test]
+fn metadata_has_one_encoding() {
+    let c = cfg(Codec::Int8);
+    let good = payload(&c);
+    assert_eq!(with_metadata(&good, br#"{"round":"3"}"#), good, "the encoder's own bytes");
+    let two = with_metadata(&good, br#"{"a":"1","round":"3"}"#);
+    assert_eq!(codec::parse(&two, expected(&c, &specs())).unwrap().metadata.len(), 2);
+    for raw in [
+        &br#"{ "round": "3" }"#[..],
+        br#"{"round":"3"} "#,
+        br#"{"round":"\u0033"}"#,
+        br#"{"round":"3","round":"3"}"#,
+        br#"{"round":"1","round":"3"}"#,
+        br#"{"round":"3","a":"1"}"#,
+        b"{\"round\":\"3\"}\n",
+    ] {
+        let bad = with_metadata(&good, raw);
+        // Every one of them parses as JSON to a map the encoder could have written.
+        let map: BTreeMap<String, String> = serde_json::from_slice(raw).unwrap();
+        assert!(map == meta() || map.len() == 2);
+        let m = malformed(&bad, &c);
+        assert!(m.contains("canonical"), "{}: {m}", String::from_utf8_lossy(raw));
+    }
+}
+
+#[test]
+fn two_bit_groups_have_one_encoding() {
+    let c = sparse(Codec::TopK, 2, 16, Values::TwoBit);
+    // Tensor b: 5 elements, one chunk, one group: 2 scales, one byte of 4-bit indices, one of 2-bit codes.
+    let good = payload(&c);
+    let b = sections_at(&c)[1];
+    let (lo, hi) = (&good[b..b + 4], &good[b + 4..b + 8]);
+    assert!(f32::from_le_bytes(lo.try_into().unwrap()) < f32::from_le_bytes(hi.try_into().unwrap()));
+    // Swapping the magnitudes and flipping every code's high/low bit decodes to the same values.
+    let mut swapped = good.clone();
+    swapped[b..b + 8].copy_from_slice(&[hi, lo].concat());
+    swapped[b + 9] ^= 0b1010;
+    let swapped = reseal(swapped);
+    assert_eq!(decoded_unchecked(&swapped, &c), decoded_unchecked(&good, &c));
+    assert!(malformed(&swapped, &c).contains("low magnitude"));
+
+    // A magnitude no code uses could be anything: the high one must be used, and an unused low one is 0.
+    let mut high_only = good.clone();
+    high_only[b + 9] |= 0b1010;
+    let unused_low = reseal(high_only.clone());
+    high_only[b..b + 4].copy_from_slice(&0f32.to_le_bytes());
+    let unused_zero = reseal(high_only);
+    assert_eq!(decoded_unchecked(&unused_low, &c), decoded_unchecked(&unused_zero, &c));
+    assert!(malformed(&unused_low, &c).contains("no code uses its low magnitude"));
+    assert_eq!(refusal(&unused_zero, &c), "accepted");
+    let mut low_only = good.clone();
+    low_only[b + 9] &= !0b1010;
+    assert!(malformed(&reseal(low_only), &c).contains("no code uses its high magnitude"));
+
+    // A group of zeros: magnitudes 0 and 0, indices 0 and 1, codes 2 and 2 ("positive, high").
+    let mut d = delta(9);
+    d[1] = vec![0.0; 5];
+    let zeros = compress_with(&c, &d);
+    assert_eq!(refusal(&zeros, &c), "accepted");
+    assert_eq!(&zeros[b..b + 10], &[0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0x0A]);
+    for (at, byte, why) in [(9, 0x08, "every code must be 2"), (9, 0x0B, "every code must be 2"), (8, 0x30, "lowest")] {
+        let mut bad = zeros.clone();
+        bad[b + at] = byte;
+        let bad = reseal(bad);
+        assert_eq!(decoded_unchecked(&bad, &c), decoded_unchecked(&zeros, &c));
+        let m = malformed(&bad, &c);
+        assert!(m.contains(why), "{m}");
+    }
+}
+
+#[test]
+fn kept_zeros_sit_at_the_lowest_positions() {
+    let c = sparse(Codec::TopK, 2, 16, Values::F32);
+    let mut d = delta(9);
+    d[1] = vec![0.0, 0.0, 5.0, 0.0, 0.0];
+    let good = compress_with(&c, &d);
+    assert_eq!(refusal(&good, &c), "accepted");
+    let b = sections_at(&c)[1];
+    // The encoder keeps position 2 (5.0) and, for the second slot, the lowest zero: position 0.
+    assert_eq!(good[b], 0x20);
+    // Keeping positions 2 and 3 instead (5.0, 0.0) is the same tensor.
+    let mut bad = good.clone();
+    bad[b] = 0x32;
+    bad[b + 1..b + 9].copy_from_slice(&[5f32.to_le_bytes(), 0f32.to_le_bytes()].concat());
+    let bad = reseal(bad);
+    assert_eq!(decoded_unchecked(&bad, &c), decoded_unchecked(&good, &c));
+    assert!(malformed(&bad, &c).contains("keeps a zero at position 3"));
+}
+
+fn every_codec() -> Vec<CompressionConfig> {
+    let mut all = vec![cfg(Codec::None), cfg(Codec::Bf16)];
+    for block in [1, 16, 64] {
+        all.push(CompressionConfig { block, ..cfg(Codec::Int8) });
+        all.push(CompressionConfig { block, ..cfg(Codec::Int4) });
+    }
+    for codec in [Codec::TopK, Codec::Dct] {
+        for values in [Values::F32, Values::Bf16, Values::TwoBit, Values::Sign] {
+            for (keep, chunk) in [(1, 16), (2, 16), (3, 10), (16, 16)] {
+                all.push(sparse(codec, keep, chunk, values));
+            }
+        }
+    }
+    all
+}
+
+fn awkward_value() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        Just(0.0f32),
+        Just(-0.0f32),
+        Just(f32::from_bits(1)),
+        Just(-f32::from_bits(1)),
+        -1e-38f32..1e-38,
+        -1e-3f32..1e-3,
+        -1e3f32..1e3,
+        Just(0.5f32),
+        Just(-0.5f32),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The canonical-form checks never refuse the encoder's own output, whatever the values: zeros of
+    /// either sign, subnormals, ties and mixed magnitudes included.
+    #[test]
+    fn the_encoders_output_always_parses(
+        a in proptest::collection::vec(awkward_value(), 231),
+        b in proptest::collection::vec(awkward_value(), 5),
+        c in proptest::collection::vec(awkward_value(), 300),
+        sparse_b in any::<bool>(),
+    ) {
+        let b = if sparse_b { vec![0.0, b[1], 0.0, 0.0, b[4]] } else { b };
+        let d = vec![a, b, c];
+        for config in every_codec() {
+            let bytes = compress_with(&config, &d);
+            if let Err(e) = codec::parse(&bytes, expected(&config, &specs())) {
+                prop_assert!(false, "{}: the encoder's own payload is refused: {e}", config.describe());
+            }
+        }
+    }
+}

@@ -8,7 +8,8 @@
 //! "AGDZ"  u16 version  u8 codec  u8 values  u32 block  u32 chunk  u32 keep  u32 fragment  u32 fragments
 //! u32 tensors  u32 metadata_len  [32] blake3 digest of the tensors' names and shapes
 //! tensors × (u64 elements, u64 section_len)
-//! metadata: JSON object of strings (round, unit, base hash, train loss)
+//! metadata: JSON object of strings (round, unit, base hash, train loss), exactly as serde_json::to_vec
+//!           writes a BTreeMap<String, String> (compact, keys sorted)
 //! sections, in tensor order (see `section`)
 //! [32] blake3 of everything before it
 //! ```
@@ -139,7 +140,7 @@ pub fn assemble(
     metadata: &BTreeMap<String, String>,
 ) -> Vec<u8> {
     assert_eq!(specs.len(), sections.len(), "one section per tensor");
-    let metadata = serde_json::to_vec(metadata).expect("a string map serialises");
+    let metadata = canonical_metadata(metadata);
     assert!(metadata.len() <= MAX_METADATA, "payload metadata too large");
     let mut out = Vec::with_capacity(payload_len(config, specs, metadata.len()));
     write_header(&mut out, config, fragment, specs, sections, &metadata);
@@ -148,6 +149,11 @@ pub fn assemble(
     let checksum = blake3::hash(&out);
     out.extend_from_slice(checksum.as_bytes());
     out
+}
+
+/// The one encoding of a payload's metadata, which [`assemble`] writes and [`parse`] requires.
+fn canonical_metadata(metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    serde_json::to_vec(metadata).expect("a string map serialises")
 }
 
 struct Reader<'a> {
@@ -241,8 +247,18 @@ fn parse_checked<'a>(bytes: &'a [u8], expected: Expected<'_>, values: bool) -> R
     if values && blake3::hash(body).as_bytes() != checksum {
         return Err(CodecError::Malformed("checksum mismatch (corrupted in transit?)".into()));
     }
-    let metadata: BTreeMap<String, String> = serde_json::from_slice(r.take(metadata_len)?)
+    let raw_metadata = r.take(metadata_len)?;
+    let metadata: BTreeMap<String, String> = serde_json::from_slice(raw_metadata)
         .map_err(|e| CodecError::Malformed(format!("metadata is not a JSON object of strings: {e}")))?;
+    // One encoding: exactly the bytes `assemble` writes for this map (compact, keys sorted and unique,
+    // serde_json's escaping), not merely JSON that parses to it.
+    if canonical_metadata(&metadata) != raw_metadata {
+        return Err(CodecError::Malformed(
+            "metadata is not in canonical form: write it as serde_json::to_vec of a sorted string map (compact, \
+             keys sorted and unique, no whitespace, only the escapes JSON requires)"
+                .into(),
+        ));
+    }
     let mut sections = Vec::with_capacity(expected.specs.len());
     for spec in expected.specs {
         let s = r.take(section::section_len(config, elements(spec)))?;

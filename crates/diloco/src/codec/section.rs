@@ -9,7 +9,18 @@
 //!   otherwise); then every kept index within its chunk, ⌈log₂ chunk⌉ bits each, ascending within a chunk;
 //!   then the kept values (f32, bf16, 2-bit codes or sign bits). A chunk of length L keeps min(keep, L).
 //!
-//! Every unused padding bit is zero, so each Δ has exactly one encoding.
+//! Every unused padding bit is zero. Beyond the layout, [`validate`] refuses what the encoder never writes
+//! where it would be a second encoding of the same values: a −0 scale; an integer block whose scale is 0
+//! but whose codes are not all 0, whose scale is positive but whose codes are all 0, or whose scale is a
+//! normal float but whose largest code magnitude is not the level count (7 or 127); a 2-bit group whose low
+//! magnitude exceeds its high one, whose codes never use its high magnitude, whose codes never use a
+//! nonzero low magnitude, or whose magnitudes are 0 but whose codes are not all 2 ("positive, high"); a
+//! kept zero (f32 values, or a 2-bit group of zero magnitudes) at a chunk position above one that is not
+//! kept (the encoder keeps a chunk's zeros at its lowest positions). Left, because the encoder's own output
+//! has them: the sign of a zero; which positions keep a zero under bf16 or sign values or through a 2-bit
+//! low magnitude of 0 (a tiny value rounds to zero there); the high/low bit of a 2-bit code when the two
+//! magnitudes are equal; the codes of an integer block with a subnormal scale; and two scales an ulp apart
+//! that decode a block to the same values.
 
 use super::bits::{pack, packed_len, Unpacker};
 use super::config::{Codec, CompressionConfig, Values};
@@ -97,10 +108,22 @@ fn check_value(v: f32, what: &str) -> Result<(), CodecError> {
 
 fn check_scale(s: f32, levels: f32) -> Result<(), CodecError> {
     check_value(s, "scale")?;
-    if s < 0.0 || s * levels > MAX_MAGNITUDE {
-        return Err(CodecError::Malformed(format!("scale {s:e} is negative or too large")));
+    // The encoder's scales are magnitudes (never −0), so the sign bit must be clear.
+    if s.is_sign_negative() || s * levels > MAX_MAGNITUDE {
+        return Err(CodecError::Malformed(format!("scale {s:e} is negative (or −0) or too large")));
     }
     Ok(())
+}
+
+/// The integer code of element `i` (int8 byte, or int4 nibble, low nibble first).
+fn int_code(codec: Codec, codes: &[u8], i: usize) -> i8 {
+    if codec == Codec::Int8 {
+        codes[i] as i8
+    } else {
+        let byte = codes[i / 2];
+        let nibble = if i.is_multiple_of(2) { byte & 0x0F } else { byte >> 4 };
+        ((nibble << 4) as i8) >> 4
+    }
 }
 
 /// Encodes one tensor's values. `dct` caches DCT bases between calls.
@@ -218,19 +241,45 @@ pub fn validate(cfg: &CompressionConfig, n: usize, s: &[u8]) -> Result<(), Codec
         Codec::Bf16 => (0..n).try_for_each(|i| check_value(read_bf16(s, i), "value")),
         Codec::Int8 | Codec::Int4 => {
             let blocks = n.div_ceil(cfg.block);
-            let levels = if cfg.codec == Codec::Int8 { 127.0 } else { 7.0 };
-            (0..blocks).try_for_each(|b| check_scale(read_f32(s, b), levels))?;
+            let (levels, name) = if cfg.codec == Codec::Int8 { (127i8, "int8") } else { (7i8, "int4") };
             let codes = &s[4 * blocks..];
-            if cfg.codec == Codec::Int8 {
-                if codes.contains(&0x80) {
-                    return Err(CodecError::Malformed("int8 code −128 is not used by the encoder".into()));
+            if cfg.codec == Codec::Int4 && n % 2 == 1 && codes.last().is_some_and(|b| b >> 4 != 0) {
+                return Err(CodecError::Malformed("int4 padding nibble is not zero".into()));
+            }
+            for b in 0..blocks {
+                let scale = read_f32(s, b);
+                check_scale(scale, levels as f32)?;
+                let (first, end) = (b * cfg.block, n.min((b + 1) * cfg.block));
+                let mut largest = 0u8;
+                for i in first..end {
+                    let q = int_code(cfg.codec, codes, i);
+                    // The code's width already bounds it above by `levels`; only the lowest code is unused.
+                    if q < -levels {
+                        return Err(CodecError::Malformed(format!(
+                            "{name} code {q} at element {i} is outside −{levels}..={levels}, the codes the encoder writes"
+                        )));
+                    }
+                    largest = largest.max(q.unsigned_abs());
                 }
-            } else {
-                if codes.iter().any(|&b| b & 0x0F == 0x08 || b >> 4 == 0x08) {
-                    return Err(CodecError::Malformed("int4 code −8 is not used by the encoder".into()));
+                let block = || format!("{name} block {b} (elements {first}..{end})");
+                if scale == 0.0 && largest != 0 {
+                    return Err(CodecError::Malformed(format!(
+                        "{} has scale 0 but nonzero codes: with scale 0 every code must be 0",
+                        block()
+                    )));
                 }
-                if n % 2 == 1 && codes.last().is_some_and(|b| b >> 4 != 0) {
-                    return Err(CodecError::Malformed("int4 padding nibble is not zero".into()));
+                if scale > 0.0 && largest == 0 {
+                    return Err(CodecError::Malformed(format!(
+                        "{} has every code 0 but scale {scale:e}: a block of zeros has scale 0",
+                        block()
+                    )));
+                }
+                if scale >= f32::MIN_POSITIVE && largest != levels as u8 {
+                    return Err(CodecError::Malformed(format!(
+                        "{} has scale {scale:e} but its largest code magnitude is {largest}: the encoder \
+                         scales a block so that its largest magnitude is coded ±{levels}",
+                        block()
+                    )));
                 }
             }
             Ok(())
@@ -244,9 +293,20 @@ fn validate_sparse(cfg: &CompressionConfig, n: usize, s: &[u8]) -> Result<(), Co
     let groups = n.div_ceil(cfg.chunk).div_ceil(cfg.block);
     let scales = groups * scales_per_group(cfg.values);
     (0..scales).try_for_each(|i| check_scale(read_f32(s, i), 1.0))?;
+    if cfg.values == Values::TwoBit {
+        for g in 0..groups {
+            let (lo, hi) = (read_f32(s, 2 * g), read_f32(s, 2 * g + 1));
+            if lo > hi {
+                return Err(CodecError::Malformed(format!(
+                    "2-bit group {g}: low magnitude {lo:e} exceeds high magnitude {hi:e} (the encoder writes low ≤ high)"
+                )));
+            }
+        }
+    }
     let bits = index_bits(cfg.chunk);
     let index_bytes = packed_len(k, bits);
-    let mut u = Unpacker::new(&s[4 * scales..4 * scales + index_bytes], bits);
+    let index_section = &s[4 * scales..4 * scales + index_bytes];
+    let mut u = Unpacker::new(index_section, bits);
     for start in (0..n).step_by(cfg.chunk) {
         let len = cfg.chunk.min(n - start);
         let mut previous: Option<u32> = None;
@@ -263,23 +323,82 @@ fn validate_sparse(cfg: &CompressionConfig, n: usize, s: &[u8]) -> Result<(), Co
     if !u.padding_is_zero() {
         return Err(CodecError::Malformed("index padding bits are not zero".into()));
     }
+    // The values, walked with their (now known good) indices.
     let v = &s[4 * scales + index_bytes..];
-    match cfg.values {
-        Values::F32 => (0..k).try_for_each(|i| check_value(read_f32(v, i), "value")),
-        Values::Bf16 => (0..k).try_for_each(|i| check_value(read_bf16(v, i), "value")),
-        Values::TwoBit | Values::Sign => {
-            let width = if cfg.values == Values::TwoBit { 2 } else { 1 };
-            let mut u = Unpacker::new(v, width);
-            (0..k).for_each(|_| {
-                u.next_field();
-            });
-            if u.padding_is_zero() {
-                Ok(())
-            } else {
-                Err(CodecError::Malformed("value-code padding bits are not zero".into()))
+    let mut indices = Unpacker::new(index_section, bits);
+    let mut codes = match cfg.values {
+        Values::TwoBit => Some(Unpacker::new(v, 2)),
+        Values::Sign => Some(Unpacker::new(v, 1)),
+        Values::F32 | Values::Bf16 => None,
+    };
+    let mut j = 0usize;
+    let chunks = n.div_ceil(cfg.chunk);
+    // 2-bit: whether the current group's codes use its low and its high magnitude.
+    let mut uses = [false; 2];
+    for (c, start) in (0..n).step_by(cfg.chunk).enumerate() {
+        let len = cfg.chunk.min(n - start);
+        let group = c / cfg.block;
+        for t in 0..kept_in(cfg, len) {
+            let i = indices.next_field() as usize;
+            // Whether the kept value is certainly an exact zero in the encoder's input.
+            let exact_zero = match cfg.values {
+                Values::F32 => {
+                    let x = read_f32(v, j);
+                    check_value(x, "value")?;
+                    x == 0.0
+                }
+                Values::Bf16 => {
+                    check_value(read_bf16(v, j), "value")?;
+                    false
+                }
+                Values::TwoBit => {
+                    let code = codes.as_mut().expect("2-bit codes").next_field();
+                    uses[(code >> 1) as usize] = true;
+                    let zero_group = read_f32(s, 2 * group + 1) == 0.0;
+                    if zero_group && code != 2 {
+                        return Err(CodecError::Malformed(format!(
+                            "2-bit group {group} has magnitudes 0 and 0, so every code must be 2 (positive, high); \
+                             code {code} of the chunk at {start} is another encoding of the same 0"
+                        )));
+                    }
+                    zero_group
+                }
+                Values::Sign => {
+                    codes.as_mut().expect("sign codes").next_field();
+                    false
+                }
+            };
+            // Indices ascend, so position i is above a dropped position unless it is the t-th position.
+            if exact_zero && i != t {
+                return Err(CodecError::Malformed(format!(
+                    "the chunk at {start} keeps a zero at position {i} but drops a lower position: the encoder \
+                     keeps a chunk's zeros at its lowest positions, so this is another encoding of the same values"
+                )));
             }
+            j += 1;
+        }
+        if cfg.values == Values::TwoBit && ((c + 1) % cfg.block == 0 || c + 1 == chunks) {
+            // The encoder's high magnitude is the mean of the magnitudes at or above the group's mean, so
+            // some code uses it; its low magnitude is 0 when no code uses it. An unused magnitude could
+            // otherwise take any value.
+            let lo = read_f32(s, 2 * group);
+            if !uses[1] || (!uses[0] && lo != 0.0) {
+                let unused = if uses[1] {
+                    format!("low magnitude {lo:e}, which must then be 0")
+                } else {
+                    "high magnitude".into()
+                };
+                return Err(CodecError::Malformed(format!(
+                    "2-bit group {group}: no code uses its {unused} (another encoding of the same values)"
+                )));
+            }
+            uses = [false; 2];
         }
     }
+    if codes.is_some_and(|u| !u.padding_is_zero()) {
+        return Err(CodecError::Malformed("value-code padding bits are not zero".into()));
+    }
+    Ok(())
 }
 
 /// `out += decode(section)` for a validated section. For `dct`, `out` is in the coefficient domain (the
@@ -294,14 +413,7 @@ pub fn accumulate(cfg: &CompressionConfig, s: &[u8], out: &mut [f32]) {
             let blocks = n.div_ceil(cfg.block);
             let codes = &s[4 * blocks..];
             for (i, o) in out.iter_mut().enumerate() {
-                let q = if cfg.codec == Codec::Int8 {
-                    codes[i] as i8
-                } else {
-                    let byte = codes[i / 2];
-                    let nibble = if i % 2 == 0 { byte & 0x0F } else { byte >> 4 };
-                    ((nibble << 4) as i8) >> 4
-                };
-                *o += q as f32 * read_f32(s, i / cfg.block);
+                *o += int_code(cfg.codec, codes, i) as f32 * read_f32(s, i / cfg.block);
             }
         }
         Codec::TopK | Codec::Dct => {
