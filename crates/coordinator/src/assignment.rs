@@ -60,6 +60,9 @@ impl Coordinator {
             return Ok(WorkResponse::Finished { rounds: live.round, global_hash: live.global_hash });
         }
         let wait = WorkResponse::Wait { round: live.round, retry_after_ms: RETRY_AFTER_MS };
+        if live.closing {
+            return Ok(wait);
+        }
         match self.assignment_row(live.round, &worker).await? {
             Some(row) if row.state == "training" => return Ok(WorkResponse::Assignment(self.assignment(&live, &row))),
             Some(row) if row.state != "released" => return Ok(wait),

@@ -39,7 +39,7 @@ pub(crate) struct SubmissionRow {
 impl Coordinator {
     /// Closes the open round when `core::liveness` says so.
     pub(crate) async fn maybe_close_round(self: &Arc<Self>, live: &mut Live) -> Result<(), ApiError> {
-        if live.finished {
+        if live.finished || live.closing {
             return Ok(());
         }
         let round = live.round as i64;
@@ -71,7 +71,26 @@ impl Coordinator {
         }
         let now = crate::clock::now_ms();
         if decide_close(&view, now, self.run.rounds.grace_fraction) == CloseDecision::Close {
-            self.close_round(live).await?;
+            // The heavy part (judging, the outer step, evaluation) runs in its own task without the lock, so
+            // status, metrics, heartbeats and the request that triggered the close are not held up by it.
+            live.closing = true;
+            let snapshot = Live {
+                round: live.round,
+                opened_ms: live.opened_ms,
+                global_hash: live.global_hash,
+                momentum_hash: live.momentum_hash,
+                finished: live.finished,
+                sum: live.sum.take(),
+                closing: true,
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let round = snapshot.round;
+                if let Err(e) = me.close_round(snapshot).await {
+                    tracing::error!(round, "closing the round failed (retried at the next tick): {}", e.message);
+                    me.live.lock().await.closing = false;
+                }
+            });
         }
         Ok(())
     }
@@ -173,7 +192,8 @@ impl Coordinator {
     /// replay after a crash computes the same bits), the outer optimizer on the fragment the round
     /// synchronises, the new global weights and momentum published as blobs, then the round committed in
     /// one transaction (with, when verifying, its receipts, their Merkle root, credits and reputations).
-    pub(crate) async fn close_round(self: &Arc<Self>, live: &mut Live) -> Result<(), ApiError> {
+    pub(crate) async fn close_round(self: &Arc<Self>, mut snapshot: Live) -> Result<(), ApiError> {
+        let live = &mut snapshot;
         let round = live.round;
         let started = Instant::now();
         let (subs, mean, judged) = if self.run.trust.verify {
@@ -258,6 +278,9 @@ impl Coordinator {
         let train_loss = (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64);
         let now = now_ms();
 
+        // The commit itself: under the lock, in one transaction.
+        let mut live = self.live.lock().await;
+        assert!(live.closing && live.round == round, "one close at a time, of the open round");
         let mut tx = self.db.begin().await?;
         if let Some(judged) = &judged {
             self.settle(&mut tx, round, &subs, judged).await?;
@@ -317,7 +340,7 @@ impl Coordinator {
         }
         tx.commit().await?;
 
-        *live = Live { round: next, opened_ms: now, global_hash, momentum_hash, finished, sum: None };
+        *live = Live { round: next, opened_ms: now, global_hash, momentum_hash, finished, sum: None, closing: false };
         self.open_round.store(next, Ordering::Relaxed);
         self.finished.store(finished, Ordering::Relaxed);
         tracing::info!(

@@ -51,7 +51,11 @@ impl Coordinator {
             // Claim the check, so that the round's close waits for its verdict (`core::liveness`) instead of
             // judging the upload unanswered while it is being re-run.
             let claimed = {
-                let _live = self.live.lock().await;
+                let live = self.live.lock().await;
+                if live.closing && live.round == round {
+                    // Judged as it stands: the close decided before this proof arrived.
+                    0
+                } else {
                 sqlx::query(
                     "UPDATE submissions SET spot_check = 'verifying' WHERE round = $1 AND worker = $2 AND spot_check = 'pending'",
                 )
@@ -60,6 +64,7 @@ impl Coordinator {
                 .execute(&self.db)
                 .await?
                 .rows_affected()
+                }
             };
             if claimed == 0 {
                 // Answered meanwhile (a concurrent retry), or the round closed first: that state stands.

@@ -166,9 +166,9 @@ impl Coordinator {
         let pending = unresolved(tx, None).await?;
         let mut known: HashMap<WorkerId, Standing> = standing.clone();
         for p in &pending {
-            if !known.contains_key(&p.worker) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = known.entry(p.worker) {
                 let verified = verified_count(tx, &p.worker).await?;
-                known.insert(p.worker, Standing { verified, cheated: false });
+                slot.insert(Standing { verified, cheated: false });
             }
         }
         let policy = VestingPolicy {

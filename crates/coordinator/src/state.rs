@@ -63,6 +63,9 @@ pub(crate) struct Live {
     /// The sum of the open round's accepted payloads, in acceptance order; None when it must be rebuilt
     /// from the stored payloads (after a restart, or if adding one failed).
     pub(crate) sum: Option<Accumulator>,
+    /// The round's close is under way (judging and the outer step run without this lock): uploads for it
+    /// are refused as closed, and nobody is handed new work in it.
+    pub(crate) closing: bool,
 }
 
 /// How many pseudo-gradient uploads are read and decoded at once: bounds the coordinator's memory to a
@@ -183,6 +186,7 @@ impl Coordinator {
             momentum_hash: momentum.map(|m| m.parse()).transpose().map_err(|e: String| anyhow::anyhow!(e))?,
             finished: finished != 0,
             sum: None,
+            closing: false,
         };
 
         let specs = param_specs(&model_config);

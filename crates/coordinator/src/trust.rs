@@ -1,6 +1,6 @@
-//! Judging a round: the blocking computations (decode, similarity, loss before/after, spot-check
-//! re-runs) and the rules that turn them into verdicts. `state.rs` feeds them from storage and records
-//! what they decide, in the round's commit transaction.
+//! Judging a round: the blocking computations (decode, pairwise statistics, loss before/after, spot-check
+//! re-runs). The rules that turn them into verdicts are `agora_verify::rules`; `close.rs` feeds them from
+//! storage and `settlement.rs` records what they decide, in the round's commit transaction.
 
 use agora_data::sampling::batch_offsets;
 use agora_data::Shard;
@@ -9,27 +9,15 @@ use agora_diloco::tensors::load_weights;
 use agora_diloco::{unit_batches, CompressionConfig};
 use agora_model::{Llama, LlamaConfig};
 use agora_protocol::{Hash32, NamedTensor, TensorSpec, WorkerId};
-use agora_verify::{aggregate, bounded_scores, cosine, l2_norm, relative_gain, Gains, TrustConfig};
+use agora_verify::{
+    aggregate, bounded_scores, cosine, relative_gain, rule_verdicts, Gains, Gram, SpotCheckState, TrustConfig, UploadFacts,
+};
 use anyhow::{Context, Result};
 use tch::{Device, Tensor};
 
-/// Verdicts, in the order they are tested. Every one but `accepted` earns nothing and stays out of the
-/// aggregate; all but `zero_score` also reset the identity's reputation (proven misbehaviour).
-pub const ACCEPTED: &str = "accepted";
-pub const NORM: &str = "norm";
-pub const REPLAY: &str = "replay";
-pub const COPY: &str = "copy";
-pub const SPOT_CHECK_FAILED: &str = "spot_check_failed";
-pub const ZERO_SCORE: &str = "zero_score";
-/// Points against or across the consensus of the round's other uploads (cosine with their mean below
-/// `min_agreement`): a sign flip, or noise.
-pub const OFF_CONSENSUS: &str = "off_consensus";
-pub const NON_FINITE: &str = "non_finite";
-
-/// Whether a verdict proves misbehaviour (as opposed to a contribution that merely did not help).
-pub fn is_slashing(verdict: &str) -> bool {
-    !matches!(verdict, ACCEPTED | ZERO_SCORE | OFF_CONSENSUS)
-}
+pub use agora_verify::rules::{
+    is_slashing, ACCEPTED, COPY, NON_FINITE, NORM, OFF_CONSENSUS, REPLAY, SPOT_CHECK_FAILED, ZERO_SCORE,
+};
 
 /// One accepted upload of the round, in acceptance order.
 pub struct Candidate {
@@ -117,51 +105,31 @@ pub fn judge_round(ctx: &JudgeContext<'_>, candidates: &[Candidate]) -> Result<R
     let fragment_specs: Vec<TensorSpec> = ctx.fragment_tensors.iter().map(|&i| ctx.specs[i].clone()).collect();
     let deltas: Vec<Vec<f32>> =
         candidates.iter().map(|c| decode_flat(ctx, &fragment_specs, &c.payload)).collect::<Result<_>>()?;
-    let norms: Vec<f64> = deltas.iter().map(|d| l2_norm(d)).collect();
-    let mut sorted = norms.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median_norm = sorted.get((sorted.len().max(1) - 1) / 2).copied().unwrap_or(0.0);
-
-    let mut judgements: Vec<Judgement> = Vec::with_capacity(candidates.len());
-    for (i, c) in candidates.iter().enumerate() {
-        let similarity = (0..i).map(|j| cosine(&deltas[i], &deltas[j])).fold(0.0, f64::max);
-        let replay = c.replayed
-            || ctx
+    // The pairwise statistics every rule compares uploads by, and the verdicts of `agora_verify::rules`.
+    let mut gram = Gram::new(deltas.len());
+    gram.add_chunk(&deltas.iter().map(|d| d.as_slice()).collect::<Vec<_>>());
+    let facts: Vec<UploadFacts> = candidates
+        .iter()
+        .zip(&deltas)
+        .map(|(c, d)| UploadFacts {
+            replayed: c.replayed,
+            previous_similarity: ctx
                 .previous
                 .iter()
-                .any(|p| p.len() == deltas[i].len() && cosine(&deltas[i], p) >= ctx.trust.copy_cosine);
-        let verdict = if norms[i] > ctx.trust.norm_limit * median_norm {
-            NORM
-        } else if replay {
-            REPLAY
-        } else if similarity >= ctx.trust.copy_cosine {
-            COPY
-        } else if c.spot_check.as_deref().is_some_and(|s| s != "passed") {
-            SPOT_CHECK_FAILED
-        } else {
-            ACCEPTED
-        };
-        judgements.push(Judgement { verdict, score: 0.0, gains: None, similarity, norm: norms[i] });
-    }
-
-    // Direction: a Δ pointing away from the mean of the round's other remaining uploads pulls the model
-    // back (a sign flip), one across it adds noise; it earns nothing and stays out, whatever its loss
-    // measurement says.
-    let remaining: Vec<usize> = (0..candidates.len()).filter(|&i| judgements[i].verdict == ACCEPTED).collect();
-    if remaining.len() >= 2 {
-        let mut total = vec![0f64; deltas[0].len()];
-        for &i in &remaining {
-            for (t, &v) in total.iter_mut().zip(&deltas[i]) {
-                *t += f64::from(v);
-            }
-        }
-        for &i in &remaining {
-            let others: Vec<f32> = total.iter().zip(&deltas[i]).map(|(&t, &v)| (t - f64::from(v)) as f32).collect();
-            if cosine(&deltas[i], &others) < ctx.trust.min_agreement {
-                judgements[i].verdict = OFF_CONSENSUS;
-            }
-        }
-    }
+                .filter(|p| p.len() == d.len())
+                .map(|p| cosine(d, p))
+                .fold(0.0, f64::max),
+            spot_check: match c.spot_check.as_deref() {
+                None => SpotCheckState::NotChallenged,
+                Some("passed") => SpotCheckState::Passed,
+                Some(_) => SpotCheckState::Failed,
+            },
+        })
+        .collect();
+    let mut judgements: Vec<Judgement> = rule_verdicts(ctx.trust, &facts, &gram)
+        .into_iter()
+        .map(|r| Judgement { verdict: r.verdict, score: 0.0, gains: None, similarity: r.similarity, norm: r.norm })
+        .collect();
 
     // Loss before and after a step along each remaining Δ, on held-out batches and on its own data.
     let model = Llama::zeros(ctx.model, Device::Cpu);

@@ -31,7 +31,7 @@ impl Coordinator {
             return Ok(());
         }
         let mut live = self.live.lock().await;
-        if round != live.round || live.finished {
+        if round != live.round || live.finished || live.closing {
             return Ok(());
         }
         match self.assignment_row(round, &worker).await? {
@@ -132,7 +132,7 @@ impl Coordinator {
         if live.finished {
             return Err(ApiError::conflict("run_finished", format!("the run finished after round {}", live.round)));
         }
-        if round < live.round {
+        if round < live.round || (round == live.round && live.closing) {
             return Err(ApiError::conflict(
                 "round_closed",
                 format!("round {round} is closed (the run is at round {}); ask for new work", live.round),

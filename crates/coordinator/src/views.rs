@@ -149,6 +149,39 @@ impl Coordinator {
             receipts,
         })
     }
+
+    /// `worker`'s judged upload of `round`: its signed receipt with the inclusion proof under the round's
+    /// signed root (what the worker needs to learn and check its verdict), or why there is none yet.
+    pub async fn round_receipt(&self, round: u64, worker: &WorkerId) -> Result<ReceiptResponse, ApiError> {
+        if round >= self.open_round.load(Ordering::Relaxed) && !self.finished.load(Ordering::Relaxed) {
+            return Ok(ReceiptResponse::Pending { round });
+        }
+        let all: Vec<(String, agora_ledger::SignedReceipt)> =
+            sqlx::query("SELECT worker, receipt FROM receipts WHERE round = $1 ORDER BY position")
+                .bind(round as i64)
+                .fetch_all(&self.db)
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get("worker")?, serde_json::from_str(&r.try_get::<String, _>("receipt")?)?)))
+                .collect::<Result<_>>()?;
+        let Some(index) = all.iter().position(|(w, _)| *w == worker.hex()) else {
+            let reason = if self.run.trust.verify {
+                format!("round {round} closed without an upload of worker {} (late, released or never sent)", worker.short())
+            } else {
+                "this run does not verify uploads: nothing is judged or credited".to_string()
+            };
+            return Ok(ReceiptResponse::NotJudged { round, reason });
+        };
+        let leaves: Vec<[u8; 32]> = all.iter().map(|(_, s)| s.receipt.digest()).collect();
+        let proof = agora_ledger::inclusion_proof(&leaves, index).context("an inclusion proof")?;
+        let root = self.roots().await?.into_iter().find(|r| r.round == round).context("the round's signed root")?;
+        Ok(ReceiptResponse::Judged {
+            receipt: serde_json::to_value(&all[index].1).map_err(anyhow::Error::from)?,
+            proof: serde_json::to_value(&proof).map_err(anyhow::Error::from)?,
+            root: serde_json::to_value(&root).map_err(anyhow::Error::from)?,
+        })
+    }
+
     pub async fn blob(&self, hash: &Hash32, worker: Option<WorkerId>) -> Result<Bytes, ApiError> {
         if !self.blobs.contains(hash).await {
             return Err(ApiError::not_found("unknown_blob", format!("no blob {hash}")));

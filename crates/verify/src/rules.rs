@@ -285,9 +285,9 @@ mod tests {
     #[test]
     fn sign_flips_and_noise_are_off_consensus() {
         let trust = TrustConfig::default();
-        let mut v: Vec<Vec<f32>> = (0..3).map(|s| honest(s, 4000, 1.0, 1.0)).collect();
+        let mut v: Vec<Vec<f32>> = (0..3).map(|s| honest(s, 100_000, 1.0, 1.0)).collect();
         v.push(v[0].iter().map(|x| -x).collect());
-        v.push(honest(99, 4000, 1.0, 0.0));
+        v.push(honest(99, 100_000, 1.0, 0.0));
         let verdicts = rule_verdicts(&trust, &honest_facts(5), &gram_of(&v));
         assert_eq!(
             verdicts.iter().map(|v| v.verdict).collect::<Vec<_>>(),

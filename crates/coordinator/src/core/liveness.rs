@@ -8,6 +8,7 @@
 //!   training then are released (their units go back to the queue): they were that much slower than half
 //!   of the round. A challenged upload's proof is waited for as long again after that upload;
 //! - at the deadline in any case, once it has `min_workers` uploads.
+//!
 //! A proof being verified (the coordinator's own re-run) always holds the close: its verdict is needed.
 //!
 //! So one identity that takes work and never uploads cannot hold rounds open for the deadline: it costs
