@@ -22,12 +22,14 @@ pub(crate) async fn admission(run: &RunFile, db: &AnyPool) -> Result<(Option<Has
     let a = &run.admission;
     let mut ranking: Vec<(WorkerId, f64)> = Vec::new();
     let mut previous_id = String::new();
-    if let Some(url) = &a.previous {
+    if let Some(raw_url) = &a.previous {
+        let url = crate::redact::redact_url(raw_url);
         sqlx::any::install_default_drivers();
         let previous = AnyPoolOptions::new()
             .max_connections(1)
-            .connect(url)
+            .connect(raw_url)
             .await
+            .map_err(|e| crate::redact::redact_error(e, raw_url))
             .with_context(|| format!("[admission] previous: cannot open the earlier run's database {url}"))?;
         previous_id = sqlx::query("SELECT id FROM run")
             .fetch_one(&previous)

@@ -151,8 +151,9 @@ impl Coordinator {
                 let stored: String = row.try_get("id")?;
                 if stored != run_id {
                     bail!(
-                        "{database} holds run {stored}, but {} defines run {run_id} (the run file or its corpus changed); \
+                        "{} holds run {stored}, but {} defines run {run_id} (the run file or its corpus changed); \
                          use a new --dir/--database for a new run",
+                        crate::redact::redact_url(&database),
                         options.run_file.display()
                     );
                 }

@@ -5,6 +5,7 @@ use crate::error::ApiError;
 use crate::state::*;
 use agora_protocol::*;
 use anyhow::{Context, Result};
+use crate::redact::{redact_error, redact_url};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
@@ -78,21 +79,28 @@ pub(crate) async fn release_training(
 pub(crate) async fn connect(url: &str) -> Result<AnyPool> {
     sqlx::any::install_default_drivers();
     let sqlite = url.starts_with("sqlite:");
+    // A PostgreSQL URL may carry a password: neither logs nor errors show it (sqlx errors may echo it).
+    let shown = redact_url(url);
     use sqlx::migrate::MigrateDatabase;
     if !sqlx::Any::database_exists(url).await.unwrap_or(false) {
-        tracing::info!("creating database {url}");
-        sqlx::Any::create_database(url).await.with_context(|| format!("cannot create the database {url}"))?;
+        tracing::info!("creating database {shown}");
+        sqlx::Any::create_database(url)
+            .await
+            .map_err(|e| redact_error(e, url))
+            .with_context(|| format!("cannot create the database {shown}"))?;
     }
     let pool = AnyPoolOptions::new()
         // SQLite has one writer anyway; one connection also keeps `:memory:` databases whole.
         .max_connections(if sqlite { 1 } else { 8 })
         .connect(url)
         .await
-        .with_context(|| format!("cannot open the database {url}"))?;
+        .map_err(|e| redact_error(e, url))
+        .with_context(|| format!("cannot open the database {shown}"))?;
     sqlx::migrate!("./migrations")
         .run(&pool)
         .await
-        .with_context(|| format!("cannot apply the schema migrations to {url}"))?;
+        .map_err(|e| redact_error(e, url))
+        .with_context(|| format!("cannot apply the schema migrations to {shown}"))?;
     Ok(pool)
 }
 
