@@ -104,6 +104,16 @@ impl BlobStore {
         Ok(bytes)
     }
 
+    /// Reads part of a blob. Unlike [`Self::get`] it cannot check the bytes against the blob's name; the
+    /// coordinator uses it only for payloads it fully validated before storing them (judging a round one
+    /// tensor at a time), and [`Self::get`] of the same blob in the same judgement checks the whole.
+    pub async fn get_range(&self, hash: &Hash32, range: std::ops::Range<usize>) -> Result<Bytes> {
+        self.store
+            .get_range(&self.path(hash), range.start as u64..range.end as u64)
+            .await
+            .with_context(|| format!("blob {hash}: cannot read bytes {range:?} in {}", self.description))
+    }
+
     pub async fn contains(&self, hash: &Hash32) -> bool {
         self.store.head(&self.path(hash)).await.is_ok()
     }

@@ -5,19 +5,19 @@ use crate::error::ApiError;
 use crate::state::*;
 use crate::store::*;
 use agora_protocol::*;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use sqlx::Row;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
-use agora_data::Shard;
 use agora_diloco::tensors::{from_named, load_weights, to_named};
 use agora_diloco::OuterOptimizer;
 use agora_model::Llama;
 use tch::Device;
 use crate::core::liveness::{decide_close, CloseDecision, NoShowPolicy, RoundView};
 use crate::trust;
+use agora_diloco::codec;
 
 /// What the outer step computes off the async runtime: the new global weights, momentum and val loss.
 pub(crate) struct OuterStepOutput {
@@ -95,6 +95,14 @@ impl Coordinator {
         Ok(())
     }
 
+    /// A stored payload's hash and where its sections lie (from its header alone).
+    async fn stored_payload(&self, hash: &Hash32) -> Result<trust::StoredPayload, ApiError> {
+        let header = self.blobs.get_range(hash, 0..codec::HEADER_LEN).await?;
+        let metadata_len = codec::header_metadata_len(&header)
+            .with_context(|| format!("stored payload {hash} has no agora header"))?;
+        Ok(trust::StoredPayload { hash: *hash, metadata_len })
+    }
+
     /// Judges the open round's uploads (verifying runs): loads them in acceptance order with what each
     /// verdict needs, then decodes, compares, scores and aggregates off the async runtime.
     pub(crate) async fn judge(self: &Arc<Self>, live: &Live) -> Result<(Vec<SubmissionRow>, trust::RoundJudgement), ApiError> {
@@ -128,11 +136,10 @@ impl Coordinator {
                 }
                 None => false,
             };
-            let unit = Shard::from_bytes(&self.blobs.get(&self.units[sub.unit as usize]).await?)?;
             candidates.push(trust::Candidate {
                 worker: sub.worker,
-                payload: self.blobs.get(&sub.delta_hash).await?,
-                unit,
+                payload: self.stored_payload(&sub.delta_hash).await?,
+                unit: self.units[sub.unit as usize],
                 spot_check: row.try_get("spot_check")?,
                 replayed,
             });
@@ -148,7 +155,7 @@ impl Coordinator {
                     .fetch_all(&self.db)
                     .await?
             {
-                previous.push(self.blobs.get(&hash_col(&row, "delta_hash")?).await?);
+                previous.push(self.stored_payload(&hash_col(&row, "delta_hash")?).await?);
             }
         }
         let global = self.blobs.get(&live.global_hash).await?;
@@ -157,7 +164,18 @@ impl Coordinator {
             self.key.keyed_hash("agora-coordinator v1 score batches", &round.to_le_bytes())[..8].try_into().expect("8"),
         );
         let timer = Instant::now();
+        // Judging reads the stored payloads one tensor at a time (and each whole payload once, alone), so
+        // its memory is O(model + uploads × largest tensor), not O(uploads × model).
+        let (handle, blobs) = (tokio::runtime::Handle::current(), self.blobs.clone());
         let judgement = tokio::task::spawn_blocking(move || -> Result<trust::RoundJudgement> {
+            let read = |hash: &Hash32, range: Option<std::ops::Range<usize>>| -> Result<Bytes> {
+                handle.block_on(async {
+                    match range {
+                        Some(r) => blobs.get_range(hash, r).await,
+                        None => blobs.get(hash).await,
+                    }
+                })
+            };
             let theta = from_named(&decode_tensors(&global, Some(&me.specs))?.0, Device::Cpu);
             let fragment = me.plan.synced_in(round);
             let fragment_tensors = me.plan.tensors(fragment);
@@ -175,10 +193,8 @@ impl Coordinator {
                 inner_steps: me.run.inner.steps,
                 seed,
                 previous: &[],
+                read: &read,
             };
-            let fragment_specs = &me.fragment_specs[fragment];
-            let previous: Vec<Vec<f32>> =
-                previous.iter().map(|p| trust::decode_flat(&ctx, fragment_specs, p)).collect::<Result<_>>()?;
             ctx.previous = &previous;
             trust::judge_round(&ctx, &candidates)
         })

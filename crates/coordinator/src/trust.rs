@@ -10,7 +10,7 @@ use agora_diloco::{unit_batches, CompressionConfig};
 use agora_model::{Llama, LlamaConfig};
 use agora_protocol::{Hash32, NamedTensor, TensorSpec, WorkerId};
 use agora_verify::{
-    aggregate, bounded_scores, cosine, relative_gain, rule_verdicts, Gains, Gram, SpotCheckState, TrustConfig, UploadFacts,
+    aggregate_chunk, bounded_scores, relative_gain, rule_verdicts, Gains, Gram, SpotCheckState, TrustConfig, UploadFacts,
 };
 use anyhow::{Context, Result};
 use tch::{Device, Tensor};
@@ -19,12 +19,20 @@ pub use agora_verify::rules::{
     is_slashing, ACCEPTED, COPY, NON_FINITE, NORM, OFF_CONSENSUS, REPLAY, SPOT_CHECK_FAILED, ZERO_SCORE,
 };
 
-/// One accepted upload of the round, in acceptance order.
+/// A payload in the blob store, already validated in full when it was received: its hash and its metadata
+/// length, which is all it takes to find each tensor's section (`codec::section_ranges`).
+#[derive(Debug, Clone, Copy)]
+pub struct StoredPayload {
+    pub hash: Hash32,
+    pub metadata_len: usize,
+}
+
+/// One received upload of the round, in acceptance order.
 pub struct Candidate {
     pub worker: WorkerId,
-    pub payload: bytes::Bytes,
-    /// The data unit the worker was assigned.
-    pub unit: Shard,
+    pub payload: StoredPayload,
+    /// The blob of the data unit the worker was assigned.
+    pub unit: Hash32,
     /// `None`: not challenged; else `pending`, `passed` or `failed: ...`.
     pub spot_check: Option<String>,
     /// Its decoded values equal a pseudo-gradient accepted in an earlier round.
@@ -47,6 +55,9 @@ pub struct RoundJudgement {
     pub aggregate: Option<Vec<NamedTensor>>,
 }
 
+/// Reads a blob from the store: a byte range of it, or (None) the whole blob, checked against its hash.
+pub type ReadBlob<'a> = dyn Fn(&Hash32, Option<std::ops::Range<usize>>) -> Result<bytes::Bytes> + 'a;
+
 /// What judging needs besides the candidates.
 pub struct JudgeContext<'a> {
     pub trust: &'a TrustConfig,
@@ -63,9 +74,10 @@ pub struct JudgeContext<'a> {
     pub inner_steps: u64,
     /// Secret per-round seed: which held-out and assigned batches are scored.
     pub seed: u64,
-    /// The previous round of the same fragment's accepted pseudo-gradients (flattened): a near-duplicate
-    /// of one of them is a replay.
-    pub previous: &'a [Vec<f32>],
+    /// The previous round of the same fragment's accepted pseudo-gradients: a near-duplicate of one of
+    /// them is a replay.
+    pub previous: &'a [StoredPayload],
+    pub read: &'a ReadBlob<'a>,
 }
 
 /// The content hash replay detection compares: blake3 of the decoded values, whatever the metadata.
@@ -79,10 +91,29 @@ pub fn content_hash(compression: &CompressionConfig, specs: &[TensorSpec], paylo
     Hash32(*h.finalize().as_bytes())
 }
 
-pub fn decode_flat(ctx: &JudgeContext<'_>, fragment_specs: &[TensorSpec], bytes: &[u8]) -> Result<Vec<f32>> {
+/// One stored payload's values (flattened), read whole and checked against its hash.
+fn decode_whole(ctx: &JudgeContext<'_>, fragment_specs: &[TensorSpec], stored: &StoredPayload) -> Result<Vec<f32>> {
+    let bytes = (ctx.read)(&stored.hash, None)?;
     let expected = Expected { config: ctx.compression, fragment: ctx.fragment, specs: fragment_specs };
-    let payload = codec::parse(bytes, expected).map_err(|e| anyhow::anyhow!("stored payload: {e}"))?;
+    let payload = codec::parse(&bytes, expected).map_err(|e| anyhow::anyhow!("stored payload {}: {e}", stored.hash))?;
     Ok(codec::decode(ctx.compression, fragment_specs, &payload).into_iter().flat_map(|t| t.data).collect())
+}
+
+/// Tensor `t` of each stored payload, decoded (one tensor of every payload in memory at once).
+fn decode_tensor(
+    ctx: &JudgeContext<'_>,
+    fragment_specs: &[TensorSpec],
+    t: usize,
+    payloads: &[StoredPayload],
+) -> Result<Vec<Vec<f32>>> {
+    payloads
+        .iter()
+        .map(|p| {
+            let range = codec::section_ranges(ctx.compression, fragment_specs, p.metadata_len)[t].clone();
+            let bytes = (ctx.read)(&p.hash, Some(range))?;
+            Ok(codec::decode_section(ctx.compression, &fragment_specs[t], &bytes))
+        })
+        .collect()
 }
 
 /// A quarter of `score_batches` batches of a worker's unit (spread over its round): the assigned-data
@@ -100,25 +131,27 @@ fn random_batches(ctx: &JudgeContext<'_>) -> Vec<Vec<usize>> {
         .collect()
 }
 
-/// Judges every candidate and aggregates the accepted ones.
+/// Judges every candidate and aggregates the accepted ones, reading the stored payloads tensor by tensor:
+/// one pass accumulates the Gram matrix of the round's uploads and the previous round's, the loss of each
+/// remaining upload is measured with that upload alone decoded, and a last pass aggregates the accepted
+/// uploads tensor by tensor. Peak memory: the global weights, one decoded upload, and one tensor of every
+/// upload.
 pub fn judge_round(ctx: &JudgeContext<'_>, candidates: &[Candidate]) -> Result<RoundJudgement> {
     let fragment_specs: Vec<TensorSpec> = ctx.fragment_tensors.iter().map(|&i| ctx.specs[i].clone()).collect();
-    let deltas: Vec<Vec<f32>> =
-        candidates.iter().map(|c| decode_flat(ctx, &fragment_specs, &c.payload)).collect::<Result<_>>()?;
-    // The pairwise statistics every rule compares uploads by, and the verdicts of `agora_verify::rules`.
-    let mut gram = Gram::new(deltas.len());
-    gram.add_chunk(&deltas.iter().map(|d| d.as_slice()).collect::<Vec<_>>());
+    let n = candidates.len();
+    let all: Vec<StoredPayload> = candidates.iter().map(|c| c.payload).chain(ctx.previous.iter().copied()).collect();
+    let mut gram = Gram::new(all.len());
+    for t in 0..fragment_specs.len() {
+        let chunks = decode_tensor(ctx, &fragment_specs, t, &all)?;
+        gram.add_chunk(&chunks.iter().map(|c| c.as_slice()).collect::<Vec<_>>());
+    }
+    // The verdicts of `agora_verify::rules`, from the round's own statistics and the replay facts.
     let facts: Vec<UploadFacts> = candidates
         .iter()
-        .zip(&deltas)
-        .map(|(c, d)| UploadFacts {
+        .enumerate()
+        .map(|(i, c)| UploadFacts {
             replayed: c.replayed,
-            previous_similarity: ctx
-                .previous
-                .iter()
-                .filter(|p| p.len() == d.len())
-                .map(|p| cosine(d, p))
-                .fold(0.0, f64::max),
+            previous_similarity: (n..all.len()).map(|k| gram.cosine(i, k)).fold(0.0, f64::max),
             spot_check: match c.spot_check.as_deref() {
                 None => SpotCheckState::NotChallenged,
                 Some("passed") => SpotCheckState::Passed,
@@ -126,7 +159,8 @@ pub fn judge_round(ctx: &JudgeContext<'_>, candidates: &[Candidate]) -> Result<R
             },
         })
         .collect();
-    let mut judgements: Vec<Judgement> = rule_verdicts(ctx.trust, &facts, &gram)
+    let round_gram = gram.leading(n);
+    let mut judgements: Vec<Judgement> = rule_verdicts(ctx.trust, &facts, &round_gram)
         .into_iter()
         .map(|r| Judgement { verdict: r.verdict, score: 0.0, gains: None, similarity: r.similarity, norm: r.norm })
         .collect();
@@ -140,21 +174,23 @@ pub fn judge_round(ctx: &JudgeContext<'_>, candidates: &[Candidate]) -> Result<R
         if judgements[i].verdict != ACCEPTED {
             continue;
         }
-        let assigned = assigned_batches(ctx, &c.unit);
+        let delta = decode_whole(ctx, &fragment_specs, &c.payload)?;
+        let unit = Shard::from_bytes(&(ctx.read)(&c.unit, None)?)?;
+        let assigned = assigned_batches(ctx, &unit);
         load_weights(&model, ctx.global);
-        let assigned_before = agora_train::loss_on(&model, &c.unit, &assigned, ctx.seq_len)?;
+        let assigned_before = agora_train::loss_on(&model, &unit, &assigned, ctx.seq_len)?;
         let mut weights: Vec<Tensor> = ctx.global.iter().map(|t| t.shallow_clone()).collect();
         let mut at = 0;
         for &t in ctx.fragment_tensors {
             let n = ctx.global[t].numel();
-            let delta = Tensor::from_slice(&deltas[i][at..at + n]).view(ctx.global[t].size().as_slice());
-            weights[t] = tch::no_grad(|| &ctx.global[t] - delta * ctx.trust.score_scale);
+            let step = Tensor::from_slice(&delta[at..at + n]).view(ctx.global[t].size().as_slice());
+            weights[t] = tch::no_grad(|| &ctx.global[t] - step * ctx.trust.score_scale);
             at += n;
         }
         load_weights(&model, &weights);
         let gains = Gains {
             random: relative_gain(random_before, agora_train::loss_on(&model, ctx.val, &random, ctx.seq_len)?),
-            assigned: relative_gain(assigned_before, agora_train::loss_on(&model, &c.unit, &assigned, ctx.seq_len)?),
+            assigned: relative_gain(assigned_before, agora_train::loss_on(&model, &unit, &assigned, ctx.seq_len)?),
         };
         judgements[i].gains = Some(gains);
     }
@@ -166,22 +202,22 @@ pub fn judge_round(ctx: &JudgeContext<'_>, candidates: &[Candidate]) -> Result<R
         }
     }
 
-    let admitted: Vec<usize> = (0..candidates.len()).filter(|&i| judgements[i].verdict == ACCEPTED).collect();
-    let aggregate = (!admitted.is_empty()).then(|| {
-        let views: Vec<&[f32]> = admitted.iter().map(|&i| deltas[i].as_slice()).collect();
+    let admitted: Vec<usize> = (0..n).filter(|&i| judgements[i].verdict == ACCEPTED).collect();
+    let aggregate = if admitted.is_empty() {
+        None
+    } else {
+        let payloads: Vec<StoredPayload> = admitted.iter().map(|&i| candidates[i].payload).collect();
         let scores: Vec<f64> = admitted.iter().map(|&i| judgements[i].score).collect();
-        let flat = aggregate(ctx.trust.aggregation, &views, &scores);
-        let mut at = 0;
-        fragment_specs
-            .iter()
-            .map(|s| {
-                let n: usize = s.shape.iter().product();
-                let t = NamedTensor { name: s.name.clone(), shape: s.shape.clone(), data: flat[at..at + n].to_vec() };
-                at += n;
-                t
-            })
-            .collect()
-    });
+        let norms: Vec<f64> = admitted.iter().map(|&i| round_gram.norm(i)).collect();
+        let mut tensors = Vec::with_capacity(fragment_specs.len());
+        for (t, spec) in fragment_specs.iter().enumerate() {
+            let chunks = decode_tensor(ctx, &fragment_specs, t, &payloads)?;
+            let views: Vec<&[f32]> = chunks.iter().map(|c| c.as_slice()).collect();
+            let data = aggregate_chunk(ctx.trust.aggregation, &views, &scores, &norms);
+            tensors.push(NamedTensor { name: spec.name.clone(), shape: spec.shape.clone(), data });
+        }
+        Some(tensors)
+    };
     Ok(RoundJudgement { judgements, aggregate })
 }
 

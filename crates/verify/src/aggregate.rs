@@ -108,16 +108,24 @@ fn median_of(values: &mut [f64]) -> f64 {
 
 /// Combines `deltas` (same length each, at least one) by `rule`; `scores` (one per Δ) rank them for `top_n`.
 pub fn aggregate(rule: AggregationRule, deltas: &[&[f32]], scores: &[f64]) -> Vec<f32> {
+    let norms: Vec<f64> = deltas.iter().map(|d| l2_norm(d)).collect();
+    aggregate_chunk(rule, deltas, scores, &norms)
+}
+
+/// [`aggregate`] of one chunk of coordinates of the pseudo-gradients, given their whole norms (what
+/// `clipped_mean` scales by): every rule is per coordinate once the weights are known, so aggregating chunk
+/// by chunk gives the same result as aggregating the whole vectors, bit for bit.
+pub fn aggregate_chunk(rule: AggregationRule, deltas: &[&[f32]], scores: &[f64], norms: &[f64]) -> Vec<f32> {
     assert!(!deltas.is_empty(), "aggregate of no pseudo-gradients");
     assert_eq!(deltas.len(), scores.len(), "one score per pseudo-gradient");
+    assert_eq!(deltas.len(), norms.len(), "one norm per pseudo-gradient");
     let len = deltas[0].len();
     assert!(deltas.iter().all(|d| d.len() == len), "pseudo-gradients of different lengths");
     let n = deltas.len();
     match rule {
         AggregationRule::Mean => weighted_mean(deltas, &vec![1.0; n]),
         AggregationRule::ClippedMean { clip } => {
-            let norms: Vec<f64> = deltas.iter().map(|d| l2_norm(d)).collect();
-            let limit = clip * median_of(&mut norms.clone());
+            let limit = clip * median_of(&mut norms.to_vec());
             let weights: Vec<f64> = norms.iter().map(|&norm| if norm > limit { limit / norm } else { 1.0 }).collect();
             weighted_mean(deltas, &weights)
         }
@@ -192,6 +200,23 @@ mod tests {
         let even: Vec<&[f32]> = vec![&a, &b];
         assert_eq!(aggregate(AggregationRule::Median, &even, &[0.0, 0.0]), vec![1.5, 15.0]);
         assert_eq!(aggregate(AggregationRule::TrimmedMean { trim: 1 }, &even, &[0.0, 0.0]), vec![1.5, 15.0]);
+    }
+
+    #[test]
+    fn chunk_by_chunk_equals_the_whole() {
+        let a: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..50).map(|i| (i as f32 * 0.11).cos() * 3.0).collect();
+        let c: Vec<f32> = (0..50).map(|i| i as f32 - 20.0).collect();
+        let d: Vec<&[f32]> = vec![&a, &b, &c];
+        let norms: Vec<f64> = d.iter().map(|v| l2_norm(v)).collect();
+        let s = [0.5, 0.9, 0.1];
+        for rule in ["mean", "clipped_mean:1", "trimmed_mean:1", "median", "top_n:2"] {
+            let rule: AggregationRule = rule.parse().unwrap();
+            let whole = aggregate(rule, &d, &s);
+            let mut chunked = aggregate_chunk(rule, &d.iter().map(|v| &v[..17]).collect::<Vec<_>>(), &s, &norms);
+            chunked.extend(aggregate_chunk(rule, &d.iter().map(|v| &v[17..]).collect::<Vec<_>>(), &s, &norms));
+            assert_eq!(whole, chunked, "{rule}");
+        }
     }
 
     #[test]

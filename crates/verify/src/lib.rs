@@ -14,7 +14,7 @@ pub mod config;
 pub mod rules;
 pub mod score;
 
-pub use aggregate::{aggregate, cosine, l2_norm, AggregationRule};
+pub use aggregate::{aggregate, aggregate_chunk, cosine, l2_norm, AggregationRule};
 pub use chain::{SpotCheck, TrainerState};
 pub use config::TrustConfig;
 pub use rules::{rule_verdicts, upper_median, Gram, RuleVerdict, SpotCheckState, UploadFacts};

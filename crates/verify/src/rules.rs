@@ -84,6 +84,17 @@ impl Gram {
         }
     }
 
+    /// The statistics of the first `n` vectors only (the round's uploads, when the previous round's were
+    /// accumulated after them).
+    pub fn leading(&self, n: usize) -> Gram {
+        assert!(n <= self.n, "leading {n} of {}", self.n);
+        let mut dots = Vec::with_capacity(n * n);
+        for i in 0..n {
+            dots.extend_from_slice(&self.dots[i * self.n..i * self.n + n]);
+        }
+        Gram { n, dots }
+    }
+
     pub fn dot(&self, i: usize, j: usize) -> f64 {
         self.dots[i * self.n + j]
     }

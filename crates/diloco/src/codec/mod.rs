@@ -313,6 +313,50 @@ pub fn compress(
     (assemble(config, fragment, specs, &sections, metadata), residual_out)
 }
 
+/// Bytes of a payload's fixed header: enough to learn its metadata length ([`header_metadata_len`]) and
+/// so where every section lies ([`section_ranges`]) without reading the rest.
+pub const HEADER_LEN: usize = FIXED_HEADER;
+
+/// The metadata length a payload's fixed header announces; None when `header` is not an agora header.
+pub fn header_metadata_len(header: &[u8]) -> Option<usize> {
+    if header.len() < FIXED_HEADER || &header[..4] != MAGIC {
+        return None;
+    }
+    // magic (4), version (2), codec and values ids (2), then 7 u32: block, chunk, keep, fragment,
+    // fragments, tensors, metadata length.
+    Some(u32::from_le_bytes(header[32..36].try_into().expect("4 bytes")) as usize)
+}
+
+/// Where each tensor's section lies in a payload for `specs` with `metadata_len` bytes of metadata: lets a
+/// receiver that stored a payload it had fully [`parse`]d read one tensor of it at a time.
+pub fn section_ranges(
+    config: &CompressionConfig,
+    specs: &[TensorSpec],
+    metadata_len: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut at = FIXED_HEADER + 16 * specs.len() + metadata_len;
+    specs
+        .iter()
+        .map(|s| {
+            let len = section::section_len(config, elements(s));
+            at += len;
+            at - len..at
+        })
+        .collect()
+}
+
+/// Decodes one tensor's section (of a payload [`parse`] accepted): the same values, bit for bit, as that
+/// tensor of [`decode`].
+pub fn decode_section(config: &CompressionConfig, spec: &TensorSpec, section_bytes: &[u8]) -> Vec<f32> {
+    assert_eq!(section_bytes.len(), section::section_len(config, elements(spec)), "{}: section length", spec.name);
+    let mut data = vec![0f32; elements(spec)];
+    section::accumulate(config, section_bytes, &mut data);
+    if config.codec == Codec::Dct {
+        section::inverse_dct(config, &mut data, &mut Dct::default());
+    }
+    data
+}
+
 /// Decodes a whole payload into dense tensors (what its receiver adds to the sum).
 pub fn decode(config: &CompressionConfig, specs: &[TensorSpec], payload: &Payload<'_>) -> Vec<NamedTensor> {
     let mut acc = Accumulator::new(*config, specs.to_vec());
