@@ -33,3 +33,7 @@ CREATE INDEX assignments_by_round_state ON assignments (round, state);
 CREATE INDEX ledger_by_account ON ledger (account);
 CREATE INDEX receipts_by_worker ON receipts (worker, round);
 CREATE INDEX nonces_by_time ON nonces (timestamp_ms);
+
+-- The residual an upload's worker started from (blake3 of its canonical encoding), committed in the upload
+-- with error feedback: the start link of the spot check (agora_verify::binding).
+ALTER TABLE submissions ADD COLUMN residual_hash TEXT;

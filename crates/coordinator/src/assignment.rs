@@ -22,7 +22,11 @@ pub(crate) struct AssignmentRow {
 const RETRY_AFTER_MS: u64 = 1000;
 
 impl Coordinator {
-    pub(crate) async fn assignment_row(&self, round: u64, worker: &WorkerId) -> Result<Option<AssignmentRow>, ApiError> {
+    pub(crate) async fn assignment_row(
+        &self,
+        round: u64,
+        worker: &WorkerId,
+    ) -> Result<Option<AssignmentRow>, ApiError> {
         let row = sqlx::query("SELECT epoch, unit, state FROM assignments WHERE round = $1 AND worker = $2")
             .bind(round as i64)
             .bind(worker.hex())

@@ -1,9 +1,15 @@
 //! Closing a round: when (`core::liveness`), judging its uploads, the outer step, and the one transaction
 //! that commits it.
 
+use crate::core::liveness::{decide_close, CloseDecision, NoShowPolicy, RoundView};
 use crate::error::ApiError;
 use crate::state::*;
 use crate::store::*;
+use crate::trust;
+use agora_diloco::codec;
+use agora_diloco::tensors::{from_named, load_weights, to_named};
+use agora_diloco::OuterOptimizer;
+use agora_model::Llama;
 use agora_protocol::*;
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -11,13 +17,7 @@ use sqlx::Row;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
-use agora_diloco::tensors::{from_named, load_weights, to_named};
-use agora_diloco::OuterOptimizer;
-use agora_model::Llama;
 use tch::Device;
-use crate::core::liveness::{decide_close, CloseDecision, NoShowPolicy, RoundView};
-use crate::trust;
-use agora_diloco::codec;
 
 /// What the outer step computes off the async runtime: the new global weights, momentum and val loss.
 pub(crate) struct OuterStepOutput {
@@ -105,7 +105,10 @@ impl Coordinator {
 
     /// Judges the open round's uploads (verifying runs): loads them in acceptance order with what each
     /// verdict needs, then decodes, compares, scores and aggregates off the async runtime.
-    pub(crate) async fn judge(self: &Arc<Self>, live: &Live) -> Result<(Vec<SubmissionRow>, trust::RoundJudgement), ApiError> {
+    pub(crate) async fn judge(
+        self: &Arc<Self>,
+        live: &Live,
+    ) -> Result<(Vec<SubmissionRow>, trust::RoundJudgement), ApiError> {
         let round = live.round;
         let rows = sqlx::query(
             "SELECT worker, delta_hash, unit, train_loss, spot_check, content_hash FROM submissions \
@@ -396,10 +399,22 @@ impl Coordinator {
                 .execute(&mut **tx)
                 .await?;
             if self.run.trust.verify {
-                update_reputation(tx, &worker, agora_verify::Outcome::Scored(0.0), self.run.trust.reputation_alpha, false)
-                    .await?;
+                update_reputation(
+                    tx,
+                    &worker,
+                    agora_verify::Outcome::Scored(0.0),
+                    self.run.trust.reputation_alpha,
+                    false,
+                )
+                .await?;
             }
-            tracing::warn!(worker = worker.short(), round, no_shows, benched_until = until, "no-show: held work, delivered nothing");
+            tracing::warn!(
+                worker = worker.short(),
+                round,
+                no_shows,
+                benched_until = until,
+                "no-show: held work, delivered nothing"
+            );
         }
         Ok(())
     }

@@ -3,8 +3,9 @@
 //! Every refusal is a 4xx with an [`agora_protocol::ErrorBody`] and bumps `agora_requests_rejected{reason}`.
 //! Worker requests are signed (see `agora_protocol::identity`); reads of public state are not.
 
+use crate::clock;
 use crate::error::ApiError;
-use crate::state::{now_ms, Coordinator};
+use crate::state::Coordinator;
 use agora_protocol::{
     verify_signature, Hash32, Heartbeat, JoinRequest, SignedRequest, WorkResponse, WorkerId, HEADER_NONCE,
     HEADER_ROUND, HEADER_RUN, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WORKER, PROTOCOL_VERSION,
@@ -38,6 +39,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/heartbeat", post(heartbeat))
         .route("/v1/rounds/{round}/delta", post(submit))
         .route("/v1/rounds/{round}/proof", post(proof))
+        .route("/v1/rounds/{round}/receipt", get(receipt))
         .route("/v1/blobs/{hash}", get(blob))
         .route("/v1/leaderboard", get(leaderboard))
         .route("/v1/judgements", get(judgements))
@@ -64,14 +66,41 @@ fn reply<T: Serialize>(app: &Coordinator, result: Result<T, ApiError>) -> Respon
         Ok(value) => Json(value).into_response(),
         Err(err) => {
             app.metrics.reject(err.code);
-            if err.status.is_server_error() {
-                tracing::error!(code = err.code, "{}", err.message);
-            } else {
-                tracing::debug!(code = err.code, status = %err.status, "refused: {}", err.message);
-            }
+            log_refusal(&err);
             err.into_response()
         }
     }
+}
+
+/// Logs an error answer: a server error at error level, unless its detail was logged (with its incident
+/// id) when it was made; a refusal at debug level.
+fn log_refusal(err: &ApiError) {
+    if err.is_logged() {
+        return;
+    }
+    if err.status.is_server_error() {
+        tracing::error!(code = err.code, "{}", err.message);
+    } else {
+        tracing::debug!(code = err.code, status = %err.status, "refused: {}", err.message);
+    }
+}
+
+/// Refuses a signature timestamp more than [`MAX_SKEW_MS`] from `now_ms`. Any `u64` is either accepted or
+/// refused as `stale_request`: the difference is taken without overflow.
+fn check_clock(now_ms: u64, timestamp_ms: u64) -> Result<(), ApiError> {
+    let skew = clock::skew_ms(now_ms, timestamp_ms);
+    if skew <= MAX_SKEW_MS.unsigned_abs() {
+        return Ok(());
+    }
+    let side = if timestamp_ms > now_ms { "ahead of" } else { "behind" };
+    Err(ApiError::unauthorized(
+        "stale_request",
+        format!(
+            "request timestamp is {:.0} s {side} the coordinator's clock (at most {} s): check the worker's clock",
+            skew as f64 / 1000.0,
+            MAX_SKEW_MS / 1000
+        ),
+    ))
 }
 
 async fn read_body(app: &Coordinator, headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes, ApiError> {
@@ -122,17 +151,7 @@ async fn authenticate(
     if nonce.len() < 16 || nonce.len() > 64 || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::bad_request("bad_header", format!("{HEADER_NONCE} must be 16 to 64 hex digits")));
     }
-    let skew = now_ms() - timestamp_ms as i64;
-    if skew.abs() > MAX_SKEW_MS {
-        return Err(ApiError::unauthorized(
-            "stale_request",
-            format!(
-                "request timestamp is {:.0} s from the coordinator's clock (at most {} s): check the worker's clock",
-                skew as f64 / 1000.0,
-                MAX_SKEW_MS / 1000
-            ),
-        ));
-    }
+    check_clock(clock::now_ms(), timestamp_ms)?;
     let signature = header_str(headers, HEADER_SIGNATURE)?;
     let signed = SignedRequest { run_id: run, method: method.as_str(), path, round, timestamp_ms, nonce };
     verify_signature(&worker, &signed.signing_message(body), signature)
@@ -150,6 +169,8 @@ async fn authenticate(
             format!("worker {} has not joined this run: POST /v1/join first", worker.short()),
         ));
     }
+    // `record_nonce` stores the timestamp `as i64`: safe, since `check_clock` passed it within MAX_SKEW_MS
+    // of now (far below 2^63).
     app.record_nonce(&worker, nonce, timestamp_ms).await?;
     Ok(worker)
 }
@@ -293,6 +314,30 @@ async fn proof(
     reply(&app, result)
 }
 
+#[derive(serde::Deserialize)]
+struct ReceiptQuery {
+    worker: String,
+}
+
+/// A worker's verdict for a closed round. Receipts are public (they are in the round's signed root), so
+/// the request need not be signed.
+async fn receipt(
+    State(app): State<App>,
+    Path(round): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<ReceiptQuery>,
+) -> Response {
+    let result = async {
+        let round = parse_round(&round)?;
+        let worker: WorkerId = q
+            .worker
+            .parse()
+            .map_err(|e| ApiError::bad_request("bad_worker_id", format!("worker={}: {e}", q.worker)))?;
+        app.round_receipt(round, &worker).await
+    }
+    .await;
+    reply(&app, result)
+}
+
 async fn judgements(State(app): State<App>) -> Response {
     let result = app.judgements().await;
     reply(&app, result)
@@ -363,4 +408,56 @@ async fn contributions(State(app): State<App>) -> Response {
 async fn metrics(State(app): State<App>) -> Response {
     let gauges = app.gauges().await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render(&gauges)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::log_capture::Capture;
+
+    #[test]
+    fn any_timestamp_is_accepted_in_the_window_or_refused_as_stale() {
+        let now = clock::now_ms();
+        let window = MAX_SKEW_MS.unsigned_abs();
+        for ts in [now, now - window, now + window, now - 1, now + 1] {
+            assert!(check_clock(now, ts).is_ok(), "{ts} is within {window} ms of {now}");
+        }
+        let far = [0, 1, now - window - 1, now + window + 1, 1 << 63, (1 << 63) - 1, (1 << 63) + 1, u64::MAX];
+        for ts in far {
+            let err = check_clock(now, ts).expect_err("outside the window");
+            assert_eq!(err.code, "stale_request", "{ts}");
+            assert_eq!(err.status, StatusCode::UNAUTHORIZED);
+        }
+        // Whatever our own clock says.
+        for now in [0, u64::MAX, 1 << 63] {
+            assert!(check_clock(now, now).is_ok());
+            assert_eq!(check_clock(now, now.wrapping_add(window + 1)).unwrap_err().code, "stale_request");
+        }
+        assert!(check_clock(now, now + 3 * window).unwrap_err().message.contains("ahead of"));
+        assert!(check_clock(now, now - 3 * window).unwrap_err().message.contains("behind"));
+    }
+
+    #[test]
+    fn an_internal_error_is_logged_once_with_its_id() {
+        let (err, events) = Capture::run(|| {
+            let err = ApiError::internal(anyhow::anyhow!("secret detail"));
+            log_refusal(&err);
+            err
+        });
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(events[0].1.contains("secret detail"));
+        let id = err.message.strip_prefix("internal error ").and_then(|m| m.split(';').next()).unwrap();
+        assert!(events[0].1.contains(id), "{events:?}");
+    }
+
+    #[test]
+    fn other_server_errors_are_still_logged() {
+        let (_, events) = Capture::run(|| {
+            log_refusal(&ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "try again"));
+            log_refusal(&ApiError::bad_request("bad_header", "nope"));
+        });
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[0].0, tracing::Level::ERROR);
+        assert_eq!(events[1].0, tracing::Level::DEBUG);
+    }
 }

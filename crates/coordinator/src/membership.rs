@@ -2,19 +2,19 @@
 //! (open, allowlist, or the top of an earlier run's reputation).
 
 use crate::error::ApiError;
+use crate::run_file::{AdmissionPolicy, RunFile};
 use crate::state::*;
 use crate::store::*;
 use agora_protocol::*;
+use anyhow::bail;
 use anyhow::{Context, Result};
+use sqlx::any::AnyPoolOptions;
+use sqlx::AnyPool;
 use sqlx::Row;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use crate::run_file::{AdmissionPolicy, RunFile};
-use sqlx::any::AnyPoolOptions;
-use sqlx::AnyPool;
-use anyhow::bail;
 
 /// The run's admission set (None: open) and what a refused worker is told. Reputations of the run named
 /// in `[admission] previous` are carried over first (an identity keeps its standing between phases).

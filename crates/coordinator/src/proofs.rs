@@ -2,34 +2,44 @@
 
 use crate::error::ApiError;
 use crate::state::*;
+use crate::store::hash_col;
+use crate::trust;
+use agora_data::Shard;
+use agora_diloco::tensors::from_named;
 use agora_protocol::*;
+use agora_verify::binding;
 use anyhow::Result;
 use bytes::Bytes;
 use sqlx::Row;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
-use agora_data::Shard;
-use crate::trust;
+use tch::Device;
 
 impl Coordinator {
-    /// Largest proof upload: two training states (weights and both AdamW moments) plus their framing.
+    /// Largest proof upload: four training states (weights and both AdamW moments) and a residual, framed.
     pub fn max_proof_bytes(&self) -> u64 {
         let elements: usize = self.specs.iter().map(|s| s.shape.iter().product::<usize>()).sum();
-        2 * (3 * 4 * elements as u64 + 64 * 1024 * 3) + 8
+        4 * (3 * 4 * elements as u64 + 64 * 1024 * 3 + 16) + (4 * elements as u64 + 64 * 1024 + 8) + 4
     }
-    /// A spot-check answer: the challenged segment's start and end states. They must hash to the committed
-    /// boundary states, and re-running the segment from the start must reproduce the end.
+
+    /// A spot-check answer: the states at boundaries 0, j, j + 1 and S of the challenged segment j, and (with
+    /// error feedback) the residual the round started from. They must hash to the commitment; the start
+    /// must be the round's global weights minus that residual, the upload the compression of the global
+    /// weights minus the end, and re-running segment j from its start must reproduce its end
+    /// (`agora_verify::binding`, `agora_verify::chain`).
     pub async fn proof(self: &Arc<Self>, worker: WorkerId, round: u64, body: Bytes) -> Result<ProofResponse, ApiError> {
-        let row =
-            sqlx::query("SELECT unit, chain, challenge, spot_check FROM submissions WHERE round = $1 AND worker = $2")
-                .bind(round as i64)
-                .bind(worker.hex())
-                .fetch_optional(&self.db)
-                .await?
-                .ok_or_else(|| {
-                    ApiError::conflict("no_submission", format!("this worker has no submission in round {round}"))
-                })?;
+        let row = sqlx::query(
+            "SELECT s.unit, s.chain, s.challenge, s.spot_check, s.delta_hash, s.residual_hash, r.global_hash \
+             FROM submissions s JOIN rounds r ON r.round = s.round WHERE s.round = $1 AND s.worker = $2",
+        )
+        .bind(round as i64)
+        .bind(worker.hex())
+        .fetch_optional(&self.db)
+        .await?
+        .ok_or_else(|| {
+            ApiError::conflict("no_submission", format!("this worker has no submission in round {round}"))
+        })?;
         let Some(segment) = row.try_get::<Option<i64>, _>("challenge")?.map(|c| c as u64) else {
             return Err(ApiError::conflict("not_challenged", format!("round {round}'s submission was not challenged")));
         };
@@ -40,13 +50,16 @@ impl Coordinator {
         }
         let chain: String = row.try_get::<Option<String>, _>("chain")?.unwrap_or_default();
         let hashes: Vec<Hash32> = chain.split(',').filter_map(|h| h.parse().ok()).collect();
-        let (start, end) =
-            agora_verify::chain::split_proof(&body).map_err(|e| ApiError::bad_request("malformed_proof", e))?;
+        let proof = binding::parse_proof(&body).map_err(|e| ApiError::bad_request("malformed_proof", e))?;
+        let segments = self.chain_segments();
+        let needed = binding::proof_boundaries(segment, segments);
         let committed = |k: u64| hashes.get(k as usize).copied();
-        let verdict = if committed(segment) != Some(agora_protocol::hash_bytes(start))
-            || committed(segment + 1) != Some(agora_protocol::hash_bytes(end))
-        {
-            "failed: the states sent are not the ones committed to".to_string()
+        let matches = proof.states.len() == needed.len()
+            && needed.iter().all(
+                |&k| matches!((proof.state(k), committed(k)), (Some(s), Some(c)) if agora_protocol::hash_bytes(s) == c),
+            );
+        let verdict = if !matches {
+            format!("failed: the states sent are not the ones committed to (boundaries {needed:?} are needed)")
         } else {
             // Claim the check, so that the round's close waits for its verdict (`core::liveness`) instead of
             // judging the upload unanswered while it is being re-run.
@@ -56,14 +69,14 @@ impl Coordinator {
                     // Judged as it stands: the close decided before this proof arrived.
                     0
                 } else {
-                sqlx::query(
-                    "UPDATE submissions SET spot_check = 'verifying' WHERE round = $1 AND worker = $2 AND spot_check = 'pending'",
-                )
-                .bind(round as i64)
-                .bind(worker.hex())
-                .execute(&self.db)
-                .await?
-                .rows_affected()
+                    sqlx::query(
+                        "UPDATE submissions SET spot_check = 'verifying' WHERE round = $1 AND worker = $2 AND spot_check = 'pending'",
+                    )
+                    .bind(round as i64)
+                    .bind(worker.hex())
+                    .execute(&self.db)
+                    .await?
+                    .rows_affected()
                 }
             };
             if claimed == 0 {
@@ -79,13 +92,31 @@ impl Coordinator {
             }
             let timer = Instant::now();
             let unit = Shard::from_bytes(&self.blobs.get(&self.units[row.try_get::<i64, _>("unit")? as usize]).await?)?;
+            let global = self.blobs.get(&hash_col(&row, "global_hash")?).await?;
+            let payload = self.blobs.get(&hash_col(&row, "delta_hash")?).await?;
+            let residual_hash: Option<Hash32> =
+                row.try_get::<Option<String>, _>("residual_hash")?.and_then(|h| h.parse().ok());
             let me = self.clone();
             let steps = self.run.inner.steps;
-            let segments = self.chain_segments();
             let tolerance = self.run.trust.tolerance;
-            let body = body.clone();
             let verdict = tokio::task::spawn_blocking(move || -> Result<String> {
-                let (start, end) = agora_verify::chain::split_proof(&body).map_err(|e| anyhow::anyhow!(e))?;
+                let theta = from_named(&decode_tensors(&global, Some(&me.specs))?.0, Device::Cpu);
+                let fragment = me.plan.synced_in(round);
+                let fragment_tensors = me.plan.tensors(fragment);
+                let links = binding::Round {
+                    compression: &me.run.compression,
+                    specs: &me.specs,
+                    fragment,
+                    fragment_tensors: &fragment_tensors,
+                    global: &theta,
+                };
+                let state = |k: u64| proof.state(k).expect("every needed boundary was matched");
+                if let Err(why) = binding::check_start(&links, state(0), &proof.residual, residual_hash) {
+                    return Ok(format!("failed: start link: {why}"));
+                }
+                if let Err(why) = binding::check_end(&links, state(segments), &payload) {
+                    return Ok(format!("failed: end link: {why}"));
+                }
                 let check = trust::run_spot_check(
                     &me.model_config,
                     &me.run.train_config(),
@@ -95,8 +126,8 @@ impl Coordinator {
                     steps,
                     segments,
                     segment,
-                    start,
-                    end,
+                    state(segment),
+                    state(segment + 1),
                     tolerance,
                 );
                 // A state that does not even decode is a failed proof, not a coordinator error.

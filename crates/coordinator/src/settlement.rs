@@ -1,16 +1,16 @@
 //! Settlement: a judged round's verdicts, signed receipts and Merkle root, credits booked as pending
 //! transfers that vest (`core::vesting`), and reputations, all inside the round's commit transaction.
 
+use crate::close::SubmissionRow;
+use crate::core::vesting::{next_verified, resolve, PendingCredit, Resolution, Standing, VestingPolicy};
 use crate::error::ApiError;
 use crate::state::*;
 use crate::store::*;
+use crate::trust;
 use agora_protocol::*;
 use anyhow::{Context, Result};
 use sqlx::Row;
 use std::collections::HashMap;
-use crate::close::SubmissionRow;
-use crate::core::vesting::{next_verified, resolve, PendingCredit, Resolution, Standing, VestingPolicy};
-use crate::trust;
 
 impl Coordinator {
     /// Records a judged round inside its commit transaction: each submission's verdict and score, its
@@ -189,7 +189,10 @@ impl Coordinator {
     ) -> Result<(), ApiError> {
         let pending = unresolved(tx, Some(worker)).await?;
         let decisions: Vec<Resolution> = pending.iter().map(|p| Resolution::Void(p.id)).collect();
-        sqlx::query("UPDATE reputation SET verified = 0 WHERE worker = $1").bind(worker.hex()).execute(&mut **tx).await?;
+        sqlx::query("UPDATE reputation SET verified = 0 WHERE worker = $1")
+            .bind(worker.hex())
+            .execute(&mut **tx)
+            .await?;
         self.apply_resolutions(tx, round, &pending, &decisions).await
     }
 
@@ -212,7 +215,11 @@ impl Coordinator {
             };
             let p = by_id.get(&id).context("a resolution names a pending credit")?;
             book_transfer(tx, if post { "post" } else { "void" }, Some(id), round, &p.worker, p.amount).await?;
-            let memo = format!("round {round}: {} pending credit {id} of round {}", if post { "post" } else { "void" }, p.round);
+            let memo = format!(
+                "round {round}: {} pending credit {id} of round {}",
+                if post { "post" } else { "void" },
+                p.round
+            );
             for posting in agora_ledger::resolution_postings(&self.run_id, &p.worker, p.amount, post) {
                 sqlx::query(
                     "INSERT INTO ledger (seq, round, account, amount, memo, created_ms) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -227,7 +234,14 @@ impl Coordinator {
                 .await?;
                 seq += 1;
             }
-            tracing::info!(worker = p.worker.short(), round, credit_round = p.round, amount = p.amount, post, "credit resolved");
+            tracing::info!(
+                worker = p.worker.short(),
+                round,
+                credit_round = p.round,
+                amount = p.amount,
+                post,
+                "credit resolved"
+            );
         }
         Ok(())
     }

@@ -13,19 +13,17 @@
 //! payloads in that same order, so the outer step computes the same bits either way.
 
 use crate::blobs::BlobStore;
+use crate::membership::admission;
 use crate::metrics::Metrics;
 use crate::prepare::prepare_data;
 use crate::run_file::RunFile;
-use crate::membership::admission;
 use crate::store::{connect, hash_col, worker_col};
 use agora_data::Shard;
 use agora_diloco::codec::{self, Accumulator, Expected, MAX_METADATA};
 use agora_diloco::tensors::{model_weights, param_specs, to_named};
 use agora_diloco::FragmentPlan;
 use agora_model::{Llama, LlamaConfig};
-use agora_protocol::{
-    encode_tensors, Hash32, Identity, RunInfo, TensorSpec, WorkerId, PROTOCOL_VERSION,
-};
+use agora_protocol::{encode_tensors, Hash32, Identity, RunInfo, TensorSpec, WorkerId, PROTOCOL_VERSION};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use sqlx::{AnyPool, Row};
@@ -123,7 +121,6 @@ pub struct CheckedDelta {
     pub content_hash: Option<Hash32>,
 }
 
-
 impl Coordinator {
     /// Opens (or creates) the run's store and, on first start, prepares its data and initial weights.
     pub async fn open(options: &Options) -> Result<Arc<Coordinator>> {
@@ -178,7 +175,9 @@ impl Coordinator {
                 .await?;
         let finished: i64 = sqlx::query("SELECT finished FROM run").fetch_one(&db).await?.try_get("finished")?;
         // A spot check being re-run when the process stopped is answered again: the worker retries its proof.
-        sqlx::query("UPDATE submissions SET spot_check = 'pending' WHERE spot_check = 'verifying'").execute(&db).await?;
+        sqlx::query("UPDATE submissions SET spot_check = 'pending' WHERE spot_check = 'verifying'")
+            .execute(&db)
+            .await?;
         let momentum: Option<String> = round_row.try_get("momentum_hash")?;
         let live = Live {
             round: round_row.try_get::<i64, _>("round")? as u64,

@@ -2,10 +2,10 @@
 //! the few writes several concerns share (reputation, releasing a round's unfinished assignments).
 
 use crate::error::ApiError;
+use crate::redact::{redact_error, redact_url};
 use crate::state::*;
 use agora_protocol::*;
 use anyhow::{Context, Result};
-use crate::redact::{redact_error, redact_url};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
@@ -103,4 +103,3 @@ pub(crate) async fn connect(url: &str) -> Result<AnyPool> {
         .with_context(|| format!("cannot apply the schema migrations to {shown}"))?;
     Ok(pool)
 }
-

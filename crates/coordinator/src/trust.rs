@@ -10,7 +10,8 @@ use agora_diloco::{unit_batches, CompressionConfig};
 use agora_model::{Llama, LlamaConfig};
 use agora_protocol::{Hash32, NamedTensor, TensorSpec, WorkerId};
 use agora_verify::{
-    aggregate_chunk, bounded_scores, relative_gain, rule_verdicts, Gains, Gram, SpotCheckState, TrustConfig, UploadFacts,
+    aggregate_chunk, bounded_scores, relative_gain, rule_verdicts, Gains, Gram, SpotCheckState, TrustConfig,
+    UploadFacts,
 };
 use anyhow::{Context, Result};
 use tch::{Device, Tensor};

@@ -4,14 +4,14 @@
 use crate::error::ApiError;
 use crate::state::*;
 use crate::store::*;
+use crate::trust;
+use agora_diloco::codec::{self, Accumulator};
 use agora_protocol::*;
 use anyhow::Result;
 use bytes::Bytes;
 use sqlx::Row;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use agora_diloco::codec::{self, Accumulator};
-use crate::trust;
 
 impl Coordinator {
     /// Validates a pseudo-gradient upload for `round` without touching state (runs before taking the lock);
@@ -187,6 +187,26 @@ impl Coordinator {
         } else {
             None
         };
+        // With error feedback the worker commits to the residual it started from (the spot check's start link).
+        let residual_hash: Option<Hash32> = if segments > 0 && self.run.compression.uses_feedback() {
+            let text = meta.get(agora_verify::binding::RESIDUAL_META).ok_or_else(|| {
+                ApiError::unprocessable(
+                    "wrong_metadata",
+                    format!(
+                        "metadata {} is missing: this run needs a residual commitment",
+                        agora_verify::binding::RESIDUAL_META
+                    ),
+                )
+            })?;
+            Some(text.parse().map_err(|e| {
+                ApiError::unprocessable(
+                    "wrong_metadata",
+                    format!("metadata {}: {e}", agora_verify::binding::RESIDUAL_META),
+                )
+            })?)
+        } else {
+            None
+        };
         let payload_hash = agora_protocol::hash_bytes(&body);
         let challenge = trust::challenge_for(
             self.key.keyed_hash("agora-coordinator v1 spot check", &payload_hash.0),
@@ -206,8 +226,8 @@ impl Coordinator {
             .try_get("n")?;
         sqlx::query(
             "INSERT INTO submissions (round, worker, epoch, unit, delta_hash, bytes, train_loss, received_ms, applied, seq, \
-             fp32_bytes, chain, challenge, spot_check, content_hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $10, $11, $12, $13, $14)",
+             fp32_bytes, chain, challenge, spot_check, content_hash, residual_hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(round as i64)
         .bind(worker.hex())
@@ -223,6 +243,7 @@ impl Coordinator {
         .bind(challenge.map(|c| c as i64))
         .bind(challenge.map(|_| "pending"))
         .bind(checked.content_hash.map(|h| h.hex()))
+        .bind(residual_hash.map(|h| h.hex()))
         .execute(&mut *tx)
         .await?;
         sqlx::query("UPDATE assignments SET state = 'submitted' WHERE round = $1 AND worker = $2")

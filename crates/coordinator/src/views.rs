@@ -2,6 +2,7 @@
 //! blobs and metrics gauges.
 
 use crate::error::ApiError;
+use crate::metrics::Gauges;
 use crate::state::*;
 use crate::store::*;
 use agora_protocol::*;
@@ -10,7 +11,6 @@ use bytes::Bytes;
 use sqlx::Row;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use crate::metrics::Gauges;
 
 impl Coordinator {
     /// Every judged upload, in round and acceptance order.
@@ -166,7 +166,10 @@ impl Coordinator {
                 .collect::<Result<_>>()?;
         let Some(index) = all.iter().position(|(w, _)| *w == worker.hex()) else {
             let reason = if self.run.trust.verify {
-                format!("round {round} closed without an upload of worker {} (late, released or never sent)", worker.short())
+                format!(
+                    "round {round} closed without an upload of worker {} (late, released or never sent)",
+                    worker.short()
+                )
             } else {
                 "this run does not verify uploads: nothing is judged or credited".to_string()
             };

@@ -35,6 +35,30 @@ pub struct Upload {
     pub fp32_bytes: u64,
 }
 
+/// A tensor taken from the global weights: g − decay · residual (g itself without a residual). The
+/// verifier recomputes a worker's start with this very function, so the bits agree.
+pub fn start_from_global(g: &Tensor, residual: Option<&[f32]>, decay: f64) -> Tensor {
+    match residual {
+        Some(r) => tch::no_grad(|| {
+            let r = Tensor::from_slice(r).view(g.size().as_slice()).to_device(g.device()).to_kind(g.kind());
+            g - r * decay
+        }),
+        None => g.copy(),
+    }
+}
+
+/// Δ = global − local for the tensors `indices` (a fragment, described by `fragment_specs`), flattened per
+/// tensor: what a worker compresses and uploads, and what the verifier recomputes from a committed state.
+pub fn pseudo_gradient(
+    indices: &[usize],
+    fragment_specs: &[TensorSpec],
+    global: &[Tensor],
+    local: &[Tensor],
+) -> Vec<Vec<f32>> {
+    let delta: Vec<Tensor> = tch::no_grad(|| indices.iter().map(|&i| &global[i] - &local[i]).collect());
+    to_named(fragment_specs, &delta).into_iter().map(|t| t.data).collect()
+}
+
 impl SyncState {
     pub fn new(specs: &[TensorSpec], config: &CompressionConfig) -> SyncState {
         let residual = if config.uses_feedback() {
@@ -61,15 +85,8 @@ impl SyncState {
     ) -> Vec<Tensor> {
         let decay = config.feedback_decay;
         let residual = &self.residual;
-        let from_global = |i: usize, g: &Tensor| -> Tensor {
-            match residual.get(i) {
-                Some(r) => tch::no_grad(|| {
-                    let r = Tensor::from_slice(r).view(g.size().as_slice()).to_device(g.device()).to_kind(g.kind());
-                    g - r * decay
-                }),
-                None => g.copy(),
-            }
-        };
+        let from_global =
+            |i: usize, g: &Tensor| -> Tensor { start_from_global(g, residual.get(i).map(|r| r.as_slice()), decay) };
         let Some(local) = &self.local else {
             self.loaded.iter_mut().for_each(|l| *l = Some(round));
             return global.iter().enumerate().map(|(i, g)| from_global(i, g)).collect();
@@ -112,8 +129,7 @@ impl SyncState {
         let fragment = plan.synced_in(round);
         let indices = plan.tensors(fragment);
         let fragment_specs: Vec<TensorSpec> = indices.iter().map(|&i| specs[i].clone()).collect();
-        let delta: Vec<Tensor> = tch::no_grad(|| indices.iter().map(|&i| &global[i] - &local[i]).collect());
-        let delta: Vec<Vec<f32>> = to_named(&fragment_specs, &delta).into_iter().map(|t| t.data).collect();
+        let delta = pseudo_gradient(&indices, &fragment_specs, global, &local);
         let (payload, residual) = compress(config, fragment, &fragment_specs, &delta, None, metadata);
         if plan.count() > 1 {
             self.local = Some(local);

@@ -628,10 +628,8 @@ proptest! {
 /// sections found from the header decode to exactly the whole payload's values.
 #[test]
 fn sections_read_alone_decode_like_the_whole_payload() {
-    let specs = vec![
-        TensorSpec { name: "a".into(), shape: vec![3, 70] },
-        TensorSpec { name: "b".into(), shape: vec![130] },
-    ];
+    let specs =
+        vec![TensorSpec { name: "a".into(), shape: vec![3, 70] }, TensorSpec { name: "b".into(), shape: vec![130] }];
     let configs = [
         cfg(Codec::Int8),
         cfg(Codec::Int4),
@@ -649,9 +647,15 @@ fn sections_read_alone_decode_like_the_whole_payload() {
         let expected = codec::Expected { config: &config, fragment: 0, specs: &specs };
         let whole = codec::decode(&config, &specs, &codec::parse(&bytes, expected).unwrap());
         let metadata_len = codec::header_metadata_len(&bytes[..codec::HEADER_LEN]).unwrap();
-        for ((range, s), t) in codec::section_ranges(&config, &specs, metadata_len).into_iter().zip(&specs).zip(&whole) {
+        for ((range, s), t) in codec::section_ranges(&config, &specs, metadata_len).into_iter().zip(&specs).zip(&whole)
+        {
             let alone = codec::decode_section(&config, s, &bytes[range]);
-            assert_eq!(alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), t.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{spec} {}", s.name);
+            assert_eq!(
+                alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                t.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{spec} {}",
+                s.name
+            );
         }
         assert_eq!(codec::header_metadata_len(b"nope"), None);
     }

@@ -4,7 +4,7 @@
 //! worker hashes its whole training state (weights, AdamW moments, step count); the list of these hashes
 //! travels in the metadata of its signed upload, so it is fixed before the coordinator picks, from a
 //! secret the worker cannot see, which segment to challenge. The worker then hands over that segment's
-//! start and end states. Their hashes must be the committed ones, and re-running the segment from the
+//! start and end states (with the chain's first and last, for the links of `crate::binding`). Their hashes must be the committed ones, and re-running the segment from the
 //! start state on the worker's assigned batches must reproduce the end state: exactly with the same
 //! libtorch thread count, within `tolerance` otherwise. A worker that trained on other data, skipped
 //! steps or made up its states cannot produce such a pair without breaking blake3.
@@ -106,26 +106,6 @@ pub fn parse_chain(meta: &BTreeMap<String, String>, segments: u64) -> Result<Vec
         ));
     }
     Ok(hashes)
-}
-
-/// A proof upload: the challenged segment's start state, then its end state.
-pub fn proof_body(start: &[u8], end: &[u8]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(8 + start.len() + end.len());
-    body.extend_from_slice(&(start.len() as u64).to_le_bytes());
-    body.extend_from_slice(start);
-    body.extend_from_slice(end);
-    body
-}
-
-pub fn split_proof(body: &[u8]) -> Result<(&[u8], &[u8]), String> {
-    let Some((len, rest)) = body.split_first_chunk::<8>() else {
-        return Err("proof shorter than its 8-byte length prefix".into());
-    };
-    let len = u64::from_le_bytes(*len);
-    if len > rest.len() as u64 {
-        return Err(format!("proof announces a {len}-byte start state but holds {} bytes", rest.len()));
-    }
-    Ok(rest.split_at(len as usize))
 }
 
 /// The outcome of re-running one segment.

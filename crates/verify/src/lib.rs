@@ -1,7 +1,8 @@
 //! agora-verify: how a contribution is judged, independent of where it came from or where the verdict goes.
 //!
 //! Owns: the run's `[trust]` settings; the worker's hash-chain commitment to its training states and the
-//! spot check that re-runs one committed segment (`chain`); loss-based scores that are bounded and
+//! spot check that re-runs one committed segment (`chain`); the links that bind the chain to the round's
+//! global weights and to the upload (`binding`); loss-based scores that are bounded and
 //! sign-safe, with the assigned-vs-random evidence (`score`); similarity for copy detection and robust
 //! aggregation rules (`aggregate`); the judge's rules from measurements to verdicts, with references no
 //! minority of a round can move (`rules`); the reputation update (`score::update_rating`).
@@ -9,6 +10,7 @@
 //! what it decides; the ledger turns scores into credits.
 
 pub mod aggregate;
+pub mod binding;
 pub mod chain;
 pub mod config;
 pub mod rules;

@@ -87,13 +87,6 @@ fn spot_checks_reproduce_honest_segments_and_catch_the_rest() {
     let check = chain::recompute(&segment(2), &states[2], &forged, 0.01).unwrap();
     assert!(!check.exact, "{check:?}");
 
-    // Proof framing.
-    let body = chain::proof_body(&states[0], &states[1]);
-    assert_eq!(chain::split_proof(&body).unwrap(), (&states[0][..], &states[1][..]));
-    assert!(chain::split_proof(&body[..4]).is_err());
-    let mut bad = body.clone();
-    bad[..8].copy_from_slice(&u64::MAX.to_le_bytes());
-    assert!(chain::split_proof(&bad).is_err());
     assert!(chain::decode_state(b"garbage", &specs).is_err());
 }
 
@@ -102,8 +95,9 @@ proptest::proptest! {
     /// any state bytes either decode to exactly the model's tensors or are refused.
     #[test]
     fn proofs_from_untrusted_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
-        if let Ok((start, end)) = chain::split_proof(&bytes) {
-            proptest::prop_assert_eq!(start.len() + end.len() + 8, bytes.len());
+        if let Ok(proof) = agora_verify::binding::parse_proof(&bytes) {
+            let carried: usize = proof.states.iter().map(|(_, s)| s.len() + 16).sum::<usize>() + proof.residual.len() + 12;
+            proptest::prop_assert_eq!(carried, bytes.len());
         }
         let specs = param_specs(&preset("tiny", Some(300)).unwrap());
         proptest::prop_assert!(chain::decode_state(&bytes, &specs).is_err());

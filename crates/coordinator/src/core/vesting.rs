@@ -68,7 +68,8 @@ pub fn resolve<W>(
             let s = standing(&p.worker);
             if s.cheated {
                 Some(Resolution::Void(p.id))
-            } else if closing >= p.round.saturating_add(policy.vesting_rounds) && s.verified >= policy.probation_rounds {
+            } else if closing >= p.round.saturating_add(policy.vesting_rounds) && s.verified >= policy.probation_rounds
+            {
                 Some(Resolution::Post(p.id))
             } else {
                 None
