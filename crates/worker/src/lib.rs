@@ -3,13 +3,15 @@
 //! Owns: the worker's identity on disk, its HTTP client (signed requests, retries with backoff across
 //! coordinator restarts), its blob cache (every download checked against its hash), its persistent AdamW
 //! state and error-feedback residual, and the loop: ask for work → download weights and data → H inner
-//! steps → compress and upload Δ.
+//! steps → compress and upload Δ → (when the run verifies) the round's receipt, checked against the
+//! coordinator key pinned on first contact, before the residual of an accepted upload is committed.
 //! Must not know about: other workers, aggregation, the coordinator's storage. It trusts nothing it
-//! downloads without checking the hash it was told.
+//! downloads without checking the hash it was told, and no verdict without checking its signature.
 
 #[cfg(feature = "adversary")]
 pub mod adversary;
 mod client;
+mod receipts;
 mod state;
 
 pub use client::{CallError, Client};
@@ -22,9 +24,10 @@ use agora_model::{Llama, LlamaConfig};
 use agora_protocol::messages::delta_meta;
 use agora_protocol::{
     decode_tensors, hash_bytes, Assignment, Hash32, Heartbeat, HeartbeatResponse, Identity, JoinRequest, JoinResponse,
-    ProofResponse, RunInfo, SubmitResponse, TensorSpec, WorkResponse, PROTOCOL_VERSION,
+    ProofResponse, ReceiptResponse, RunInfo, SubmitResponse, TensorSpec, WorkResponse, WorkerId, PROTOCOL_VERSION,
 };
 use agora_train::{TrainConfig, Trainer};
+use agora_verify::binding;
 use agora_verify::chain::{self, segment_bounds};
 use agora_verify::TrustConfig;
 use anyhow::{bail, Context, Result};
@@ -44,7 +47,7 @@ pub struct WorkerOptions {
     pub data_dir: PathBuf,
     pub name: String,
     pub device: Device,
-    /// Leave the run after contributing this many rounds.
+    /// Leave the run after this many uploads were received by the coordinator.
     pub max_rounds: Option<u64>,
     /// Give up when the coordinator has been unreachable this long.
     pub patience: Duration,
@@ -56,12 +59,26 @@ pub struct WorkerOptions {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct WorkerSummary {
     pub worker: String,
-    pub rounds_contributed: u64,
+    /// Whether the run judges uploads (`[trust] verify`); when it does not, nothing is accepted or rejected,
+    /// only received.
+    pub verifying: bool,
+    /// Uploads the coordinator stored ("received": not a verdict).
+    pub rounds_received: u64,
+    /// Received uploads whose round's receipt (verified against the pinned coordinator key) accepted them.
+    pub rounds_accepted: u64,
+    /// Received uploads the round's judgement did not accept; `rejections` counts them by verdict code.
     pub rounds_rejected: u64,
+    pub rejections: BTreeMap<String, u64>,
+    /// Received uploads of a verifying run whose round closed without judging them.
+    pub rounds_not_judged: u64,
+    /// Uploads the coordinator refused to store (the round had closed, or the data was reassigned).
+    pub rounds_refused: u64,
+    /// Micro-credits of the accepted receipts (booked, pending vesting).
+    pub credits_booked: u64,
     /// Spot checks answered, and how many the coordinator found wrong.
     pub spot_checks: u64,
     pub spot_checks_failed: u64,
-    /// Payload bytes of accepted uploads ...
+    /// Payload bytes of received uploads ...
     pub bytes_sent: u64,
     /// ... and what the same pseudo-gradients would take as fp32 values.
     pub fp32_bytes: u64,
@@ -91,6 +108,10 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
             info.protocol_version
         );
     }
+    let run_dir = options.data_dir.join("runs").join(&info.run_id);
+    // Trust on first use: receipts and round roots must be signed by the key this run's coordinator
+    // presented the first time this worker met it.
+    let coordinator_key = receipts::pin_coordinator_key(&run_dir, &info.run_id, &info.coordinator_key)?;
     let client = client.for_run(&info.run_id);
     let model_config =
         LlamaConfig::from_json_str(&serde_json::to_string(&info.model)?).context("the run's model config")?;
@@ -115,7 +136,6 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
     let trust: TrustConfig = serde_json::from_value(info.trust.clone()).context("the run's trust config")?;
     let plan = FragmentPlan::new(&specs, model_config.num_hidden_layers, compression.fragments)?;
     tracing::info!(codec = compression.describe(), "pseudo-gradient encoding");
-    let run_dir = options.data_dir.join("runs").join(&info.run_id);
     let model = Llama::zeros(&model_config, options.device);
     let mut trainer = Trainer::new(model, train_config)?;
     let mut state = match WorkerState::load(&run_dir, &specs, &plan, &compression, options.device)? {
@@ -132,6 +152,9 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
         compression,
         trust,
         run_dir,
+        run_id: info.run_id.clone(),
+        coordinator_key,
+        inner_steps: info.inner_steps,
         device: options.device,
         #[cfg(feature = "adversary")]
         adversary: std::cell::RefCell::new(adversary::Adversary::new(options.behaviour.clone())),
@@ -143,8 +166,14 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
 
     let mut summary = WorkerSummary {
         worker: identity.id().hex(),
-        rounds_contributed: 0,
+        verifying: ctx.trust.verify,
+        rounds_received: 0,
+        rounds_accepted: 0,
         rounds_rejected: 0,
+        rejections: BTreeMap::new(),
+        rounds_not_judged: 0,
+        rounds_refused: 0,
+        credits_booked: 0,
         spot_checks: 0,
         spot_checks_failed: 0,
         bytes_sent: 0,
@@ -155,19 +184,30 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
     };
     let result = (|| -> Result<()> {
         loop {
-            // An upload not yet answered (the worker may have been killed waiting) is sent (again) first:
-            // the coordinator answers a repeat of an accepted upload with "accepted", so the residual it
-            // leaves behind is kept exactly when the coordinator has the payload.
+            // An upload not yet settled (the worker may have been killed waiting for its answer or for its
+            // round's receipt) is sent (again) first: the coordinator answers a repeat of a received upload
+            // as received (`newly_received: false`, even once its round has closed), and the receipt is
+            // then fetched as for a first upload. Only here is the pending upload dropped from the saved
+            // state, after its fate is known, so a restart anywhere before resumes it.
             if let Some(pending) = state.pending.take() {
-                if send_upload(&client, &ctx, &pending, &mut summary, &identity, &options.name)? {
+                let received = send_upload(&client, &ctx, &pending, &mut summary, &identity, &options.name)?;
+                progress.lock().expect("progress lock").round = None;
+                let accepted = match received {
+                    None => false,
+                    // Nothing is judged: received is as accepted as it gets.
+                    Some(_) if !ctx.trust.verify => true,
+                    Some(r) => round_verdict(&client, &ctx, &pending, &r, &identity.id(), &mut summary)?,
+                };
+                // The error-feedback residual advances only past an accepted upload; otherwise the old one
+                // (which still holds what this upload tried to send) is kept.
+                if accepted {
                     state.sync.accepted(&ctx.plan, pending.fragment, pending.residual);
                 }
                 state.save(&ctx.run_dir, &ctx.specs, &ctx.plan)?;
-                progress.lock().expect("progress lock").round = None;
             }
-            if options.max_rounds.is_some_and(|n| summary.rounds_contributed >= n) {
+            if options.max_rounds.is_some_and(|n| summary.rounds_received >= n) {
                 client.post_json::<serde_json::Value>("/v1/leave", &serde_json::json!({}))?;
-                tracing::info!(rounds = summary.rounds_contributed, "contributed the requested rounds; left the run");
+                tracing::info!(rounds = summary.rounds_received, "the requested uploads were received; left the run");
                 return Ok(());
             }
             let work: WorkResponse = client.post_json("/v1/work", &serde_json::json!({}))?;
@@ -203,6 +243,11 @@ struct RunContext {
     compression: CompressionConfig,
     trust: TrustConfig,
     run_dir: PathBuf,
+    run_id: String,
+    /// The coordinator key pinned on first contact: receipts and round roots must be signed by it.
+    coordinator_key: WorkerId,
+    /// Inner steps per round (H): the hash chain's length follows from it.
+    inner_steps: u64,
     device: Device,
     #[cfg(feature = "adversary")]
     adversary: std::cell::RefCell<adversary::Adversary>,
@@ -231,8 +276,9 @@ impl RunContext {
     }
 }
 
-/// Uploads a round's payload. Ok(true) when the coordinator has it (now or from an earlier attempt),
-/// Ok(false) when it refused it for being late or reassigned (the run goes on without it).
+/// Uploads a round's payload (and answers its spot check, if challenged). Ok(Some) when the coordinator
+/// has it (now or from an earlier attempt): received, not yet judged. Ok(None) when it refused it for
+/// being late or reassigned (the run goes on without it).
 fn send_upload(
     client: &Client,
     ctx: &RunContext,
@@ -240,11 +286,11 @@ fn send_upload(
     summary: &mut WorkerSummary,
     identity: &Identity,
     name: &str,
-) -> Result<bool> {
+) -> Result<Option<SubmitResponse>> {
     let path = format!("/v1/rounds/{}/delta", p.round);
     match client.post_bytes::<SubmitResponse>(&path, p.payload.clone()) {
         Ok(r) => {
-            summary.rounds_contributed += 1;
+            summary.rounds_received += 1;
             summary.bytes_sent += p.payload.len() as u64;
             summary.fp32_bytes += p.fp32_bytes;
             tracing::info!(
@@ -253,20 +299,21 @@ fn send_upload(
                 ratio = format!("{:.1}", p.fp32_bytes as f64 / p.payload.len() as f64),
                 new = r.newly_received,
                 loss = p.train_loss,
-                "pseudo-gradient accepted"
+                delta = %r.delta_hash,
+                "pseudo-gradient received"
             );
             if let Some(segment) = r.challenge {
                 send_proof(client, ctx, p.round, segment, summary)?;
             }
             ctx.prune_proofs(p.round);
-            Ok(true)
+            Ok(Some(r))
         }
         // Too late (the round closed, or this worker was dropped and its data reassigned): the work is
         // lost, but the run goes on; ask for the next job.
         Err(CallError::Rejected { status, body: err }) if status == reqwest::StatusCode::CONFLICT => {
-            summary.rounds_rejected += 1;
+            summary.rounds_refused += 1;
             tracing::warn!(round = p.round, code = err.error, "pseudo-gradient refused: {}", err.message);
-            Ok(false)
+            Ok(None)
         }
         Err(CallError::Rejected { status, body: err }) if err.error == "unknown_worker" => {
             tracing::warn!(%status, "the coordinator does not know this worker (was its state reset?); joining again");
@@ -274,14 +321,87 @@ fn send_upload(
                 "/v1/join",
                 &JoinRequest { protocol_version: PROTOCOL_VERSION, worker: identity.id(), name: name.to_string() },
             )?;
-            summary.rounds_rejected += 1;
-            Ok(false)
+            summary.rounds_refused += 1;
+            Ok(None)
         }
         // The coordinator refuses the payload itself: retraining would produce the same, so stop.
         Err(CallError::Rejected { status, body: err }) => {
             bail!("the coordinator refused this worker's pseudo-gradient ({status} {}): {}", err.error, err.message);
         }
         Err(CallError::Failed(e)) => Err(e),
+    }
+}
+
+/// Whether a received upload of a verifying run was accepted, by its round's receipt: polled while the
+/// round is open, then checked against the pinned coordinator key and this upload before it is believed
+/// (a receipt that does not verify is an error, never a silent acceptance).
+fn round_verdict(
+    client: &Client,
+    ctx: &RunContext,
+    p: &PendingUpload,
+    received: &SubmitResponse,
+    worker: &WorkerId,
+    summary: &mut WorkerSummary,
+) -> Result<bool> {
+    let round = p.round;
+    let path = format!("/v1/rounds/{round}/receipt?worker={}", worker.hex());
+    let mut waiting = false;
+    let (receipt, proof, root) = loop {
+        // The client retries an unreachable coordinator for its patience; an open round is an answer.
+        match client.get_json::<ReceiptResponse>(&path) {
+            Ok(ReceiptResponse::Pending { .. }) => {
+                if !waiting {
+                    tracing::info!(round, "waiting for the round to close and be judged");
+                    waiting = true;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Ok(ReceiptResponse::NotJudged { reason, .. }) => {
+                summary.rounds_not_judged += 1;
+                tracing::warn!(round, "round {round}: the upload was not judged ({reason}); not counted as accepted");
+                return Ok(false);
+            }
+            Ok(ReceiptResponse::Judged { receipt, proof, root }) => break (receipt, proof, root),
+            Err(CallError::Rejected { status, body }) => {
+                bail!(
+                    "round {round}: the coordinator refused to give this upload's receipt ({status} {}): {}",
+                    body.error,
+                    body.message
+                )
+            }
+            Err(CallError::Failed(e)) => return Err(e.context(format!("round {round}: fetching the receipt"))),
+        }
+    };
+    let expected = receipts::Expected { run_id: &ctx.run_id, round, worker, delta_hash: &received.delta_hash };
+    let r = receipts::parse_judged(&receipt, &proof, &root)
+        .and_then(|(signed, proof, root)| {
+            receipts::verify_receipt(&ctx.coordinator_key, &expected, &signed, &proof, &root)
+        })
+        .context("refusing the coordinator's verdict: its receipt does not verify")?;
+    if r.accepted() {
+        summary.rounds_accepted += 1;
+        summary.credits_booked = summary.credits_booked.saturating_add(r.credits);
+        tracing::info!(
+            round,
+            score = r.score,
+            credits = r.credits,
+            "round {round}: accepted, score {:.2}, {} micro-credits (pending vesting)",
+            r.score,
+            r.credits
+        );
+        Ok(true)
+    } else {
+        summary.rounds_rejected += 1;
+        *summary.rejections.entry(r.verdict.clone()).or_default() += 1;
+        tracing::warn!(
+            round,
+            verdict = r.verdict,
+            score = r.score,
+            "round {round}: rejected ({}), score {:.2}; the error-feedback residual is kept",
+            r.verdict,
+            r.score
+        );
+        Ok(false)
     }
 }
 
@@ -293,10 +413,23 @@ fn send_proof(client: &Client, ctx: &RunContext, round: u64, segment: u64, summa
         std::fs::read(&path)
             .with_context(|| format!("{}: the committed state of the challenged segment", path.display()))
     };
-    let (start, end) = (read(segment)?, read(segment + 1)?);
+    // The challenged segment and both links (agora_verify::binding): the states at 0, j, j + 1 and S, and
+    // the residual the round started from.
+    let segments = ctx.trust.chain_segments(ctx.inner_steps);
+    let states: Vec<(u64, Vec<u8>)> = binding::proof_boundaries(segment, segments)
+        .into_iter()
+        .map(|k| Ok((k, read(k)?)))
+        .collect::<Result<_>>()?;
+    let residual_path = dir.join("residual.bin");
+    let residual = if residual_path.exists() {
+        std::fs::read(&residual_path).with_context(|| format!("{}: the committed residual", residual_path.display()))?
+    } else {
+        Vec::new()
+    };
+    let views: Vec<(u64, &[u8])> = states.iter().map(|(k, s)| (*k, s.as_slice())).collect();
     let path = format!("/v1/rounds/{round}/proof");
     summary.spot_checks += 1;
-    match client.post_bytes::<ProofResponse>(&path, chain::proof_body(&start, &end)) {
+    match client.post_bytes::<ProofResponse>(&path, binding::encode_proof(&views, &residual)) {
         Ok(r) => {
             tracing::info!(round, segment, spot_check = r.spot_check, "spot check answered");
             if r.spot_check != "passed" {
@@ -334,6 +467,22 @@ fn train_assignment(
     let unit = Shard::from_bytes(&unit_bytes).with_context(|| format!("data unit {}", a.unit_hash))?;
     *progress.lock().expect("progress lock") = Progress { round: Some(a.round), step: 0, loss: None };
     tracing::info!(round = a.round, unit = a.unit, epoch = a.epoch, steps = a.inner_steps, "training");
+    // With error feedback, the residual this round starts from is committed to (the spot check's start link)
+    // and kept with the chain's states until the round is settled.
+    let residual_commitment = if ctx.trust.chain_segments(a.inner_steps) > 0 && ctx.compression.uses_feedback() {
+        let fragment = ctx.plan.synced_in(a.round);
+        let indices = ctx.plan.tensors(fragment);
+        let fragment_specs: Vec<TensorSpec> = indices.iter().map(|&i| ctx.specs[i].clone()).collect();
+        let residual: Vec<Vec<f32>> = indices.iter().map(|&i| state.sync.residual[i].clone()).collect();
+        let bytes = binding::encode_residual(&fragment_specs, &residual);
+        let dir = ctx.proof_dir(a.round);
+        std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+        let path = dir.join("residual.bin");
+        std::fs::write(&path, &bytes).with_context(|| format!("{}: cannot write", path.display()))?;
+        Some(binding::residual_commitment(&bytes))
+    } else {
+        None
+    };
     let start = state.sync.start_weights(&ctx.compression, &ctx.plan, a.round, &global);
     #[cfg(feature = "adversary")]
     let unit = ctx.adversary.borrow_mut().training_data(unit);
@@ -397,6 +546,9 @@ fn train_assignment(
     ]);
     if !chain_hashes.is_empty() {
         metadata.insert(chain::CHAIN_META.to_string(), chain::chain_to_meta(&chain_hashes));
+        if let Some(commitment) = residual_commitment {
+            metadata.insert(binding::RESIDUAL_META.to_string(), commitment.hex());
+        }
     }
     #[allow(unused_mut)]
     let mut upload =

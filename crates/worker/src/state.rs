@@ -1,6 +1,7 @@
 //! The worker's durable state for one run: AdamW moments and step after its last trained round, what it
 //! carries between rounds (error-feedback residual; with fragments, its own weights), and the upload of
-//! its last round until the coordinator has answered it. One file, replaced atomically (the pending
+//! its last round until the coordinator has answered it (in a verifying run: until the round's verified
+//! receipt has said whether it was accepted). One file, replaced atomically (the pending
 //! payload is written first, under its hash), so a worker killed at any point resumes either before or
 //! after a whole round, never inside one.
 
@@ -16,7 +17,8 @@ use tch::Device;
 
 const STATE_FILE: &str = "worker_state.safetensors";
 
-/// A trained round's upload, kept until the coordinator accepts or refuses it.
+/// A trained round's upload, kept until the coordinator refuses it or (in a verifying run) its round's
+/// receipt says whether it was accepted; in a run that does not verify, until it is received.
 pub struct PendingUpload {
     pub round: u64,
     pub unit: u64,
@@ -24,7 +26,7 @@ pub struct PendingUpload {
     pub train_loss: f64,
     pub fragment: usize,
     pub payload: Vec<u8>,
-    /// The fragment's residual to keep if the payload is accepted.
+    /// The fragment's residual to keep if the payload is accepted (received, when the run does not verify).
     pub residual: Vec<Vec<f32>>,
     pub fp32_bytes: u64,
 }
@@ -38,7 +40,8 @@ pub struct WorkerState {
     pub pending: Option<PendingUpload>,
 }
 
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+/// Writes `dir/name` via a synced temporary file and a rename: readers see the old or the new bytes.
+pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
     let mut file = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
