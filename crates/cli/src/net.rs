@@ -86,7 +86,7 @@ pub struct WorkerArgs {
     /// A label for status tables (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
-    /// Leave the run after contributing this many rounds.
+    /// Leave the run once the coordinator has received this many of its uploads (accepted or not).
     #[arg(long)]
     pub max_rounds: Option<u64>,
     /// Give up after the coordinator has been unreachable this many seconds.
@@ -125,16 +125,39 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         println!(
-            "worker {}: {} rounds contributed, {} refused; sent {} bytes, received {} bytes{}",
+            "worker {}: {}; sent {} bytes, received {} bytes{}",
             &summary.worker[..8],
-            summary.rounds_contributed,
-            summary.rounds_rejected,
+            worker_verdicts(&summary),
             summary.bytes_sent,
             summary.bytes_received,
             if summary.finished { "; the run is finished" } else { "" }
         );
     }
     Ok(())
+}
+
+/// What became of a worker's uploads: received, then (when the run verifies) accepted or rejected, and why.
+fn worker_verdicts(s: &agora_worker::WorkerSummary) -> String {
+    let mut out = format!("{} uploads received", s.rounds_received);
+    if s.verifying {
+        out += &format!(
+            ": {} accepted ({} micro-credits booked, pending vesting), {} rejected",
+            s.rounds_accepted, s.credits_booked, s.rounds_rejected
+        );
+        if !s.rejections.is_empty() {
+            let reasons: Vec<String> = s.rejections.iter().map(|(code, n)| format!("{code} {n}")).collect();
+            out += &format!(" ({})", reasons.join(", "));
+        }
+        if s.rounds_not_judged > 0 {
+            out += &format!(", {} not judged", s.rounds_not_judged);
+        }
+    } else {
+        out += " (this run does not judge uploads)";
+    }
+    if s.rounds_refused > 0 {
+        out += &format!("; {} refused as late or reassigned", s.rounds_refused);
+    }
+    out
 }
 
 #[derive(Args)]

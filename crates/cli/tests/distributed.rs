@@ -34,7 +34,8 @@ fn three_workers_five_rounds(database: Option<String>) {
     assert_eq!(contributions.len(), 15);
     assert_eq!(summaries.len(), 3);
     for (name, s) in &summaries {
-        assert_eq!(s["rounds_contributed"], 5, "{name}: {s}");
+        assert_eq!(s["rounds_received"], 5, "{name}: {s}");
+        assert_eq!(s["rounds_accepted"], 5, "{name}: every upload's verified receipt accepted it: {s}");
         assert_eq!(s["finished"], true);
     }
     let metrics = cluster.metrics();
@@ -164,7 +165,7 @@ fn coordinator_killed_and_restarted(database: Option<String>) {
     for (name, s) in &summaries {
         let id = s["worker"].as_str().unwrap();
         assert_eq!(
-            s["rounds_contributed"].as_u64().unwrap(),
+            s["rounds_accepted"].as_u64().unwrap(),
             applied.get(id).copied().unwrap_or(0),
             "{name}: every accepted pseudo-gradient is applied exactly once\n{}",
             cluster.logs()
