@@ -128,7 +128,7 @@ pub struct SubmitResponse {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ReceiptResponse {
-    /// The round is not judged yet: ask again (the request long-polls meanwhile).
+    /// The round is not judged yet: ask again shortly.
     Pending { round: u64 },
     /// The round closed without judging this worker's upload: the run does not verify (nothing is
     /// credited), or the upload was never received.

@@ -416,10 +416,8 @@ fn send_proof(client: &Client, ctx: &RunContext, round: u64, segment: u64, summa
     // The challenged segment and both links (agora_verify::binding): the states at 0, j, j + 1 and S, and
     // the residual the round started from.
     let segments = ctx.trust.chain_segments(ctx.inner_steps);
-    let states: Vec<(u64, Vec<u8>)> = binding::proof_boundaries(segment, segments)
-        .into_iter()
-        .map(|k| Ok((k, read(k)?)))
-        .collect::<Result<_>>()?;
+    let states: Vec<(u64, Vec<u8>)> =
+        binding::proof_boundaries(segment, segments).into_iter().map(|k| Ok((k, read(k)?))).collect::<Result<_>>()?;
     let residual_path = dir.join("residual.bin");
     let residual = if residual_path.exists() {
         std::fs::read(&residual_path).with_context(|| format!("{}: the committed residual", residual_path.display()))?
