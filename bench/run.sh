@@ -131,7 +131,7 @@ echo
 cat "$work/table.md"
 fi
 
-# --- the DiLoCo sweep: one process, workers run one after another (see crates/cli/src/bench_diloco.rs) ---
+# --- the DiLoCo sweep: one process, workers run one after another (see crates/cli/src/bench/sweep.rs) ---
 if [ "$DILOCO" = 1 ]; then
   diloco_cmd=(agora bench diloco --data "$DILOCO_DATA" --threads "$THREADS")
   [ "$quick" = 1 ] && diloco_cmd+=(--quick)
@@ -144,7 +144,7 @@ if [ "$DILOCO" = 1 ]; then
   cat "$work/diloco.md"
 fi
 
-# --- the codec comparison and the aggregation benchmark (crates/cli/src/bench_compression.rs, bench_aggregate.rs)
+# --- the codec comparison and the aggregation benchmark (crates/cli/src/bench/compression.rs, aggregate.rs)
 if [ "$COMPRESSION" = 1 ]; then
   compression_cmd=(agora bench compression --data "$DILOCO_DATA" --threads "$THREADS")
   [ "$quick" = 1 ] && compression_cmd+=(--quick)

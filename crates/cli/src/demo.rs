@@ -3,8 +3,10 @@
 //! in one process (synchronous data-parallel: batch N·B every step) for comparison, and samples text
 //! from the final global weights.
 
+use crate::children::Children;
 use crate::commands::{complete, set_threads};
-use crate::net::{fetch_status, human_bytes, render_status, spawn_coordinator, wire_summary};
+use crate::format::human_bytes;
+use crate::net::{fetch_status, render_status, spawn_coordinator, wire_summary};
 use agora_data::{MarkovSource, Shard, Tokenizer};
 use agora_diloco::tensors::{from_named, load_weights, param_specs};
 use agora_model::{Llama, LlamaConfig};
@@ -16,7 +18,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tch::Device;
 
@@ -114,18 +116,6 @@ fn trust_summary(url: &str, info: &RunInfo, report: &StatusReport) -> Result<Tru
     })
 }
 
-/// Child processes that die with the demo.
-struct Children(Vec<(String, Child)>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -165,10 +155,11 @@ pub fn demo(args: DemoArgs) -> Result<()> {
 
     // The coordinator picks a free port and prints it.
     let exe = std::env::current_exe().context("cannot find the agora binary")?;
-    let mut children = Children(Vec::new());
+    // Every process the demo starts dies with it.
+    let mut children = Children::new();
     writeln!(view, "starting the coordinator (tokenizer, data units, initial weights)...")?;
     let (coordinator, url) = spawn_coordinator(&run_file, &out.join("coordinator"), &logs.join("coordinator.log"))?;
-    children.0.push(("coordinator".into(), coordinator));
+    children.push("coordinator", coordinator);
     let info: RunInfo = reqwest::blocking::get(format!("{url}/v1/run"))?.json()?;
     writeln!(view, "coordinator: {url} (run {}); starting {} workers", info.run_id, args.workers)?;
 
@@ -181,14 +172,14 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             .stderr(std::fs::File::create(logs.join(format!("{name}.log")))?)
             .spawn()
             .with_context(|| format!("cannot start {name}"))?;
-        children.0.push((name, child));
+        children.push(name, child);
     }
 
     let report = watch(&url, &mut children, &logs, &mut *view, live_terminal)?;
     let distributed_seconds = started.elapsed().as_secs_f64();
     // Workers exit on their own once the run is finished.
     let deadline = Instant::now() + Duration::from_secs(30);
-    for (name, child) in children.0.iter_mut().skip(1) {
+    for (name, child) in children.iter_mut().skip(1) {
         while child.try_wait()?.is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -290,7 +281,7 @@ fn prepare_out_dir(out: &Path) -> Result<()> {
 
 fn run_toml(args: &DemoArgs, corpus: &Path) -> Result<String> {
     let warmup = (args.rounds * args.inner_steps / 20).max(1);
-    let compression = toml::to_string(&crate::bench_compression::parse_codec(&args.codec)?)?;
+    let compression = toml::to_string(&crate::bench::compression::parse_codec(&args.codec)?)?;
     Ok(format!(
         r#"# Written by `agora demo`.
 seed = 0
@@ -352,7 +343,7 @@ fn watch(
     let mut last_round = None;
     let mut last_progress = Instant::now();
     loop {
-        for (name, child) in children.0.iter_mut() {
+        for (name, child) in children.iter_mut() {
             if let Some(status) = child.try_wait()? {
                 if !status.success() || name == "coordinator" {
                     bail!("{name} exited early ({status}):\n{}", log_tail(&logs.join(format!("{name}.log"))));

@@ -2,12 +2,11 @@
 //!
 //! Must not know about: tensor math or file formats beyond calling the crates that own them.
 
-mod bench_aggregate;
-mod bench_compression;
-mod bench_diloco;
-mod bench_trust;
+mod bench;
+mod children;
 mod commands;
 mod demo;
+mod format;
 mod net;
 mod run;
 
@@ -41,7 +40,7 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Time optimizer steps (ms/step, tokens/s, MFU) for the benchmark table; `bench diloco`: DiLoCo vs
     /// data-parallel training at an equal token budget.
-    Bench(Box<bench_diloco::BenchCommand>),
+    Bench(Box<bench::BenchCommand>),
     /// Serve a DiLoCo run: membership, rounds, data assignment, the outer step (HTTP).
     Coordinator(net::CoordinatorArgs),
     /// Join a run: train H inner steps per round on assigned data and send pseudo-gradients.
@@ -134,7 +133,7 @@ fn main() {
         Command::Data(DataCommand::Synthetic { out, words, seed }) => commands::data_synthetic(&out, words, seed),
         Command::Info(args) => commands::info(args),
         Command::Demo(args) => demo::demo(args),
-        Command::Bench(args) => bench_diloco::bench(*args),
+        Command::Bench(args) => bench::bench(*args),
         Command::Coordinator(args) => net::coordinator(args),
         Command::Worker(args) => net::worker(args),
         Command::Status(args) => net::status(args),

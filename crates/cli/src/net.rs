@@ -1,6 +1,7 @@
 //! The networked subcommands: `agora coordinator`, `agora worker`, `agora status`.
 
 use crate::commands::{set_threads, RuntimeArgs};
+use crate::format::human_bytes;
 use agora_coordinator::{Coordinator, Options};
 use agora_protocol::StatusReport;
 use agora_protocol::{LeaderboardEntry, LedgerReport, WorkerId};
@@ -366,17 +367,6 @@ pub fn status(args: StatusArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn human_bytes(n: u64) -> String {
-    let n = n as f64;
-    match n {
-        n if n >= 1e9 => format!("{:.2} GB", n / 1e9),
-        n if n >= 1e6 => format!("{:.2} MB", n / 1e6),
-        n if n >= 1e3 => format!("{:.1} kB", n / 1e3),
-        n => format!("{n:.0} B"),
-    }
-}
-
-/// A plain-text view of a status report (what `agora status` and the demo's live view print).
 /// Pseudo-gradient traffic over the applied rounds.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct WireSummary {
@@ -400,6 +390,7 @@ pub fn wire_summary(r: &StatusReport) -> Option<WireSummary> {
     })
 }
 
+/// A plain-text view of a status report (what `agora status` and the demo's live view print).
 pub fn render_status(r: &StatusReport) -> String {
     let mut s = String::new();
     let state = if r.finished { "finished".to_string() } else { format!("round {}/{}", r.round, r.rounds) };

@@ -5,8 +5,10 @@
 //! With F fragments (Streaming DiLoCo) a round is H/F inner steps and synchronises one fragment, so every
 //! fragment is still synchronised every H steps: the same bytes in all, F× fewer per round.
 
-use crate::bench_diloco::{human_bytes, prepare_setup, run_diloco, DilocoArgs, Outcome, Plan, SweepArgs};
+use super::diloco::DilocoArgs;
+use super::sweep::{prepare_setup, run_diloco, Outcome, Plan, SweepArgs};
 use crate::commands::set_threads;
+use crate::format::human_bytes;
 use agora_diloco::codec::{Codec, Values};
 use agora_diloco::{CompressionConfig, OuterConfig, OuterKind};
 use agora_model::Llama;

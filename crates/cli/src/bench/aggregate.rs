@@ -7,10 +7,13 @@
 //! `--coordinator` measures the real thing instead: an `agora coordinator` process (tiny model, one round)
 //! and N simulated workers, each its own signed identity, that join, take their unit and upload their
 //! payloads all at once over loopback HTTP; the table gives the coordinator's resident memory before the
-//! uploads and its peak until the round has closed (`/proc/PID/status`).
+//! uploads and its peak until the round has closed (`/proc/PID/status`). The run does not verify
+//! (`[trust] verify = false`): a verifying coordinator keeps every upload until it judges the round, so only
+//! an unverified one streams them into one sum, which is what this measures.
 
-use crate::bench_compression::parse_codec;
-use crate::bench_diloco::human_bytes;
+use super::compression::parse_codec;
+use crate::children::Children;
+use crate::format::human_bytes;
 use agora_diloco::codec::{self, Accumulator, Expected};
 use agora_diloco::tensors::param_specs;
 use anyhow::{Context, Result};
@@ -191,16 +194,6 @@ struct ProcessRow {
     upload_to_close_seconds: f64,
 }
 
-/// Kills the coordinator when the measurement ends, however it ends.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn coordinator_memory(a: &AggregateArgs) -> Result<()> {
     use agora_protocol::messages::delta_meta;
     use agora_protocol::{
@@ -224,11 +217,14 @@ fn coordinator_memory(a: &AggregateArgs) -> Result<()> {
                     "[model]\npreset = \"tiny\"\n[data]\nfiles = [\"corpus.txt\"]\nvocab_size = 300\n\
                      [inner]\nsteps = 1\nbatch_size = 1\nseq_len = 16\nwarmup_steps = 1\n\
                      [rounds]\ncount = 1\nmin_workers = {n}\ndeadline_secs = 600\nheartbeat_timeout_secs = 600\n\
-                     [eval]\nbatches = 1\n[compression]\n{compression}"
+                     [eval]\nbatches = 1\n[trust]\nverify = false\n[compression]\n{compression}"
                 ),
             )?;
             let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            let mut child = Child(
+            // Killed when the measurement ends, however it ends.
+            let mut procs = Children::new();
+            let coordinator = procs.push(
+                "coordinator",
                 std::process::Command::new(std::env::current_exe()?)
                     .args(["coordinator", "--run"])
                     .arg(dir.path().join("run.toml"))
@@ -240,9 +236,9 @@ fn coordinator_memory(a: &AggregateArgs) -> Result<()> {
                     .context("start agora coordinator")?,
             );
             let mut line = String::new();
-            std::io::BufReader::new(child.0.stdout.take().expect("piped")).read_line(&mut line)?;
+            std::io::BufReader::new(coordinator.stdout.take().expect("piped")).read_line(&mut line)?;
             anyhow::ensure!(line.contains("listening on"), "the coordinator did not start: {line}");
-            let pid = child.0.id();
+            let pid = coordinator.id();
             let url = format!("http://127.0.0.1:{port}");
             let patience = Duration::from_secs(60);
             let probe = Client::new(&url, Arc::new(Identity::generate()?), dir.path(), patience)?;

@@ -1,6 +1,8 @@
-//! `agora bench diloco`: DiLoCo against synchronous data-parallel training at an equal token budget, in one
-//! process, calling exactly the `agora-diloco` functions the networked coordinator and workers call
-//! ([`train_round`], [`mean`], [`OuterOptimizer::step`], [`cut_units`], [`unit_order`]).
+//! The equal-token sweep that `agora bench diloco` and `agora bench compression` run: DiLoCo against
+//! synchronous data-parallel training at an equal token budget, in one process, calling exactly the
+//! `agora-diloco` functions the networked coordinator and workers call ([`train_round`], [`mean`],
+//! [`OuterOptimizer::step`], [`cut_units`], [`unit_order`]). This module measures nothing by itself: it
+//! holds the shared flags, the plan, the data pool and the two kinds of run; the commands print the tables.
 //!
 //! Design (as in "Scaling laws for DiLoCo"): a fixed global batch of `G` windows per inner step and `S` inner
 //! steps in total, so every configuration trains on `S·G·seq_len` tokens with the same warmup + cosine
@@ -26,9 +28,10 @@
 //! split holds, so all of them train on the same `P` windows — a random subset spread over the whole split,
 //! not a prefix of it. Units are visited in [`unit_order`] epoch order, worker `i` of round `r` taking the
 //! `(r·k + i)`-th unit of that sequence. Validation loss is [`evaluate`] over every window of the held-out
-//! split (the end of the corpus), the same for all.
+//!
+//! [`mean`]: agora_diloco::mean
 
-use crate::commands::{bench as bench_steps, set_threads, BenchArgs};
+use super::diloco::DilocoArgs;
 use agora_data::{prepare, train_bpe, Shard};
 use agora_diloco::codec::{self, Accumulator, Expected};
 use agora_diloco::tensors::{from_named, load_weights, model_weights, param_specs};
@@ -39,49 +42,11 @@ use agora_diloco::{
 use agora_model::{preset, Llama, LlamaConfig};
 use agora_train::{evaluate, TrainConfig, Trainer};
 use anyhow::{bail, ensure, Context, Result};
-use clap::{Args, Subcommand};
+use clap::Args;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::Device;
-
-/// `agora bench` times optimizer steps; `agora bench diloco` runs the DiLoCo sweep.
-#[derive(Args)]
-#[command(args_conflicts_with_subcommands = true)]
-pub struct BenchCommand {
-    #[command(subcommand)]
-    pub command: Option<BenchSubcommand>,
-    #[command(flatten)]
-    pub steps: BenchArgs,
-}
-
-#[derive(Subcommand)]
-pub enum BenchSubcommand {
-    /// DiLoCo (k workers, H inner steps) against data-parallel training at an equal token budget: final
-    /// validation loss, gap to the baseline, bytes sent per worker; and an outer-optimizer comparison.
-    Diloco(DilocoArgs),
-    /// Every pseudo-gradient codec (fp32, bf16, int8, int4, top-k and DCT top-k with and without error
-    /// feedback, Streaming DiLoCo fragments) at an equal token budget: bytes per worker per round, ratios
-    /// against fp32 DiLoCo and per-step synchronous training, validation loss.
-    Compression(crate::bench_compression::CompressionArgs),
-    /// Coordinator-side aggregation: decode-and-accumulate throughput and peak memory, per codec, for a
-    /// given number of simulated submitters.
-    Aggregate(crate::bench_aggregate::AggregateArgs),
-    /// The adversarial suite: 3 honest workers and 1 cheater per misbehaviour (real processes; needs a
-    /// binary built with `--features adversary`): detection, credits, loss against the honest-only run,
-    /// false positives, verification cost.
-    Trust(crate::bench_trust::TrustArgs),
-}
-
-pub fn bench(cmd: BenchCommand) -> Result<()> {
-    match cmd.command {
-        None => bench_steps(cmd.steps),
-        Some(BenchSubcommand::Diloco(args)) => diloco(args),
-        Some(BenchSubcommand::Compression(args)) => crate::bench_compression::compression(args),
-        Some(BenchSubcommand::Aggregate(args)) => crate::bench_aggregate::aggregate(args),
-        Some(BenchSubcommand::Trust(args)) => crate::bench_trust::trust(args),
-    }
-}
 
 /// What every equal-token sweep shares: data, model, budget, schedules, seed, output.
 #[derive(Args, Clone)]
@@ -148,21 +113,6 @@ impl Default for SweepArgs {
             json: false,
         }
     }
-}
-
-#[derive(Args, Clone)]
-pub struct DilocoArgs {
-    #[command(flatten)]
-    pub sweep: SweepArgs,
-    /// Worker counts k to sweep (default 1,2,4,8; --quick 1,2).
-    #[arg(long, value_delimiter = ',')]
-    pub workers: Option<Vec<usize>>,
-    /// Inner steps per round H to sweep (default 10,50,200; --quick 4,12).
-    #[arg(long, value_delimiter = ',')]
-    pub inner_steps: Option<Vec<u64>>,
-    /// Where to compare the outer optimizers, "K:H" (default 4:50; --quick 2:4), or "none".
-    #[arg(long)]
-    pub outer_compare: Option<String>,
 }
 
 /// The sweep after defaults and validation.
@@ -253,7 +203,7 @@ impl Plan {
     }
 
     /// Every (k, H) the sweep runs, the comparison point included.
-    fn grid(&self) -> Vec<(usize, u64)> {
+    pub(crate) fn grid(&self) -> Vec<(usize, u64)> {
         let mut grid: Vec<(usize, u64)> =
             self.workers.iter().flat_map(|&k| self.inner_steps.iter().map(move |&h| (k, h))).collect();
         if let Some(kh) = self.compare {
@@ -336,9 +286,9 @@ pub(crate) struct Setup {
     pub(crate) parameters: u64,
     train: Shard,
     /// Windows every configuration trains on (the first this many of [`cut_units`]' shuffled order).
-    pool_windows: usize,
+    pub(crate) pool_windows: usize,
     tokenizer_hash: [u8; 32],
-    val: Shard,
+    pub(crate) val: Shard,
 }
 
 impl Setup {
@@ -391,7 +341,7 @@ fn log_progress(label: &str, done: u64, total: u64, started: Instant, loss: f64)
     tracing::info!("{label}: {done}/{total} steps, train loss {loss:.3}, {:.0}s", started.elapsed().as_secs_f64());
 }
 
-fn run_baseline(s: &Setup) -> Result<Outcome> {
+pub(crate) fn run_baseline(s: &Setup) -> Result<Outcome> {
     let p = &s.plan;
     let started = Instant::now();
     let units = s.units(p.global_batch)?;
@@ -545,156 +495,6 @@ pub(crate) fn prepare_setup(a: &SweepArgs, plan: Plan) -> Result<(Setup, serde_j
     });
     let setup = Setup { plan, model, parameters, train, pool_windows, tokenizer_hash: tokenizer.hash(), val };
     Ok((setup, data))
-}
-
-pub fn diloco(d: DilocoArgs) -> Result<()> {
-    let plan = Plan::from_args(&d)?;
-    let args = &d.sweep;
-    let threads = set_threads(args.threads);
-    let sweep_started = Instant::now();
-    let (setup, data) = prepare_setup(args, plan)?;
-    let p = &setup.plan;
-    let init = setup.val_loss(&Llama::new(&setup.model, Device::Cpu, p.seed))?;
-    let nesterov_grid = p.grid();
-    let extra = p.compare.map_or(0, |_| 2);
-    let total = 1 + nesterov_grid.len() + extra;
-    tracing::info!(
-        "{} parameters; {} configurations of {} steps × {} windows × {} tokens; initial validation loss {init:.4}",
-        setup.parameters,
-        total,
-        p.steps,
-        p.global_batch,
-        p.seq_len
-    );
-
-    tracing::info!("[1/{total}] data-parallel baseline, batch {}", p.global_batch);
-    let baseline = run_baseline(&setup)?;
-    tracing::info!("data-parallel: validation loss {:.4} ({:.0}s)", baseline.val_loss, baseline.seconds);
-    let with_gap = |mut o: Outcome| {
-        o.gap_percent = 100.0 * (o.val_loss - baseline.val_loss) / baseline.val_loss;
-        tracing::info!(
-            "validation loss {:.4}, {:+.2}% vs data-parallel ({:.0}s)",
-            o.val_loss,
-            o.gap_percent,
-            o.seconds
-        );
-        o
-    };
-    let mut grid = Vec::new();
-    for (i, &(k, h)) in nesterov_grid.iter().enumerate() {
-        tracing::info!("[{}/{total}] DiLoCo k={k} H={h}, batch {} per worker", i + 2, p.global_batch / k);
-        grid.push(with_gap(run_diloco(&setup, k, h, p.outer, &CompressionConfig::default())?));
-    }
-    let mut compare = Vec::new();
-    if let Some((k, h)) = p.compare {
-        let nesterov = grid.iter().find(|o| o.workers == Some(k) && o.inner_steps == h).expect("in the grid");
-        compare.push(nesterov.clone());
-        let others = [
-            OuterConfig { kind: OuterKind::Average, lr: 1.0, momentum: 0.0 },
-            OuterConfig { kind: OuterKind::SgdMomentum, lr: p.outer.lr, momentum: p.outer.momentum },
-        ];
-        for (i, outer) in others.into_iter().enumerate() {
-            tracing::info!("[{}/{total}] DiLoCo k={k} H={h}, outer {:?}", nesterov_grid.len() + i + 2, outer.kind);
-            compare.push(with_gap(run_diloco(&setup, k, h, outer, &CompressionConfig::default())?));
-        }
-    }
-    // The comparison point was only added to the grid to share its Nesterov run; keep it out of the grid
-    // table unless the sweep asked for it.
-    grid.retain(|o| p.workers.contains(&o.workers.unwrap_or(0)) && p.inner_steps.contains(&o.inner_steps));
-    let seconds = sweep_started.elapsed().as_secs_f64();
-
-    let tokens = p.steps * (p.global_batch * p.seq_len) as u64;
-    let epochs = (p.steps as usize * p.global_batch) as f64 / setup.pool_windows as f64;
-    if args.json {
-        let out = serde_json::json!({
-            "preset": args.preset, "parameters": setup.parameters, "threads": threads, "data": data,
-            "plan": p, "tokens_per_configuration": tokens, "epochs": epochs,
-            "initial_val_loss": init, "baseline": baseline, "grid": grid, "outer_comparison": compare,
-            "seconds": seconds,
-        });
-        println!("{out}");
-        return Ok(());
-    }
-    println!(
-        "`{}` ({:.2}M parameters, {}-token BPE) on `{}`: S = {} steps × G = {} windows × {} tokens = {} tokens per \
-         configuration ({:.2} epochs of a {}-window pool). Inner AdamW lr {:.1e} → {:.1e} (warmup {}, cosine), batch G/k \
-         per worker; outer Nesterov lr {}, momentum {}. Validation: {} tokens held out, initial loss {:.4}. \
-         Seed {}, {} threads, {:.1} min in all.",
-        args.preset,
-        setup.parameters as f64 / 1e6,
-        setup.model.vocab_size,
-        args.data.display(),
-        p.steps,
-        p.global_batch,
-        p.seq_len,
-        tokens,
-        epochs,
-        setup.pool_windows,
-        p.lr,
-        p.min_lr,
-        p.warmup,
-        p.outer.lr,
-        p.outer.momentum,
-        setup.val.len(),
-        init,
-        p.seed,
-        threads,
-        seconds / 60.0
-    );
-    println!();
-    println!(
-        "| config | k | H | rounds | final val loss | gap vs baseline | bytes sent/worker | × fewer bytes than DP | time |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    println!(
-        "| data-parallel (baseline) | any | 1 | {} | {:.4} | — | {} | 1× | {:.0}s |",
-        baseline.rounds,
-        baseline.val_loss,
-        human_bytes(baseline.bytes_sent_per_worker),
-        baseline.seconds
-    );
-    for o in &grid {
-        println!(
-            "| DiLoCo | {} | {} | {} | {:.4} | {:+.2}% | {} | {:.0}× | {:.0}s |",
-            o.workers.unwrap_or(0),
-            o.inner_steps,
-            o.rounds,
-            o.val_loss,
-            o.gap_percent,
-            human_bytes(o.bytes_sent_per_worker),
-            o.fewer_bytes,
-            o.seconds
-        );
-    }
-    if let Some((k, h)) = p.compare {
-        println!();
-        println!("Outer optimizer at k = {k}, H = {h} (same inner runs' data and schedule):");
-        println!();
-        println!("| outer optimizer | outer lr | momentum | final val loss | gap vs baseline | time |");
-        println!("|---|---:|---:|---:|---:|---:|");
-        for o in &compare {
-            let c = o.outer.expect("DiLoCo runs have an outer optimizer");
-            let name = match c.kind {
-                OuterKind::Nesterov => "Nesterov",
-                OuterKind::Average => "plain averaging",
-                OuterKind::SgdMomentum => "SGD with momentum",
-            };
-            println!(
-                "| {name} | {} | {} | {:.4} | {:+.2}% | {:.0}s |",
-                c.lr, c.momentum, o.val_loss, o.gap_percent, o.seconds
-            );
-        }
-    }
-    Ok(())
-}
-
-pub(crate) fn human_bytes(b: u64) -> String {
-    let b = b as f64;
-    match b {
-        b if b >= 1e9 => format!("{:.2} GB", b / 1e9),
-        b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
-        b => format!("{:.0} kB", b / 1e3),
-    }
 }
 
 #[cfg(test)]

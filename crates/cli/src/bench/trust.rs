@@ -4,7 +4,8 @@
 //! honest-only run, the final validation loss against that run, and how often honest work was refused.
 //! Needs a binary built with `--features adversary` (the misbehaviours are compiled only there).
 
-use crate::bench_compression::parse_codec;
+use super::compression::parse_codec;
+use crate::children::Children;
 use agora_ledger::WorkerStatement;
 use agora_protocol::{JudgedSubmission, LeaderboardEntry, RunInfo, StatusReport, WorkerId};
 use anyhow::{bail, Context, Result};
@@ -13,7 +14,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Every misbehaviour of the suite, in the order.
@@ -83,17 +84,6 @@ pub struct TrustReport {
     pub attacks: Vec<Scenario>,
     pub false_positive_rate: f64,
     pub honest_submissions: u64,
-}
-
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 fn default_data() -> Option<PathBuf> {
@@ -166,18 +156,18 @@ fn scenario(args: &TrustArgs, corpus: &Path, behaviour: Option<&str>) -> Result<
     let run = dir.join("run.toml");
     std::fs::write(&run, run_file(args, corpus)?)?;
     let exe = std::env::current_exe().context("cannot find the agora binary")?;
-    let mut procs = Procs(Vec::new());
+    // The coordinator and the workers, killed when the scenario ends, however it ends.
+    let mut procs = Children::new();
     let log = |n: &str| std::fs::File::create(dir.join("logs").join(format!("{n}.log")));
     let (coordinator, url) =
         crate::net::spawn_coordinator(&run, &dir.join("coordinator"), &dir.join("logs/coordinator.log"))
             .with_context(|| format!("{name}: see {}", dir.join("logs").display()))?;
-    procs.0.push(coordinator);
+    procs.push("coordinator", coordinator);
     let info: RunInfo = get(&url, "/v1/run")?;
     let mut workers: Vec<(String, bool)> = (0..3).map(|i| (format!("honest-{i}"), true)).collect();
     if behaviour.is_some() {
         workers.push(("attacker".into(), false));
     }
-    let mut children = Vec::new();
     for (w, honest) in &workers {
         let mut cmd = Command::new(&exe);
         cmd.args(["worker", "--coordinator", &url, "--threads", "1", "--json", "--name", w, "--data-dir"])
@@ -190,14 +180,14 @@ fn scenario(args: &TrustArgs, corpus: &Path, behaviour: Option<&str>) -> Result<
                 if b == "copy" { format!("copy:{}", dir.join("coordinator/blobs").display()) } else { b.to_string() };
             cmd.args(["--behaviour", &arg]);
         }
-        children.push(
-            cmd.spawn().with_context(|| format!("cannot start {w} (was agora built with --features adversary?)"))?,
-        );
+        let child =
+            cmd.spawn().with_context(|| format!("cannot start {w} (was agora built with --features adversary?)"))?;
+        procs.push(w.clone(), child);
     }
     // Every worker exits once the run is finished (a refused attacker may exit earlier, with an error).
     let started = Instant::now();
     let mut summaries: BTreeMap<String, serde_json::Value> = BTreeMap::new();
-    for ((w, honest), child) in workers.iter().zip(children.iter_mut()) {
+    for ((w, honest), (_, child)) in workers.iter().zip(procs.iter_mut().skip(1)) {
         loop {
             if let Some(status) = child.try_wait()? {
                 if *honest && !status.success() {

@@ -1,0 +1,51 @@
+//! `agora bench`: the benchmarks, one module each; this one is the dispatcher. Without a subcommand it times
+//! optimizer steps ([`speed`]); `diloco`, `compression`, `aggregate` and `trust` measure training quality per
+//! byte, the codecs, the coordinator's aggregation and the defences.
+
+mod aggregate;
+pub mod compression;
+mod diloco;
+mod speed;
+mod sweep;
+mod trust;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+/// `agora bench` times optimizer steps; `agora bench diloco` runs the DiLoCo sweep.
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchCommand {
+    #[command(subcommand)]
+    pub command: Option<BenchSubcommand>,
+    #[command(flatten)]
+    pub steps: speed::BenchArgs,
+}
+
+#[derive(Subcommand)]
+pub enum BenchSubcommand {
+    /// DiLoCo (k workers, H inner steps) against data-parallel training at an equal token budget: final
+    /// validation loss, gap to the baseline, bytes sent per worker; and an outer-optimizer comparison.
+    Diloco(diloco::DilocoArgs),
+    /// Every pseudo-gradient codec (fp32, bf16, int8, int4, top-k and DCT top-k with and without error
+    /// feedback, Streaming DiLoCo fragments) at an equal token budget: bytes per worker per round, ratios
+    /// against fp32 DiLoCo and per-step synchronous training, validation loss.
+    Compression(compression::CompressionArgs),
+    /// Coordinator-side aggregation: decode-and-accumulate throughput and peak memory, per codec, for a
+    /// given number of simulated submitters.
+    Aggregate(aggregate::AggregateArgs),
+    /// The adversarial suite: 3 honest workers and 1 cheater per misbehaviour (real processes; needs a
+    /// binary built with `--features adversary`): detection, credits, loss against the honest-only run,
+    /// false positives, verification cost.
+    Trust(trust::TrustArgs),
+}
+
+pub fn bench(cmd: BenchCommand) -> Result<()> {
+    match cmd.command {
+        None => speed::bench(cmd.steps),
+        Some(BenchSubcommand::Diloco(args)) => diloco::diloco(args),
+        Some(BenchSubcommand::Compression(args)) => compression::compression(args),
+        Some(BenchSubcommand::Aggregate(args)) => aggregate::aggregate(args),
+        Some(BenchSubcommand::Trust(args)) => trust::trust(args),
+    }
+}
