@@ -146,7 +146,9 @@ async fn authenticate(
         .map_err(|_| ApiError::bad_request("bad_header", format!("{HEADER_TIMESTAMP} must be unix milliseconds")))?;
     let round: u64 = header_str(headers, HEADER_ROUND)?
         .parse()
-        .map_err(|_| ApiError::bad_request("bad_header", format!("{HEADER_ROUND} must be a round number")))?;
+        .ok()
+        .filter(|&r: &u64| r <= i64::MAX as u64)
+        .ok_or_else(|| ApiError::bad_request("bad_header", format!("{HEADER_ROUND} must be a round number")))?;
     let nonce = header_str(headers, HEADER_NONCE)?;
     if nonce.len() < 16 || nonce.len() > 64 || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::bad_request("bad_header", format!("{HEADER_NONCE} must be 16 to 64 hex digits")));
@@ -248,8 +250,14 @@ async fn heartbeat(State(app): State<App>, method: Method, uri: Uri, headers: He
     reply(&app, result)
 }
 
+/// A round number from a client: the store keeps rounds as signed 64-bit integers, so anything above
+/// `i64::MAX` is refused here rather than wrapping to a negative round.
 fn parse_round(round: &str) -> Result<u64, ApiError> {
-    round.parse().map_err(|_| ApiError::bad_request("bad_round", format!("{round:?} is not a round number")))
+    round
+        .parse::<u64>()
+        .ok()
+        .filter(|&r| r <= i64::MAX as u64)
+        .ok_or_else(|| ApiError::bad_request("bad_round", format!("{round:?} is not a round number")))
 }
 
 /// Reads a binary upload of at most `limit` bytes and authenticates its (joined) sender.
@@ -459,5 +467,14 @@ mod tests {
         assert_eq!(events.len(), 2, "{events:?}");
         assert_eq!(events[0].0, tracing::Level::ERROR);
         assert_eq!(events[1].0, tracing::Level::DEBUG);
+    }
+
+    #[test]
+    fn rounds_beyond_the_store_are_refused() {
+        assert_eq!(parse_round("7").unwrap(), 7);
+        assert_eq!(parse_round(&(i64::MAX as u64).to_string()).unwrap(), i64::MAX as u64);
+        for bad in [(i64::MAX as u64 + 1).to_string(), u64::MAX.to_string(), "-1".into(), "x".into()] {
+            assert_eq!(parse_round(&bad).unwrap_err().code, "bad_round", "{bad}");
+        }
     }
 }
