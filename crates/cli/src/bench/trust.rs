@@ -2,19 +2,20 @@
 //! processes (3 honest, 1 adversarial) train the same run; the table says whether the cheater was
 //! detected or neutralised and by what, what it earned, what the honest workers earned against the
 //! honest-only run, the final validation loss against that run, and how often honest work was refused.
-//! Needs a binary built with `--features adversary` (the misbehaviours are compiled only there).
+//! Needs a binary built with `--features adversary` (the misbehaviours are compiled only there); refuses to
+//! run without them, and fails a scenario whose attacker did not really take part.
 
 use super::compression::parse_codec;
 use crate::children::Children;
 use agora_ledger::WorkerStatement;
 use agora_protocol::{JudgedSubmission, LeaderboardEntry, RunInfo, StatusReport, WorkerId};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// Every misbehaviour of the suite, in the issue's order.
@@ -180,18 +181,20 @@ fn scenario(args: &TrustArgs, corpus: &Path, behaviour: Option<&str>) -> Result<
                 if b == "copy" { format!("copy:{}", dir.join("coordinator/blobs").display()) } else { b.to_string() };
             cmd.args(["--behaviour", &arg]);
         }
-        let child =
-            cmd.spawn().with_context(|| format!("cannot start {w} (was agora built with --features adversary?)"))?;
-        procs.push(w.clone(), child);
+        procs.push(w.clone(), cmd.spawn().with_context(|| format!("{name}: cannot start {w}"))?);
     }
     // Every worker exits once the run is finished (a refused attacker may exit earlier, with an error).
     let started = Instant::now();
     let mut summaries: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let mut attacker_exit = None;
     for ((w, honest), (_, child)) in workers.iter().zip(procs.iter_mut().skip(1)) {
         loop {
             if let Some(status) = child.try_wait()? {
                 if *honest && !status.success() {
                     bail!("{name}: honest worker {w} failed ({status}); see {}", dir.join("logs").display());
+                }
+                if !honest {
+                    attacker_exit = Some(status);
                 }
                 let mut line = String::new();
                 BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
@@ -207,6 +210,12 @@ fn scenario(args: &TrustArgs, corpus: &Path, behaviour: Option<&str>) -> Result<
         }
     }
     let status: StatusReport = get(&url, "/v1/status")?;
+    if let Some(exit) = attacker_exit {
+        let log = dir.join("logs/attacker.log");
+        let joined = status.workers.iter().any(|w| w.name == "attacker");
+        check_attacker_exit(name, exit, joined, &std::fs::read_to_string(&log).unwrap_or_default())
+            .with_context(|| format!("see {}", log.display()))?;
+    }
     if !status.finished {
         bail!("{name}: the workers exited but the run is not finished; see {}", dir.join("logs").display());
     }
@@ -271,6 +280,44 @@ fn scenario(args: &TrustArgs, corpus: &Path, behaviour: Option<&str>) -> Result<
     Ok(result)
 }
 
+/// Refuses to run the suite on a binary built without the misbehaving workers: there `agora worker` has no
+/// `--behaviour`, every attacker would die at argument parsing, and every attack would pass for defeated.
+fn require_misbehaviours(compiled_in: bool) -> Result<()> {
+    ensure!(
+        compiled_in,
+        "`agora bench trust` needs the misbehaving workers, which this binary lacks: build it with \
+         `--features adversary` (bench/trust.sh does: target/adversary/agora)"
+    );
+    Ok(())
+}
+
+/// Whether the attacker's exit leaves its scenario meaningful. A clean exit (the run finished) does; so does
+/// stopping, after it joined, because the coordinator refused its upload outright (a worker does not
+/// retrain a payload the coordinator refused, as with `nan`'s non-finite Δ). Any other failure — it never
+/// joined (e.g. it died at argument parsing), it crashed, it lost the coordinator — means its misbehaviour
+/// was never put to the defences, and the scenario fails rather than count as an attack defeated.
+fn check_attacker_exit(scenario: &str, exit: ExitStatus, joined: bool, log: &str) -> Result<()> {
+    if exit.success() {
+        return Ok(());
+    }
+    let error = log
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("error: "))
+        .map_or("no error in its log".to_string(), |e| format!("its error: {e}"));
+    ensure!(
+        joined,
+        "{scenario}: the attacker exited ({exit}) without ever joining the run, so its misbehaviour was never \
+         tested: {error}"
+    );
+    ensure!(
+        error.contains("the coordinator refused"),
+        "{scenario}: the attacker failed ({exit}) other than by the coordinator refusing its upload, so the \
+         scenario does not show its misbehaviour defeated: {error}"
+    );
+    Ok(())
+}
+
 fn counter(status: &StatusReport, name: &str) -> u64 {
     status.counters.iter().find(|c| c.0 == name).map_or(0, |c| c.1)
 }
@@ -283,6 +330,7 @@ fn describe(verdicts: &BTreeMap<String, u64>) -> String {
 }
 
 pub fn trust(mut args: TrustArgs) -> Result<()> {
+    require_misbehaviours(cfg!(feature = "adversary"))?;
     if args.behaviours.is_empty() {
         args.behaviours = BEHAVIOURS.iter().map(|s| s.to_string()).collect();
     }
@@ -378,4 +426,40 @@ pub fn trust(mut args: TrustArgs) -> Result<()> {
     );
     println!("receipts verified offline against signed round roots: {receipts}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn the_suite_refuses_a_binary_without_the_misbehaviours() {
+        let err = require_misbehaviours(false).unwrap_err().to_string();
+        assert!(err.contains("--features adversary") && err.contains("bench/trust.sh"), "{err}");
+        require_misbehaviours(true).unwrap();
+    }
+
+    #[test]
+    fn an_attacker_that_did_not_take_part_fails_its_scenario() {
+        let (ok, failed) = (ExitStatus::from_raw(0), ExitStatus::from_raw(1 << 8));
+        check_attacker_exit("noise", ok, true, "").unwrap();
+        // `nan`: refused at upload, the worker stops; that is the defence working.
+        let refused = "WARN ...\nerror: the coordinator refused this worker's pseudo-gradient (422 Unprocessable \
+                       Entity non_finite): values are not finite";
+        check_attacker_exit("nan", failed, true, refused).unwrap();
+        // A binary without `--behaviour`: the attacker dies at argument parsing and never joins.
+        let unparsed = "error: unexpected argument '--behaviour' found";
+        let err = check_attacker_exit("scaled", failed, false, unparsed).unwrap_err().to_string();
+        assert!(
+            err.starts_with("scaled: ") && err.contains("without ever joining") && err.contains("--behaviour"),
+            "{err}"
+        );
+        // Joined, then failed for another reason.
+        let lost = "error: GET http://127.0.0.1:1/v1/work: connection refused (gave up after 600s)";
+        let err = check_attacker_exit("copy", failed, true, lost).unwrap_err().to_string();
+        assert!(err.starts_with("copy: ") && err.contains("connection refused"), "{err}");
+        let killed = ExitStatus::from_raw(9);
+        assert!(check_attacker_exit("replay", killed, true, "").is_err());
+    }
 }
