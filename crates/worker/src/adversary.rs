@@ -22,6 +22,9 @@ pub enum Behaviour {
     NonFinite,
     /// Sends 100 × its honest Δ.
     Scaled,
+    /// Sends 0.05 × its honest Δ (small uploads that once lowered the norm reference: issue 11,
+    /// finding 2).
+    Tiny,
     /// Sends Gaussian noise with the norm of its honest Δ.
     Noise,
     /// Sends −Δ.
@@ -38,6 +41,9 @@ pub enum Behaviour {
     OtherData,
     /// Trains honestly but commits to states it never reached (each boundary's weights perturbed).
     ChainLie,
+    /// The minimal liar: trains honestly except that it skips segment 0 of every round, so its chain
+    /// claims the untrained state at boundary 1 (a spot check of segment 0 fails, the others pass).
+    Lazy,
 }
 
 impl FromStr for Behaviour {
@@ -47,17 +53,19 @@ impl FromStr for Behaviour {
             "honest" => Behaviour::Honest,
             "nan" => Behaviour::NonFinite,
             "scaled" => Behaviour::Scaled,
+            "tiny" => Behaviour::Tiny,
             "noise" => Behaviour::Noise,
             "sign-flip" => Behaviour::SignFlip,
             "free-ride" => Behaviour::FreeRide,
             "replay" => Behaviour::Replay,
             "other-data" => Behaviour::OtherData,
             "chain-lie" => Behaviour::ChainLie,
+            "lazy" => Behaviour::Lazy,
             other => match other.strip_prefix("copy:") {
                 Some(dir) => Behaviour::Copy(PathBuf::from(dir)),
                 None => bail!(
-                    "unknown behaviour {other:?}: honest, nan, scaled, noise, sign-flip, copy:BLOB_DIR, free-ride, \
-                     replay, other-data, chain-lie"
+                    "unknown behaviour {other:?}: honest, nan, scaled, tiny, noise, sign-flip, copy:BLOB_DIR, \
+                     free-ride, replay, other-data, chain-lie, lazy"
                 ),
             },
         })
@@ -66,6 +74,9 @@ impl FromStr for Behaviour {
 
 pub struct Adversary {
     behaviour: Behaviour,
+    /// Segments of the current round asked about so far ([`Adversary::skips_training`] is asked once
+    /// per segment, after [`Adversary::training_data`] once per round).
+    segment: std::cell::Cell<u64>,
 }
 
 impl Adversary {
@@ -73,15 +84,24 @@ impl Adversary {
         if behaviour != Behaviour::Honest {
             tracing::warn!(?behaviour, "this worker misbehaves on purpose (adversarial test build)");
         }
-        Adversary { behaviour }
+        Adversary { behaviour, segment: std::cell::Cell::new(0) }
     }
 
+    /// Asked once per segment of the round, in order: whether to leave that segment untrained.
     pub fn skips_training(&self) -> bool {
-        self.behaviour == Behaviour::FreeRide
+        let segment = self.segment.get();
+        self.segment.set(segment + 1);
+        match self.behaviour {
+            Behaviour::FreeRide => true,
+            Behaviour::Lazy => segment == 0,
+            _ => false,
+        }
     }
 
     /// The data it actually trains on.
     pub fn training_data(&mut self, assigned: Shard) -> Shard {
+        // A new round: its segments are counted from 0.
+        self.segment.set(0);
         if self.behaviour != Behaviour::OtherData {
             return assigned;
         }
@@ -116,6 +136,11 @@ impl Adversary {
             Behaviour::Scaled => {
                 for (l, g) in local.iter_mut().zip(global) {
                     *l = g - (g - &*l) * 100.0;
+                }
+            }
+            Behaviour::Tiny => {
+                for (l, g) in local.iter_mut().zip(global) {
+                    *l = g - (g - &*l) * 0.05;
                 }
             }
             Behaviour::SignFlip => {
@@ -224,4 +249,54 @@ fn find_payload<T>(dir: &std::path::Path, mut accept: impl FnMut(&[u8]) -> Optio
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard() -> Shard {
+        Shard::from_tokens(vec![1, 2, 3, 4], [0u8; 32], 8).unwrap()
+    }
+
+    #[test]
+    fn behaviours_parse_and_unknown_ones_list_them_all() {
+        assert_eq!("tiny".parse::<Behaviour>().unwrap(), Behaviour::Tiny);
+        assert_eq!("lazy".parse::<Behaviour>().unwrap(), Behaviour::Lazy);
+        assert_eq!("scaled".parse::<Behaviour>().unwrap(), Behaviour::Scaled);
+        assert_eq!("copy:/x".parse::<Behaviour>().unwrap(), Behaviour::Copy(PathBuf::from("/x")));
+        let message = format!("{}", "bogus".parse::<Behaviour>().unwrap_err());
+        for name in ["tiny", "lazy", "chain-lie", "free-ride"] {
+            assert!(message.contains(name), "{message}");
+        }
+    }
+
+    /// `lazy` skips the first segment of every round and trains the rest; the worker asks
+    /// `training_data` once per round, then `skips_training` once per segment.
+    #[test]
+    fn lazy_skips_segment_zero_of_every_round() {
+        let mut lazy = Adversary::new(Behaviour::Lazy);
+        for _round in 0..3 {
+            let _ = lazy.training_data(shard());
+            let skipped: Vec<bool> = (0..4).map(|_| lazy.skips_training()).collect();
+            assert_eq!(skipped, [true, false, false, false]);
+        }
+        let mut free = Adversary::new(Behaviour::FreeRide);
+        let _ = free.training_data(shard());
+        assert!((0..4).all(|_| free.skips_training()));
+        let mut honest = Adversary::new(Behaviour::Honest);
+        let _ = honest.training_data(shard());
+        assert!((0..4).all(|_| !honest.skips_training()));
+    }
+
+    #[test]
+    fn tiny_sends_a_twentieth_of_its_delta() {
+        let global = vec![Tensor::from_slice(&[1.0f32, 2.0, 3.0])];
+        let mut local = vec![Tensor::from_slice(&[0.0f32, 4.0, 3.0])];
+        Adversary::new(Behaviour::Tiny).transform(&global, &mut local);
+        let delta = Vec::<f32>::try_from(&global[0] - &local[0]).unwrap();
+        for (got, want) in delta.iter().zip([0.05f32, -0.1, 0.0]) {
+            assert!((got - want).abs() < 1e-6, "{delta:?}");
+        }
+    }
 }

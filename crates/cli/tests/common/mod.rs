@@ -331,3 +331,29 @@ pub fn check_contributions(contributions: &[Contribution], rounds: u64) {
     let applied: Vec<u64> = by_round.keys().copied().collect();
     assert_eq!(applied, (0..rounds).collect::<Vec<_>>(), "every round has applied contributions, no gaps");
 }
+
+impl Cluster {
+    /// [`Cluster::start`] with `corpus` as the run's text instead of the standard Markov corpus.
+    pub fn start_with_corpus(dir: &Path, spec: &RunSpec, corpus: &str, database: Option<String>) -> Cluster {
+        let run_file = write_run(dir, spec);
+        std::fs::write(dir.join("corpus.txt"), corpus).unwrap();
+        let port = free_port();
+        let mut cluster = Cluster {
+            dir: dir.to_path_buf(),
+            run_file,
+            database,
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            coordinator: None,
+            coordinator_starts: 0,
+            workers: Vec::new(),
+        };
+        cluster.start_coordinator();
+        cluster
+    }
+
+    /// `GET /v1/judgements`: every judged upload with its verdict and score.
+    pub fn judgements(&self) -> Vec<agora_protocol::JudgedSubmission> {
+        reqwest::blocking::get(format!("{}/v1/judgements", self.url)).unwrap().json().unwrap()
+    }
+}
