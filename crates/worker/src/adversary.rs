@@ -44,6 +44,12 @@ pub enum Behaviour {
     /// The minimal liar: trains honestly except that it skips segment 0 of every round, so its chain
     /// claims the untrained state at boundary 1 (a spot check of segment 0 fails, the others pass).
     Lazy,
+    /// Trains honestly and commits its honest chain, but uploads 1.5 × its Δ: a plausible upload (within
+    /// the norm limit, along the consensus, a larger held-out gain) that is not the compression of its
+    /// chain's end (issue 11, item 3: the end link).
+    Inflate,
+    /// Joins, takes work every round and heartbeats, but never trains or uploads (issue 11, finding 7).
+    Idle,
 }
 
 impl FromStr for Behaviour {
@@ -61,11 +67,13 @@ impl FromStr for Behaviour {
             "other-data" => Behaviour::OtherData,
             "chain-lie" => Behaviour::ChainLie,
             "lazy" => Behaviour::Lazy,
+            "inflate" => Behaviour::Inflate,
+            "idle" => Behaviour::Idle,
             other => match other.strip_prefix("copy:") {
                 Some(dir) => Behaviour::Copy(PathBuf::from(dir)),
                 None => bail!(
                     "unknown behaviour {other:?}: honest, nan, scaled, tiny, noise, sign-flip, copy:BLOB_DIR, \
-                     free-ride, replay, other-data, chain-lie, lazy"
+                     free-ride, replay, other-data, chain-lie, lazy, inflate, idle"
                 ),
             },
         })
@@ -96,6 +104,11 @@ impl Adversary {
             Behaviour::Lazy => segment == 0,
             _ => false,
         }
+    }
+
+    /// Whether it holds work without ever delivering it.
+    pub fn never_delivers(&self) -> bool {
+        self.behaviour == Behaviour::Idle
     }
 
     /// The data it actually trains on.
@@ -141,6 +154,11 @@ impl Adversary {
             Behaviour::Tiny => {
                 for (l, g) in local.iter_mut().zip(global) {
                     *l = g - (g - &*l) * 0.05;
+                }
+            }
+            Behaviour::Inflate => {
+                for (l, g) in local.iter_mut().zip(global) {
+                    *l = g - (g - &*l) * 1.5;
                 }
             }
             Behaviour::SignFlip => {

@@ -223,6 +223,13 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
                 WorkResponse::Wait { .. } => continue,
                 WorkResponse::Assignment(a) => a,
             };
+            #[cfg(feature = "adversary")]
+            if ctx.adversary.borrow().never_delivers() {
+                // Holds the assignment (heartbeats go on) and asks again, never training or uploading.
+                progress.lock().expect("progress lock").round = Some(assignment.round);
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
             let pending =
                 train_assignment(&client, &mut trainer, &mut state, &ctx, &assignment, &progress, &mut summary)?;
             state.pending = Some(pending);

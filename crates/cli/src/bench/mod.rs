@@ -1,10 +1,12 @@
 //! `agora bench`: the benchmarks, one module each; this one is the dispatcher. Without a subcommand it times
-//! optimizer steps ([`speed`]); `diloco`, `compression`, `aggregate` and `trust` measure training quality per
-//! byte, the codecs, the coordinator's aggregation and the defences.
+//! optimizer steps ([`speed`]); `diloco`, `compression`, `aggregate`, `trust` and `liveness` measure training
+//! quality per byte, the codecs, the coordinator's aggregation, the defences and rounds per minute under
+//! an idle identity.
 
 mod aggregate;
 pub mod compression;
 mod diloco;
+mod liveness;
 mod speed;
 mod sweep;
 mod trust;
@@ -38,6 +40,9 @@ pub enum BenchSubcommand {
     /// binary built with `--features adversary`): detection, credits, loss against the honest-only run,
     /// false positives, verification cost.
     Trust(trust::TrustArgs),
+    /// Rounds per minute with two honest workers, with and without an identity that takes work and never
+    /// uploads (real processes; needs a binary built with `--features adversary`).
+    Liveness(liveness::LivenessArgs),
 }
 
 pub fn bench(cmd: BenchCommand) -> Result<()> {
@@ -47,5 +52,6 @@ pub fn bench(cmd: BenchCommand) -> Result<()> {
         Some(BenchSubcommand::Compression(args)) => compression::compression(args),
         Some(BenchSubcommand::Aggregate(args)) => aggregate::aggregate(args),
         Some(BenchSubcommand::Trust(args)) => trust::trust(args),
+        Some(BenchSubcommand::Liveness(args)) => liveness::liveness(args),
     }
 }

@@ -18,18 +18,53 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// Every misbehaviour of the suite, in the issue's order.
-pub const BEHAVIOURS: [&str; 9] =
-    ["nan", "scaled", "noise", "sign-flip", "copy", "free-ride", "replay", "other-data", "chain-lie"];
+/// Every scenario of the suite: the nine misbehaviours of issue 5 (3 honest workers and 1 attacker), then
+/// issue 11's: honest workers outnumbering the data units, two tiny uploads out of four, an upload that is
+/// not the compression of its chain's end (`inflate`), and a worker that skips one segment every round
+/// (`lazy`, the cheapest lie, against vesting).
+pub const BEHAVIOURS: [&str; 13] = [
+    "nan",
+    "scaled",
+    "noise",
+    "sign-flip",
+    "copy",
+    "free-ride",
+    "replay",
+    "other-data",
+    "chain-lie",
+    "duplicate-units",
+    "tiny",
+    "inflate",
+    "lazy",
+];
+
+/// Who takes part in a scenario.
+#[derive(Debug, Clone, PartialEq)]
+struct Cast {
+    honest: usize,
+    /// One misbehaving worker per entry.
+    attackers: Vec<String>,
+    /// Cut the corpus down to this many data units (more workers than units).
+    units: Option<usize>,
+}
+
+fn cast(behaviour: Option<&str>) -> Cast {
+    match behaviour {
+        None => Cast { honest: 3, attackers: vec![], units: None },
+        Some("duplicate-units") => Cast { honest: 6, attackers: vec![], units: Some(4) },
+        Some("tiny") => Cast { honest: 2, attackers: vec!["tiny".into(), "tiny".into()], units: None },
+        Some(b) => Cast { honest: 3, attackers: vec![b.to_string()], units: None },
+    }
+}
 
 #[derive(Args, Clone)]
 pub struct TrustArgs {
     /// Corpus (default: tinyshakespeare when present, else a generated Markov corpus).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    #[arg(long, default_value_t = 6)]
-    pub rounds: u64,
     #[arg(long, default_value_t = 12)]
+    pub rounds: u64,
+    #[arg(long, default_value_t = 20)]
     pub inner_steps: u64,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -40,10 +75,10 @@ pub struct TrustArgs {
     /// Aggregation rule: mean, clipped_mean[:C], trimmed_mean[:T], median, top_n[:N].
     #[arg(long, default_value = "mean")]
     pub aggregation: String,
-    /// Fraction of submissions spot-checked.
-    #[arg(long, default_value_t = 1.0)]
+    /// Fraction of submissions spot-checked (the run file's default).
+    #[arg(long, default_value_t = 0.25)]
     pub spot_check: f64,
-    /// Which misbehaviours (comma-separated; default: all nine).
+    /// Which scenarios (comma-separated; default: all of them).
     #[arg(long, value_delimiter = ',')]
     pub behaviours: Vec<String>,
     #[arg(long, default_value = "runs/bench-trust")]
@@ -58,14 +93,26 @@ pub struct Scenario {
     pub behaviour: String,
     /// Verdicts of the attacker's receipts (and refusals at upload), e.g. `{"copy": 5, "zero_score": 1}`.
     pub attacker_verdicts: BTreeMap<String, u64>,
+    /// Credits the attackers were paid (posted: vested after probation), and what is still pending for
+    /// them (voided if they are caught first, never posted without verified rounds).
     pub attacker_credits: u64,
+    pub attacker_pending: u64,
+    /// Credits booked for the honest workers (posted + pending), and of those posted.
     pub honest_credits: u64,
+    pub honest_posted: u64,
+    /// Workers in the scenario.
+    pub honest_workers: usize,
+    pub attackers: usize,
     /// Honest submissions judged, and how many were not accepted (false positives).
     pub honest_submissions: u64,
     pub honest_rejected: u64,
     pub final_val_loss: f64,
-    /// Spot checks of honest submissions that matched bit for bit.
+    /// Spot-checked honest uploads that passed / were challenged, and re-runs (anyone's) that reproduced the
+    /// committed state bit for bit or only within the tolerance.
+    pub honest_spot_checks_passed: u64,
+    pub honest_spot_checks: u64,
     pub exact_spot_checks: u64,
+    pub tolerance_spot_checks: u64,
     /// Coordinator seconds spent re-running spot-checked segments and judging rounds, and worker seconds
     /// spent training (all workers).
     pub spot_check_seconds: f64,
@@ -81,7 +128,7 @@ pub struct Scenario {
 
 #[derive(Debug, Serialize)]
 pub struct TrustReport {
-    pub baseline: Scenario,
+    pub baselines: Vec<Baseline>,
     pub attacks: Vec<Scenario>,
     pub false_positive_rate: f64,
     pub honest_submissions: u64,
@@ -92,7 +139,7 @@ fn default_data() -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
-fn run_file(args: &TrustArgs, corpus: &Path) -> Result<String> {
+pub(super) fn run_file(args: &TrustArgs, corpus: &Path, min_workers: usize) -> Result<String> {
     let compression = toml::to_string(&parse_codec(&args.codec)?)?;
     let aggregation: agora_verify::AggregationRule = args.aggregation.parse()?;
     Ok(format!(
@@ -113,8 +160,7 @@ min_lr = 3e-4
 warmup_steps = {warmup}
 [rounds]
 count = {r}
-min_workers = 3
-deadline_secs = 300
+min_workers = {min_workers}
 heartbeat_timeout_secs = 20
 [eval]
 batches = 10
@@ -130,6 +176,7 @@ aggregation = {aggregation}
         t = args.seq_len,
         warmup = (args.rounds * args.inner_steps / 20).max(1),
         r = args.rounds,
+        min_workers = min_workers,
         spot = args.spot_check,
         aggregation = inline_table(&serde_json::to_value(aggregation)?),
     ))
@@ -145,9 +192,8 @@ fn get<T: serde::de::DeserializeOwned>(url: &str, path: &str) -> Result<T> {
     crate::net::fetch_json(url, path)
 }
 
-/// Runs one scenario: 3 honest workers, plus one with `behaviour` unless it is the honest-only baseline.
-fn scenario(args: &TrustArgs, corpus: &Path, behaviour: Option<&str>) -> Result<Scenario> {
-    let name = behaviour.unwrap_or("honest-only");
+/// Runs one scenario: its honest workers and its attackers (none for an honest-only run).
+fn scenario(args: &TrustArgs, corpus: &Path, name: &str, cast: &Cast) -> Result<Scenario> {
     let dir = args.out.join(name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("{}: cannot clear", dir.display()))?;
@@ -155,7 +201,12 @@ fn scenario(args: &TrustArgs, corpus: &Path, behaviour: Option<&str>) -> Result<
     std::fs::create_dir_all(dir.join("logs"))?;
     let dir = std::fs::canonicalize(&dir)?;
     let run = dir.join("run.toml");
-    std::fs::write(&run, run_file(args, corpus)?)?;
+    let corpus = match cast.units {
+        Some(units) => units_slice(args, corpus, &dir, units)?,
+        None => corpus.to_path_buf(),
+    };
+    let min_workers = (cast.honest + cast.attackers.len()).min(3);
+    std::fs::write(&run, run_file(args, &corpus, min_workers)?)?;
     let exe = std::env::current_exe().context("cannot find the agora binary")?;
     // The coordinator and the workers, killed when the scenario ends, however it ends.
     let mut procs = Children::new();
@@ -165,20 +216,27 @@ fn scenario(args: &TrustArgs, corpus: &Path, behaviour: Option<&str>) -> Result<
             .with_context(|| format!("{name}: see {}", dir.join("logs").display()))?;
     procs.push("coordinator", coordinator);
     let info: RunInfo = get(&url, "/v1/run")?;
-    let mut workers: Vec<(String, bool)> = (0..3).map(|i| (format!("honest-{i}"), true)).collect();
-    if behaviour.is_some() {
-        workers.push(("attacker".into(), false));
+    if let Some(units) = cast.units {
+        let log = std::fs::read_to_string(dir.join("logs/coordinator.log")).unwrap_or_default();
+        ensure!(
+            log.contains(&format!("units={units}")),
+            "{name}: the corpus slice did not cut into {units} units (see {})",
+            dir.join("logs/coordinator.log").display()
+        );
     }
-    for (w, honest) in &workers {
+    let mut workers: Vec<(String, Option<&str>)> = (0..cast.honest).map(|i| (format!("honest-{i}"), None)).collect();
+    for (i, b) in cast.attackers.iter().enumerate() {
+        workers.push((if cast.attackers.len() == 1 { "attacker".into() } else { format!("attacker-{i}") }, Some(b)));
+    }
+    for (w, behaviour) in &workers {
         let mut cmd = Command::new(&exe);
         cmd.args(["worker", "--coordinator", &url, "--threads", "1", "--json", "--name", w, "--data-dir"])
             .arg(dir.join("workers").join(w))
             .stdout(Stdio::piped())
             .stderr(log(w)?);
-        if !honest {
-            let b = behaviour.expect("an attacker has a behaviour");
+        if let Some(b) = behaviour {
             let arg =
-                if b == "copy" { format!("copy:{}", dir.join("coordinator/blobs").display()) } else { b.to_string() };
+                if *b == "copy" { format!("copy:{}", dir.join("coordinator/blobs").display()) } else { b.to_string() };
             cmd.args(["--behaviour", &arg]);
         }
         procs.push(w.clone(), cmd.spawn().with_context(|| format!("{name}: cannot start {w}"))?);
@@ -186,15 +244,16 @@ fn scenario(args: &TrustArgs, corpus: &Path, behaviour: Option<&str>) -> Result<
     // Every worker exits once the run is finished (a refused attacker may exit earlier, with an error).
     let started = Instant::now();
     let mut summaries: BTreeMap<String, serde_json::Value> = BTreeMap::new();
-    let mut attacker_exit = None;
-    for ((w, honest), (_, child)) in workers.iter().zip(procs.iter_mut().skip(1)) {
+    let mut attacker_exits = Vec::new();
+    for ((w, behaviour), (_, child)) in workers.iter().zip(procs.iter_mut().skip(1)) {
+        let honest = &behaviour.is_none();
         loop {
             if let Some(status) = child.try_wait()? {
                 if *honest && !status.success() {
                     bail!("{name}: honest worker {w} failed ({status}); see {}", dir.join("logs").display());
                 }
                 if !honest {
-                    attacker_exit = Some(status);
+                    attacker_exits.push((w.clone(), status));
                 }
                 let mut line = String::new();
                 BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
@@ -210,9 +269,9 @@ fn scenario(args: &TrustArgs, corpus: &Path, behaviour: Option<&str>) -> Result<
         }
     }
     let status: StatusReport = get(&url, "/v1/status")?;
-    if let Some(exit) = attacker_exit {
-        let log = dir.join("logs/attacker.log");
-        let joined = status.workers.iter().any(|w| w.name == "attacker");
+    for (w, exit) in attacker_exits {
+        let log = dir.join(format!("logs/{w}.log"));
+        let joined = status.workers.iter().any(|x| x.name == w);
         check_attacker_exit(name, exit, joined, &std::fs::read_to_string(&log).unwrap_or_default())
             .with_context(|| format!("see {}", log.display()))?;
     }
@@ -225,11 +284,18 @@ fn scenario(args: &TrustArgs, corpus: &Path, behaviour: Option<&str>) -> Result<
         behaviour: name.to_string(),
         attacker_verdicts: BTreeMap::new(),
         attacker_credits: 0,
+        attacker_pending: 0,
         honest_credits: 0,
+        honest_posted: 0,
+        honest_workers: cast.honest,
+        attackers: cast.attackers.len(),
         honest_submissions: 0,
         honest_rejected: 0,
         final_val_loss: status.history.last().and_then(|h| h.val_loss).context("no final validation loss")?,
+        honest_spot_checks_passed: 0,
+        honest_spot_checks: 0,
         exact_spot_checks: 0,
+        tolerance_spot_checks: 0,
         spot_check_seconds: counter(&status, "spot_check_ms") as f64 / 1000.0,
         judge_seconds: counter(&status, "judge_ms") as f64 / 1000.0,
         train_seconds: summaries.values().filter_map(|s| s["train_seconds"].as_f64()).sum(),
@@ -268,21 +334,30 @@ fn scenario(args: &TrustArgs, corpus: &Path, behaviour: Option<&str>) -> Result<
             }
         }
         if honest {
-            result.honest_credits += statement.balance;
+            result.honest_credits += entry.credits + entry.pending_credits;
+            result.honest_posted += entry.credits;
         } else {
-            result.attacker_credits += statement.balance;
+            result.attacker_credits += entry.credits;
+            result.attacker_pending += entry.pending_credits;
+        }
+    }
+    for j in judged.iter().filter(|j| names.get(&j.worker).is_some_and(|n| n.starts_with("honest"))) {
+        if let Some(check) = &j.spot_check {
+            result.honest_spot_checks += 1;
+            result.honest_spot_checks_passed += u64::from(check == "passed");
         }
     }
     // Spot checks that reproduced the committed state bit for bit (same thread count on both sides).
     let coordinator_log = std::fs::read_to_string(dir.join("logs/coordinator.log")).unwrap_or_default();
-    result.exact_spot_checks =
-        coordinator_log.lines().filter(|l| l.contains("spot check re-run") && l.contains("exact=true")).count() as u64;
+    let reruns = || coordinator_log.lines().filter(|l| l.contains("spot check re-run") && l.contains("passed=true"));
+    result.exact_spot_checks = reruns().filter(|l| l.contains("exact=true")).count() as u64;
+    result.tolerance_spot_checks = reruns().filter(|l| l.contains("exact=false")).count() as u64;
     Ok(result)
 }
 
 /// Refuses to run the suite on a binary built without the misbehaving workers: there `agora worker` has no
 /// `--behaviour`, every attacker would die at argument parsing, and every attack would pass for defeated.
-fn require_misbehaviours(compiled_in: bool) -> Result<()> {
+pub(super) fn require_misbehaviours(compiled_in: bool) -> Result<()> {
     ensure!(
         compiled_in,
         "`agora bench trust` needs the misbehaving workers, which this binary lacks: build it with \
@@ -329,6 +404,31 @@ fn describe(verdicts: &BTreeMap<String, u64>) -> String {
     verdicts.iter().map(|(k, v)| format!("{k}×{v}")).collect::<Vec<_>>().join(", ")
 }
 
+/// The first part of `corpus` that cuts into `units` data units of this suite's rounds (H × B windows of
+/// seq_len + 1 tokens; the BPE tokenizer of tinyshakespeare averages about 2.6 bytes a token), written into
+/// the scenario's directory. The coordinator's log confirms the count before any worker starts.
+fn units_slice(args: &TrustArgs, corpus: &Path, dir: &Path, units: usize) -> Result<PathBuf> {
+    let text = std::fs::read_to_string(corpus).with_context(|| format!("{}: cannot read", corpus.display()))?;
+    let tokens_per_unit = args.inner_steps as usize * args.batch_size * (args.seq_len + 1);
+    // 4.5 units of tokens (the unit count rounds down; the validation split takes 5%).
+    let bytes = (tokens_per_unit as f64 * (units as f64 + 0.5) * 2.6 / 0.95) as usize;
+    let mut end = bytes.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let path = dir.join("corpus.txt");
+    std::fs::write(&path, &text[..end])?;
+    Ok(path)
+}
+
+/// What the honest-only run of the same shape (honest workers and data) earned and reached.
+#[derive(Debug, Clone, Serialize)]
+pub struct Baseline {
+    pub honest_workers: usize,
+    pub credits: u64,
+    pub final_val_loss: f64,
+}
+
 pub fn trust(mut args: TrustArgs) -> Result<()> {
     require_misbehaviours(cfg!(feature = "adversary"))?;
     if args.behaviours.is_empty() {
@@ -336,7 +436,7 @@ pub fn trust(mut args: TrustArgs) -> Result<()> {
     }
     for b in &args.behaviours {
         if !BEHAVIOURS.contains(&b.as_str()) {
-            bail!("unknown behaviour {b:?}: one of {}", BEHAVIOURS.join(", "));
+            bail!("unknown scenario {b:?}: one of {}", BEHAVIOURS.join(", "));
         }
     }
     let corpus = match args.data.clone().or_else(default_data) {
@@ -350,68 +450,104 @@ pub fn trust(mut args: TrustArgs) -> Result<()> {
     };
     let log = |s: &Scenario| {
         eprintln!(
-            "{:<12} attacker: {} (credits {}); honest credits {}; honest refused {}/{}; val loss {:.4}",
+            "{:<16} attacker: {} (paid {}, pending {}); honest credits {}; honest refused {}/{}; val loss {:.4}",
             s.behaviour,
             describe(&s.attacker_verdicts),
             s.attacker_credits,
+            s.attacker_pending,
             s.honest_credits,
             s.honest_rejected,
             s.honest_submissions,
             s.final_val_loss
         )
     };
-    let baseline = scenario(&args, &corpus, None)?;
-    log(&baseline);
+    // One honest-only reference per number of honest workers (the attackers' runs are compared with it).
+    let mut baselines: BTreeMap<usize, Scenario> = BTreeMap::new();
     let mut attacks = Vec::new();
     for b in &args.behaviours {
-        let s = scenario(&args, &corpus, Some(b))?;
+        let cast = cast(Some(b));
+        if !cast.attackers.is_empty() && !baselines.contains_key(&cast.honest) {
+            let reference = Cast { honest: cast.honest, attackers: vec![], units: None };
+            let s = scenario(&args, &corpus, &format!("honest-only-{}", cast.honest), &reference)?;
+            log(&s);
+            baselines.insert(cast.honest, s);
+        }
+        let s = scenario(&args, &corpus, b, &cast)?;
         log(&s);
         attacks.push(s);
     }
-    let honest_submissions: u64 = attacks.iter().chain([&baseline]).map(|s| s.honest_submissions).sum();
-    let honest_rejected: u64 = attacks.iter().chain([&baseline]).map(|s| s.honest_rejected).sum();
+    let everything = || attacks.iter().chain(baselines.values());
+    let honest_submissions: u64 = everything().map(|s| s.honest_submissions).sum();
+    let honest_rejected: u64 = everything().map(|s| s.honest_rejected).sum();
     let report = TrustReport {
         false_positive_rate: honest_rejected as f64 / honest_submissions.max(1) as f64,
         honest_submissions,
-        baseline,
-        attacks,
+        baselines: baselines
+            .values()
+            .map(|b| Baseline {
+                honest_workers: b.honest_workers,
+                credits: b.honest_credits,
+                final_val_loss: b.final_val_loss,
+            })
+            .collect(),
+        attacks: attacks.clone(),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    let b = &report.baseline;
     println!(
-        "adversarial suite: tiny model, {} rounds × H = {}, batch {}×{}, codec {}, aggregation {}, spot checks {:.0}% of submissions",
+        "adversarial suite: tiny model, {} rounds × H = {}, batch {}×{}, codec {}, aggregation {}, spot checks {:.0}% of submissions, \
+         vesting 8 rounds, probation 2 verified rounds (the run file's defaults)",
         args.rounds, args.inner_steps, args.batch_size, args.seq_len, args.codec, args.aggregation, args.spot_check * 100.0
     );
-    println!("honest-only run (3 workers): val loss {:.4}, honest credits {}\n", b.final_val_loss, b.honest_credits);
+    for b in baselines.values() {
+        println!(
+            "honest-only run ({} workers): val loss {:.4}, honest credits booked {} (posted {})",
+            b.honest_workers, b.final_val_loss, b.honest_credits, b.honest_posted
+        );
+    }
+    println!();
     println!(
-        "| attack | attacker's verdicts | attacker credits | honest credits vs honest-only | val loss | vs honest-only | honest refused | assigned − random gain (honest / attacker) |"
+        "| scenario | workers (honest + attackers) | attacker's verdicts | attacker credits paid (pending) | honest credits vs honest-only | val loss | vs honest-only | honest refused | assigned − random gain (honest / attacker) |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
     let evidence = |e: Option<f64>| e.map_or("-".to_string(), |e| format!("{e:+.4}"));
     for s in &report.attacks {
+        let reference = baselines.get(&s.honest_workers).filter(|_| s.attackers > 0);
+        let (credits, loss) = match reference {
+            Some(b) => (
+                format!("{:.3}", s.honest_credits as f64 / b.honest_credits.max(1) as f64),
+                format!("{:+.2}%", 100.0 * (s.final_val_loss / b.final_val_loss - 1.0)),
+            ),
+            None => ("-".to_string(), "-".to_string()),
+        };
         println!(
-            "| {} | {} | {} | {:.3} | {:.4} | {:+.2}% | {}/{} | {} / {} |",
+            "| {} | {} + {} | {} | {} ({}) | {} | {:.4} | {} | {}/{} | {} / {} |",
             s.behaviour,
+            s.honest_workers,
+            s.attackers,
             describe(&s.attacker_verdicts),
             s.attacker_credits,
-            s.honest_credits as f64 / b.honest_credits.max(1) as f64,
+            s.attacker_pending,
+            credits,
             s.final_val_loss,
-            100.0 * (s.final_val_loss / b.final_val_loss - 1.0),
+            loss,
             s.honest_rejected,
             s.honest_submissions,
             evidence(s.honest_evidence),
             evidence(s.attacker_evidence)
         );
     }
-    let all = || report.attacks.iter().chain([&report.baseline]);
+    let all = || report.attacks.iter().chain(baselines.values());
     let spot: f64 = all().map(|s| s.spot_check_seconds).sum();
     let judge: f64 = all().map(|s| s.judge_seconds).sum();
     let train: f64 = all().map(|s| s.train_seconds).sum();
-    let exact: u64 = report.attacks.iter().chain([&report.baseline]).map(|s| s.exact_spot_checks).sum();
-    let receipts: usize = report.attacks.iter().chain([&report.baseline]).map(|s| s.receipts_verified).sum();
+    let exact: u64 = all().map(|s| s.exact_spot_checks).sum();
+    let tolerance: u64 = all().map(|s| s.tolerance_spot_checks).sum();
+    let (passed, checked): (u64, u64) =
+        all().fold((0, 0), |(p, c), s| (p + s.honest_spot_checks_passed, c + s.honest_spot_checks));
+    let receipts: usize = all().map(|s| s.receipts_verified).sum();
     println!(
         "\nfalse positives: {} of {} honest submissions refused ({:.2}%)",
         honest_rejected,
@@ -419,12 +555,34 @@ pub fn trust(mut args: TrustArgs) -> Result<()> {
         100.0 * report.false_positive_rate
     );
     println!(
-        "verification cost, as a share of the workers' {train:.1} s of training: spot-check re-runs {spot:.1} s ({:.1}%), \
-         judging (decode, similarity, loss before/after) {judge:.1} s ({:.1}%); {exact} spot checks bit-exact",
+        "honest spot checks: {passed} of {checked} passed; re-runs that passed: {exact} bit-exact, {tolerance} within the tolerance (all workers)"
+    );
+    println!(
+        "verification cost, as a share of the workers' {train:.1} s of training: spot checks (re-run and links) {spot:.1} s ({:.1}%), \
+         judging (decode, similarity, loss before/after) {judge:.1} s ({:.1}%)",
         100.0 * spot / train.max(1e-9),
         100.0 * judge / train.max(1e-9)
     );
     println!("receipts verified offline against signed round roots: {receipts}");
+    if let Some(lazy) = report.attacks.iter().find(|s| s.behaviour == "lazy") {
+        // The analytic expectation at these settings (`core::vesting::expected_liar_share`): a liar on one
+        // of 4 segments is caught with probability spot_check / 4 per round.
+        let q = args.spot_check / 4.0;
+        let share = (1.0 - q).powi(8 + 1);
+        let honest_each = lazy.honest_credits as f64 / lazy.honest_workers.max(1) as f64;
+        println!(
+            "lazy (skips segment 0 every round, 75% of the work): expected long-run paid share {:.3} of honest work's credits \
+             ({:.3} per unit of work); in this {}-round run it was paid {} and has {} pending, against {:.0} booked per honest worker \
+             (of which {:.0} posted)",
+            share,
+            share / 0.75,
+            args.rounds,
+            lazy.attacker_credits,
+            lazy.attacker_pending,
+            honest_each,
+            lazy.honest_posted as f64 / lazy.honest_workers.max(1) as f64
+        );
+    }
     Ok(())
 }
 
