@@ -7,9 +7,10 @@
 //! `--coordinator` measures the real thing instead: an `agora coordinator` process (tiny model, one round)
 //! and N simulated workers, each its own signed identity, that join, take their unit and upload their
 //! payloads all at once over loopback HTTP; the table gives the coordinator's resident memory before the
-//! uploads and its peak until the round has closed (`/proc/PID/status`). The run does not verify
-//! (`[trust] verify = false`): a verifying coordinator keeps every upload until it judges the round, so only
-//! an unverified one streams them into one sum, which is what this measures.
+//! uploads and its peak until the round has closed (`/proc/PID/status`), and the longest a `GET /v1/status`
+//! waited meanwhile. Without `--verify` the run streams the uploads into one sum; with it the coordinator
+//! judges the round (`[trust] verify = true`, no spot checks), reading the stored payloads back one tensor
+//! at a time, so its peak must not grow with the submitters beyond one tensor of each.
 
 use super::compression::parse_codec;
 use crate::children::Children;
@@ -36,6 +37,9 @@ pub struct AggregateArgs {
     /// Measure an `agora coordinator` process receiving the uploads over HTTP (model: `tiny`).
     #[arg(long)]
     pub coordinator: bool,
+    /// With `--coordinator`: the run judges its round (verification on, no spot checks).
+    #[arg(long)]
+    pub verify: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -192,6 +196,8 @@ struct ProcessRow {
     rss_before_uploads: u64,
     peak_rss: u64,
     upload_to_close_seconds: f64,
+    /// The longest `GET /v1/status` from the first upload until the round had closed.
+    longest_status_ms: f64,
 }
 
 fn coordinator_memory(a: &AggregateArgs) -> Result<()> {
@@ -217,7 +223,8 @@ fn coordinator_memory(a: &AggregateArgs) -> Result<()> {
                     "[model]\npreset = \"tiny\"\n[data]\nfiles = [\"corpus.txt\"]\nvocab_size = 300\n\
                      [inner]\nsteps = 1\nbatch_size = 1\nseq_len = 16\nwarmup_steps = 1\n\
                      [rounds]\ncount = 1\nmin_workers = {n}\ndeadline_secs = 600\nheartbeat_timeout_secs = 600\n\
-                     [eval]\nbatches = 1\n[trust]\nverify = false\n[compression]\n{compression}"
+                     [eval]\nbatches = 1\n[trust]\n{trust}\n[compression]\n{compression}",
+                    trust = if a.verify { "verify = true\nsegments = 0\nspot_check = 0.0" } else { "verify = false" },
                 ),
             )?;
             let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -247,6 +254,17 @@ fn coordinator_memory(a: &AggregateArgs) -> Result<()> {
             // Join every worker and take its assignment; build its payload before any upload starts.
             let mut uploads = Vec::with_capacity(n);
             let mut delta: Vec<Vec<f32>> = specs.iter().map(|s| vec![0f32; s.shape.iter().product()]).collect();
+            // Judged uploads share a direction (as honest ones do), so that each reaches the loss measurement
+            // and the aggregate instead of being refused as off-consensus.
+            let common: Vec<Vec<f32>> = specs
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let mut c = vec![0f32; s.shape.iter().product()];
+                    fill(&mut c, 7_000_000 + i as u64);
+                    c
+                })
+                .collect();
             for worker in 0..n {
                 let identity = Arc::new(Identity::generate()?);
                 let client = Client::new(&url, identity.clone(), dir.path(), patience)?.for_run(&info.run_id);
@@ -261,6 +279,9 @@ fn coordinator_memory(a: &AggregateArgs) -> Result<()> {
                 };
                 for (i, d) in delta.iter_mut().enumerate() {
                     fill(d, (worker * 1000 + i) as u64);
+                    if a.verify {
+                        d.iter_mut().zip(&common[i]).for_each(|(v, c)| *v = 0.5 * *v + *c);
+                    }
                 }
                 let metadata = BTreeMap::from([
                     (delta_meta::ROUND.to_string(), "0".to_string()),
@@ -273,28 +294,52 @@ fn coordinator_memory(a: &AggregateArgs) -> Result<()> {
             std::thread::sleep(Duration::from_millis(300));
             let (_, rss_before) = process_memory(pid)?;
             let started = Instant::now();
+            // Someone watching the run: the longest `GET /v1/status` while the uploads land and the round
+            // closes.
+            let closed = std::sync::atomic::AtomicBool::new(false);
+            let longest = std::sync::Mutex::new(0f64);
             std::thread::scope(|scope| -> Result<()> {
+                scope.spawn(|| {
+                    while !closed.load(std::sync::atomic::Ordering::Relaxed) {
+                        let t = Instant::now();
+                        let status: Result<StatusReport> =
+                            probe.get_json("/v1/status").map_err(|e| anyhow::anyhow!("{e}"));
+                        let ms = t.elapsed().as_secs_f64() * 1000.0;
+                        let mut l = longest.lock().expect("longest lock");
+                        *l = l.max(ms);
+                        if status.is_ok_and(|s| s.round >= 1) {
+                            closed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        drop(l);
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                });
                 let handles: Vec<_> = uploads
                     .into_iter()
                     .map(|(client, payload)| {
                         scope.spawn(move || client.post_bytes::<SubmitResponse>("/v1/rounds/0/delta", payload))
                     })
                     .collect();
+                let mut result = Ok(());
                 for h in handles {
-                    h.join()
-                        .map_err(|_| anyhow::anyhow!("an upload thread panicked"))?
-                        .map_err(|e| anyhow::anyhow!("upload: {e}"))?;
+                    let r = h
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("an upload thread panicked"))
+                        .and_then(|r| r.map_err(|e| anyhow::anyhow!("upload: {e}")));
+                    if let Err(e) = r {
+                        result = Err(e);
+                    }
                 }
-                Ok(())
+                while result.is_ok() && !closed.load(std::sync::atomic::Ordering::Relaxed) {
+                    if started.elapsed() > Duration::from_secs(300) {
+                        result = Err(anyhow::anyhow!("the round did not close"));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                closed.store(true, std::sync::atomic::Ordering::Relaxed);
+                result
             })?;
-            loop {
-                let status: StatusReport = probe.get_json("/v1/status")?;
-                if status.round >= 1 {
-                    break;
-                }
-                anyhow::ensure!(started.elapsed() < Duration::from_secs(300), "the round did not close");
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            let longest_status_ms = *longest.lock().expect("longest lock");
             let seconds = started.elapsed().as_secs_f64();
             let (peak, _) = process_memory(pid)?;
             let row = ProcessRow {
@@ -304,6 +349,7 @@ fn coordinator_memory(a: &AggregateArgs) -> Result<()> {
                 rss_before_uploads: rss_before,
                 peak_rss: peak,
                 upload_to_close_seconds: seconds,
+                longest_status_ms,
             };
             tracing::info!(
                 "coordinator, {} × {n}: RSS {} before the uploads, peak {} ({:.1}s to close the round)",
@@ -316,7 +362,7 @@ fn coordinator_memory(a: &AggregateArgs) -> Result<()> {
         }
     }
     if a.json {
-        println!("{}", serde_json::json!({ "preset": "tiny", "coordinator": true, "rows": rows }));
+        println!("{}", serde_json::json!({ "preset": "tiny", "coordinator": true, "verify": a.verify, "rows": rows }));
         return Ok(());
     }
     let fp32 = 4 * param_specs(&agora_model::preset("tiny", Some(300))?)
@@ -325,22 +371,24 @@ fn coordinator_memory(a: &AggregateArgs) -> Result<()> {
         .sum::<u64>();
     println!(
         "An `agora coordinator` process (`tiny`, vocab 300: {} per fp32 pseudo-gradient) and N simulated workers that \
-         upload at once over loopback HTTP; peak is the coordinator's VmHWM until the round closed.",
-        human_bytes(fp32)
+         upload at once over loopback HTTP; peak is the coordinator's VmHWM until the round closed{}.",
+        human_bytes(fp32),
+        if a.verify { "; the round is judged (verification on, no spot checks)" } else { "" }
     );
     println!();
-    println!("| codec | submitters | payload | coordinator RSS before | coordinator peak | all N payloads | upload → round closed |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| codec | submitters | payload | coordinator RSS before | coordinator peak | all N payloads | upload → round closed | longest GET /v1/status |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {:.1}s |",
+            "| {} | {} | {} | {} | {} | {} | {:.1}s | {:.0} ms |",
             r.codec,
             r.submitters,
             human_bytes(r.payload_bytes),
             human_bytes(r.rss_before_uploads),
             human_bytes(r.peak_rss),
             human_bytes(r.payload_bytes * r.submitters as u64),
-            r.upload_to_close_seconds
+            r.upload_to_close_seconds,
+            r.longest_status_ms
         );
     }
     Ok(())
