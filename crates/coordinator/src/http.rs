@@ -477,4 +477,21 @@ mod tests {
             assert_eq!(parse_round(&bad).unwrap_err().code, "bad_round", "{bad}");
         }
     }
+
+    proptest::proptest! {
+        /// Any pair of clocks: the check never panics or wraps, and accepts exactly the timestamps within
+        /// the window of ours (computed here in i128, where nothing overflows).
+        #[test]
+        fn the_clock_check_is_exact_for_any_timestamps(
+            now in proptest::num::u64::ANY,
+            far in proptest::num::u64::ANY,
+            near in -2 * MAX_SKEW_MS..2 * MAX_SKEW_MS,
+        ) {
+            for ts in [far, now.wrapping_add_signed(near)] {
+                let within = (i128::from(now) - i128::from(ts)).abs() <= i128::from(MAX_SKEW_MS);
+                proptest::prop_assert_eq!(check_clock(now, ts).is_ok(), within);
+                proptest::prop_assert_eq!(crate::clock::skew_ms(now, ts), crate::clock::skew_ms(ts, now));
+            }
+        }
+    }
 }

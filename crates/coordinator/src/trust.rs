@@ -198,9 +198,7 @@ pub fn judge_round(ctx: &JudgeContext<'_>, candidates: &[Candidate]) -> Result<R
     let scores = bounded_scores(&judgements.iter().map(|j| j.gains).collect::<Vec<_>>());
     for (j, score) in judgements.iter_mut().zip(scores) {
         j.score = score;
-        if j.verdict == ACCEPTED && score <= 0.0 {
-            j.verdict = ZERO_SCORE;
-        }
+        j.verdict = agora_verify::rules::score_verdict(j.verdict, score);
     }
 
     let admitted: Vec<usize> = (0..n).filter(|&i| judgements[i].verdict == ACCEPTED).collect();

@@ -183,10 +183,30 @@ pub fn rule_verdicts(trust: &TrustConfig, facts: &[UploadFacts], gram: &Gram) ->
     out
 }
 
+/// The last rule, after the loss measurement: an upload still accepted whose bounded score is 0 (its step did
+/// not lower the held-out loss relative to the round's reference) is refused as `zero_score`, which is not a
+/// proven cheat (it earns nothing and stays out of the aggregate, its reputation only decays).
+pub fn score_verdict(verdict: &'static str, score: f64) -> &'static str {
+    if verdict == ACCEPTED && !(score > 0.0) {
+        ZERO_SCORE
+    } else {
+        verdict
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn uploads_that_do_not_help_score_zero() {
+        assert_eq!(score_verdict(ACCEPTED, 0.3), ACCEPTED);
+        assert_eq!(score_verdict(ACCEPTED, 0.0), ZERO_SCORE);
+        assert_eq!(score_verdict(ACCEPTED, f64::NAN), ZERO_SCORE);
+        assert_eq!(score_verdict(COPY, 0.9), COPY, "an earlier verdict stands");
+        assert!(!is_slashing(ZERO_SCORE));
+    }
 
     fn gram_of(vectors: &[Vec<f32>]) -> Gram {
         let mut g = Gram::new(vectors.len());
