@@ -11,6 +11,11 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// Micro-credits as credits: `1.500000`.
+pub fn credits(micro: i64) -> String {
+    format!("{:.6}", micro as f64 / 1e6)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -20,5 +25,10 @@ mod tests {
         assert_eq!(human_bytes(48_300), "48.3 kB");
         assert_eq!(human_bytes(68_210_000), "68.21 MB");
         assert_eq!(human_bytes(3_410_000_000), "3.41 GB");
+    }
+
+    #[test]
+    fn credits_are_millionths() {
+        assert_eq!(super::credits(1_500_000), "1.500000");
     }
 }

@@ -7,6 +7,7 @@ mod children;
 mod commands;
 mod demo;
 mod format;
+mod ledger_verify;
 mod net;
 mod run;
 
@@ -50,7 +51,8 @@ enum Command {
     /// Identities ranked by reputation, with their accepted/rejected contributions and credits.
     Leaderboard(net::LeaderboardArgs),
     /// Balances and signed round roots; `--worker ID`: its receipts with inclusion proofs;
-    /// `agora ledger verify FILE`: check such a statement offline.
+    /// `agora ledger verify FILE --coordinator-key HEX` (or `--pinned WORKER_DIR`): check such a statement
+    /// offline against a coordinator key you trust.
     Ledger(net::LedgerArgs),
 }
 

@@ -1,10 +1,10 @@
 //! The networked subcommands: `agora coordinator`, `agora worker`, `agora status`.
 
 use crate::commands::{set_threads, RuntimeArgs};
-use crate::format::human_bytes;
+use crate::format::{credits, human_bytes};
 use agora_coordinator::{Coordinator, Options};
 use agora_protocol::StatusReport;
-use agora_protocol::{LeaderboardEntry, LedgerReport, WorkerId};
+use agora_protocol::{LeaderboardEntry, LedgerReport};
 use agora_train::trainer::parse_device;
 use agora_worker::{run_worker, WorkerOptions};
 use anyhow::{Context, Result};
@@ -255,11 +255,6 @@ pub fn leaderboard(args: LeaderboardArgs) -> Result<()> {
     Ok(())
 }
 
-/// Micro-credits as credits.
-fn credits(micro: i64) -> String {
-    format!("{:.6}", micro as f64 / 1e6)
-}
-
 #[derive(Args)]
 pub struct LedgerArgs {
     /// The coordinator's URL, or `verify` followed by a statement file.
@@ -269,9 +264,14 @@ pub struct LedgerArgs {
     /// One worker's receipts with inclusion proofs (hex public key).
     #[arg(long)]
     pub worker: Option<String>,
-    /// `verify`: the coordinator key to trust (hex); by default the one named in the statement.
-    #[arg(long)]
+    /// `verify`: the coordinator key to trust (hex; the `coordinator_key` of `GET /v1/run`). `verify` needs
+    /// this or --pinned: the key a statement names proves nothing by itself.
+    #[arg(long, value_name = "HEX")]
     pub coordinator_key: Option<String>,
+    /// `verify`: trust the coordinator key that this worker data directory pinned when it joined the
+    /// statement's run (DIR/runs/RUN_ID/coordinator.key.pub).
+    #[arg(long, value_name = "DIR", conflicts_with = "coordinator_key")]
+    pub pinned: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }
@@ -279,33 +279,7 @@ pub struct LedgerArgs {
 pub fn ledger(args: LedgerArgs) -> Result<()> {
     if args.url == "verify" {
         let file = args.file.context("agora ledger verify FILE: name the statement file")?;
-        let text = std::fs::read_to_string(&file).with_context(|| format!("{}: cannot read", file.display()))?;
-        let statement: agora_ledger::WorkerStatement =
-            serde_json::from_str(&text).with_context(|| format!("{}: not a worker statement", file.display()))?;
-        let pinned: Option<WorkerId> = args
-            .coordinator_key
-            .as_deref()
-            .map(|k| k.parse().map_err(|e| anyhow::anyhow!("--coordinator-key: {e}")))
-            .transpose()?;
-        let report = agora_ledger::verify_statement(&statement, pinned.as_ref())
-            .with_context(|| format!("{}: verification failed", file.display()))?;
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
-        } else {
-            println!(
-                "ok: {} receipts of worker {} in run {} verify against {} signed round roots (coordinator {}); \
-                 {} accepted, {} rejected; balance {} credits",
-                report.receipts,
-                statement.worker.short(),
-                statement.run_id,
-                report.rounds,
-                statement.coordinator.short(),
-                report.accepted,
-                report.rejected,
-                credits(report.credits as i64)
-            );
-        }
-        return Ok(());
+        return crate::ledger_verify::verify(&file, args.coordinator_key.as_deref(), args.pinned.as_deref(), args.json);
     }
     if let Some(worker) = &args.worker {
         let statement: agora_ledger::WorkerStatement = fetch_json(&args.url, &format!("/v1/ledger?worker={worker}"))?;

@@ -249,3 +249,13 @@ fn bad_input_gets_a_one_line_error() {
     let err = fails(agora().args(["train", "--resume"]).arg(&ckpt_run));
     assert!(err.contains("agora_state.safetensors") || err.contains("has shape"), "{err}");
 }
+
+/// A statement signed by the key it carries proves nothing: `agora ledger verify` wants a key to trust.
+#[test]
+fn ledger_verify_needs_a_trusted_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("statement.json");
+    std::fs::write(&file, "{}").unwrap();
+    let err = fails(agora().args(["ledger", "verify"]).arg(&file));
+    assert!(err.contains("proves nothing") && err.contains("--coordinator-key") && err.contains("--pinned"), "{err}");
+}

@@ -22,25 +22,35 @@ fn adversarial_suite() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(AGORA)
         .args(["bench", "trust", "--rounds", "3", "--inner-steps", "8", "--batch-size", "4", "--seq-len", "32"])
+        // Every upload challenged, so that three rounds show each spot-check-caught attack caught.
+        .args([
+            "--spot-check",
+            "1",
+            "--behaviours",
+            "nan,scaled,noise,sign-flip,copy,free-ride,replay,other-data,chain-lie",
+        ])
         .args(["--json", "--out"])
         .arg(dir.path())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let baseline = &report["baseline"];
-    assert!(baseline["attacker_verdicts"].as_object().unwrap().is_empty());
+    let baselines = report["baselines"].as_array().unwrap();
+    assert_eq!(baselines.len(), 1, "one honest-only reference for 3 honest workers");
+    let baseline = &baselines[0];
+    assert_eq!(baseline["honest_workers"], 3);
     let attacks = report["attacks"].as_array().unwrap();
     assert_eq!(attacks.len(), 9);
     // What each misbehaviour must be caught by.
     let expected: [(&str, &[&str]); 9] = [
         ("nan", &["non_finite (refused at upload)"]),
         ("scaled", &["norm"]),
-        ("noise", &["off_consensus", "zero_score"]),
-        ("sign-flip", &["off_consensus", "zero_score"]),
+        // Their uploads are not the compression of their chains' end: the end link fails first.
+        ("noise", &["spot_check_failed", "off_consensus", "zero_score"]),
+        ("sign-flip", &["spot_check_failed", "off_consensus", "zero_score"]),
         ("copy", &["copy"]),
         ("free-ride", &["spot_check_failed", "replay", "zero_score"]),
-        ("replay", &["replay", "off_consensus", "zero_score"]),
+        ("replay", &["replay", "spot_check_failed", "off_consensus", "zero_score"]),
         ("other-data", &["spot_check_failed"]),
         ("chain-lie", &["spot_check_failed"]),
     ];
@@ -52,7 +62,8 @@ fn adversarial_suite() {
             assert!(caught_by.contains(&verdict.as_str()), "{name}: verdict {verdict} ({attack})");
         }
         assert_eq!(attack["attacker_credits"], 0, "{name}: {attack}");
-        let honest = attack["honest_credits"].as_f64().unwrap() / baseline["honest_credits"].as_f64().unwrap();
+        assert_eq!(attack["attacker_pending"], 0, "{name}: nothing of a caught cheater stays pending: {attack}");
+        let honest = attack["honest_credits"].as_f64().unwrap() / baseline["credits"].as_f64().unwrap();
         assert!(honest > 0.85, "{name}: honest workers earned {honest:.3} of the honest-only run");
         let gap = attack["final_val_loss"].as_f64().unwrap() / baseline["final_val_loss"].as_f64().unwrap() - 1.0;
         assert!(gap < 0.025, "{name}: final validation loss {:+.2}% against the honest-only run", 100.0 * gap);
@@ -109,6 +120,20 @@ fn cohort_admission_and_offline_receipts() {
         assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
         let receipts: usize = text.strip_prefix("ok: ").and_then(|t| t.split(' ').next()?.parse().ok()).unwrap_or(0);
         assert!(receipts >= 1, "{text}");
+        assert!(text.contains(&key) && text.contains("key from --coordinator-key"), "{text}");
+        // Without a key to trust nothing verifies: the key a statement carries proves nothing.
+        let unkeyed = agora(&["ledger", "verify", file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&unkeyed.stderr);
+        assert!(!unkeyed.status.success() && stderr.contains("proves nothing"), "{stderr}");
+        // The key a worker data directory pinned for the run: DIR/runs/RUN_ID/coordinator.key.pub.
+        let pinned_dir = dir.path().join("pinned");
+        let key_file = pinned_dir.join("runs").join(&info.run_id).join("coordinator.key.pub");
+        std::fs::create_dir_all(key_file.parent().unwrap()).unwrap();
+        std::fs::write(&key_file, format!("{key}\n")).unwrap();
+        let pinned = agora(&["ledger", "verify", file.to_str().unwrap(), "--pinned", pinned_dir.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&pinned.stdout);
+        assert!(pinned.status.success(), "{}", String::from_utf8_lossy(&pinned.stderr));
+        assert!(text.contains("key from --pinned"), "{text}");
         // Claiming more credits than the signed receipts give is caught offline.
         let mut statement: Value = serde_json::from_slice(&out.stdout).unwrap();
         statement["receipts"][0]["receipt"]["receipt"]["credits"] = Value::from(10_000_000u64);
