@@ -96,8 +96,8 @@ pub struct WorkerArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Misbehave on purpose (adversarial tests only): nan, scaled, noise, sign-flip, copy:BLOB_DIR,
-    /// free-ride, replay, other-data, chain-lie.
+    /// Misbehave on purpose (adversarial tests only): nan, scaled, tiny, noise, sign-flip, copy:BLOB_DIR,
+    /// free-ride, replay, other-data, chain-lie, lazy, inflate, idle.
     #[cfg(feature = "adversary")]
     #[arg(long, default_value = "honest")]
     pub behaviour: agora_worker::adversary::Behaviour,
