@@ -6,7 +6,8 @@
 //!   assignments of the round still training or submitted — and a **grace** period has passed since the
 //!   q-th upload: `grace_fraction` × the time the quorum took (at least [`MIN_GRACE_MS`]). Workers still
 //!   training then are released (their units go back to the queue): they were that much slower than half
-//!   of the round. A challenged upload's proof is waited for as long again after that upload;
+//!   of the round. A challenged upload's proof is waited for as long again after that upload (at least
+//!   [`MIN_PROOF_WAIT_MS`]);
 //! - at the deadline in any case, once it has `min_workers` uploads.
 //!
 //! A proof being verified (the coordinator's own re-run) always holds the close: its verdict is needed.
@@ -19,6 +20,11 @@
 /// The least grace, so that a quorum reached within milliseconds of the round's opening does not cut
 /// off workers a scheduler tick behind it.
 pub const MIN_GRACE_MS: u64 = 1000;
+
+/// The least time a challenged upload's proof is waited for after the upload, whatever the grace: an
+/// unanswered challenge is a failed spot check, so an honest worker on a slow link must have time to send
+/// its states.
+pub const MIN_PROOF_WAIT_MS: u64 = 10_000;
 
 /// The open round as the close decision sees it (times in unix ms).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -68,7 +74,8 @@ pub fn decide_close(view: &RoundView, now_ms: u64, grace_fraction: f64) -> Close
     let quorum_at = times[q as usize - 1];
     let took = quorum_at.saturating_sub(view.opened_ms) as f64;
     let grace = ((grace_fraction * took) as u64).max(MIN_GRACE_MS);
-    let proofs_due = view.proofs_awaited_ms.iter().map(|t| t.saturating_add(grace)).max().unwrap_or(0);
+    let proof_wait = grace.max(MIN_PROOF_WAIT_MS);
+    let proofs_due = view.proofs_awaited_ms.iter().map(|t| t.saturating_add(proof_wait)).max().unwrap_or(0);
     let close_at = quorum_at.saturating_add(grace).max(proofs_due).min(view.deadline_ms);
     if now_ms >= close_at {
         CloseDecision::Close
@@ -155,10 +162,15 @@ mod tests {
     fn proofs_are_waited_for_and_verification_holds_the_close() {
         let mut v = view(0, &[10_000, 12_000]);
         v.proofs_awaited_ms = vec![12_000];
-        assert_eq!(decide_close(&v, 12_500, 0.5), CloseDecision::Wait(Some(18_000)));
-        assert_eq!(decide_close(&v, 18_000, 0.5), CloseDecision::Close, "an unanswered challenge is late");
+        // The proof gets at least MIN_PROOF_WAIT_MS after its upload (here more than the 6 s grace).
+        assert_eq!(decide_close(&v, 12_500, 0.5), CloseDecision::Wait(Some(22_000)));
+        assert_eq!(decide_close(&v, 22_000, 0.5), CloseDecision::Close, "an unanswered challenge is late");
         v.proofs_verifying = 1;
-        assert_eq!(decide_close(&v, 18_000, 0.5), CloseDecision::Wait(None));
+        assert_eq!(decide_close(&v, 22_000, 0.5), CloseDecision::Wait(None));
+        // A long round's grace exceeds the floor.
+        let mut slow = view(0, &[100_000, 120_000]);
+        slow.proofs_awaited_ms = vec![120_000];
+        assert_eq!(decide_close(&slow, 121_000, 0.5), CloseDecision::Wait(Some(180_000)));
     }
 
     #[test]
