@@ -187,7 +187,7 @@ pub fn rule_verdicts(trust: &TrustConfig, facts: &[UploadFacts], gram: &Gram) ->
 /// not lower the held-out loss relative to the round's reference) is refused as `zero_score`, which is not a
 /// proven cheat (it earns nothing and stays out of the aggregate, its reputation only decays).
 pub fn score_verdict(verdict: &'static str, score: f64) -> &'static str {
-    if verdict == ACCEPTED && !(score > 0.0) {
+    if verdict == ACCEPTED && (score.is_nan() || score <= 0.0) {
         ZERO_SCORE
     } else {
         verdict
