@@ -215,7 +215,7 @@ fn compressed_fragments_over_http(database: Option<String>) {
     assert_eq!(report.workers.len(), 2, "the restarted worker is the same worker");
     let rounds = &report.history[..6];
     for h in rounds {
-        assert_eq!(h.contributions, 2, "round {}: {h:?}", h.round);
+        assert_eq!(h.contributions, 2, "round {}: {h:?}\n{}", h.round, cluster.logs());
         assert!(
             h.fp32_bytes >= 60 * h.delta_bytes,
             "round {}: {} bytes for {} as fp32",

@@ -71,8 +71,9 @@ impl SyncState {
 
     /// The weights to train round `round` from: the global weights, except (with fragments) for the
     /// fragments whose global values have not changed since this worker took them, where it continues from
-    /// its own weights. The fragment this round synchronises then always starts from its global value, so
-    /// Δ = global − local is relative to the round's global weights.
+    /// its own weights. That includes the fragment this round synchronises when the worker already took its
+    /// current global value in an earlier round (it keeps training every fragment between syncs); Δ =
+    /// global − local is still relative to the round's global weights.
     ///
     /// Tensors taken from the global weights start at global − decay · residual: the displacement earlier
     /// compression dropped stays in this worker's model, and is part of its next Δ.

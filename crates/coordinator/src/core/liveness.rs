@@ -22,9 +22,10 @@
 pub const MIN_GRACE_MS: u64 = 1000;
 
 /// The least time a challenged upload's proof is waited for after the upload, whatever the grace: an
-/// unanswered challenge is a failed spot check, so an honest worker on a slow link must have time to send
-/// its states.
-pub const MIN_PROOF_WAIT_MS: u64 = 10_000;
+/// unanswered challenge is a failed spot check (a proven cheat: otherwise a caught cheater would just not
+/// answer), so an honest worker on a slow link, or one that crashed between its upload and its proof and
+/// restarts, must have time to send its states. A worker that withholds its proof costs the round this much.
+pub const MIN_PROOF_WAIT_MS: u64 = 60_000;
 
 /// The open round as the close decision sees it (times in unix ms).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -163,14 +164,14 @@ mod tests {
         let mut v = view(0, &[10_000, 12_000]);
         v.proofs_awaited_ms = vec![12_000];
         // The proof gets at least MIN_PROOF_WAIT_MS after its upload (here more than the 6 s grace).
-        assert_eq!(decide_close(&v, 12_500, 0.5), CloseDecision::Wait(Some(22_000)));
-        assert_eq!(decide_close(&v, 22_000, 0.5), CloseDecision::Close, "an unanswered challenge is late");
+        assert_eq!(decide_close(&v, 12_500, 0.5), CloseDecision::Wait(Some(72_000)));
+        assert_eq!(decide_close(&v, 72_000, 0.5), CloseDecision::Close, "an unanswered challenge is late");
         v.proofs_verifying = 1;
-        assert_eq!(decide_close(&v, 22_000, 0.5), CloseDecision::Wait(None));
+        assert_eq!(decide_close(&v, 72_000, 0.5), CloseDecision::Wait(None));
         // A long round's grace exceeds the floor.
-        let mut slow = view(0, &[100_000, 120_000]);
-        slow.proofs_awaited_ms = vec![120_000];
-        assert_eq!(decide_close(&slow, 121_000, 0.5), CloseDecision::Wait(Some(180_000)));
+        let mut slow = view(0, &[200_000, 240_000]);
+        slow.proofs_awaited_ms = vec![240_000];
+        assert_eq!(decide_close(&slow, 241_000, 0.5), CloseDecision::Wait(Some(360_000)));
     }
 
     #[test]
