@@ -405,13 +405,13 @@ fn describe(verdicts: &BTreeMap<String, u64>) -> String {
 }
 
 /// The first part of `corpus` that cuts into `units` data units of this suite's rounds (H × B windows of
-/// seq_len + 1 tokens; the BPE tokenizer of tinyshakespeare averages about 2.6 bytes a token), written into
+/// seq_len + 1 tokens; the BPE tokenizer of tinyshakespeare averages about 2.2 bytes a token), written into
 /// the scenario's directory. The coordinator's log confirms the count before any worker starts.
 fn units_slice(args: &TrustArgs, corpus: &Path, dir: &Path, units: usize) -> Result<PathBuf> {
     let text = std::fs::read_to_string(corpus).with_context(|| format!("{}: cannot read", corpus.display()))?;
     let tokens_per_unit = args.inner_steps as usize * args.batch_size * (args.seq_len + 1);
     // 4.5 units of tokens (the unit count rounds down; the validation split takes 5%).
-    let bytes = (tokens_per_unit as f64 * (units as f64 + 0.5) * 2.6 / 0.95) as usize;
+    let bytes = (tokens_per_unit as f64 * (units as f64 + 0.5) * 2.2 / 0.95) as usize;
     let mut end = bytes.min(text.len());
     while !text.is_char_boundary(end) {
         end -= 1;
