@@ -263,8 +263,16 @@ fn postings_balance() {
     let p = postings(&r);
     assert_eq!(p.len(), 2);
     assert_eq!(p.iter().map(|p| p.amount).sum::<i64>(), 0);
-    assert_eq!(p[0], Posting { account: worker_account(&r.worker), amount: r.credits as i64 });
+    // A receipt books its credits as pending; resolving them posts (to the worker) or voids (to the pool).
+    assert_eq!(p[0], Posting { account: agora_ledger::pending_account(&r.worker), amount: r.credits as i64 });
     assert_eq!(p[1].account, pool_account(RUN));
+    for (post, to) in [(true, worker_account(&r.worker)), (false, pool_account(RUN))] {
+        let q = agora_ledger::resolution_postings(RUN, &r.worker, r.credits, post);
+        assert_eq!(q.iter().map(|p| p.amount).sum::<i64>(), 0);
+        assert_eq!(q[0], Posting { account: agora_ledger::pending_account(&r.worker), amount: -(r.credits as i64) });
+        assert_eq!(q[1], Posting { account: to, amount: r.credits as i64 });
+    }
+    assert!(agora_ledger::resolution_postings(RUN, &r.worker, 0, true).is_empty());
     assert_eq!(pool_account("x"), "pool:x");
     assert!(worker_account(&r.worker).starts_with("worker:") && worker_account(&r.worker).len() == 7 + 64);
     assert!(postings(&receipt(0, &worker(0).id(), 1000, 0.5, "copy")).is_empty());
