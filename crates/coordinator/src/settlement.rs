@@ -60,18 +60,9 @@ impl Coordinator {
                 verdict: j.verdict.to_string(),
             };
             leaves.push(receipt.digest());
+            let memo = format!("round {round} receipt {}", hex_digest(&receipt.digest()));
             for posting in agora_ledger::postings(&receipt) {
-                sqlx::query(
-                    "INSERT INTO ledger (seq, round, account, amount, memo, created_ms) VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(seq)
-                .bind(round as i64)
-                .bind(posting.account)
-                .bind(posting.amount)
-                .bind(format!("round {round} receipt {}", hex_digest(&receipt.digest())))
-                .bind(now_ms())
-                .execute(&mut **tx)
-                .await?;
+                insert_posting(tx, seq, round, posting, &memo).await?;
                 seq += 1;
             }
             let signed = receipt.sign(&self.key);
@@ -221,17 +212,7 @@ impl Coordinator {
                 p.round
             );
             for posting in agora_ledger::resolution_postings(&self.run_id, &p.worker, p.amount, post) {
-                sqlx::query(
-                    "INSERT INTO ledger (seq, round, account, amount, memo, created_ms) VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(seq)
-                .bind(round as i64)
-                .bind(posting.account)
-                .bind(posting.amount)
-                .bind(&memo)
-                .bind(now_ms())
-                .execute(&mut **tx)
-                .await?;
+                insert_posting(tx, seq, round, posting, &memo).await?;
                 seq += 1;
             }
             tracing::info!(
@@ -245,6 +226,26 @@ impl Coordinator {
         }
         Ok(())
     }
+}
+
+/// Appends one ledger entry (the ledger is append-only: no code path updates or deletes one).
+async fn insert_posting(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    seq: i64,
+    round: u64,
+    posting: agora_ledger::Posting,
+    memo: &str,
+) -> Result<(), ApiError> {
+    sqlx::query("INSERT INTO ledger (seq, round, account, amount, memo, created_ms) VALUES ($1, $2, $3, $4, $5, $6)")
+        .bind(seq)
+        .bind(round as i64)
+        .bind(posting.account)
+        .bind(posting.amount)
+        .bind(memo)
+        .bind(now_ms())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// An identity's verified rounds since its last proven cheat (0 for one never judged).
