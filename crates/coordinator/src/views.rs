@@ -123,19 +123,8 @@ impl Coordinator {
             .await?;
         let mut receipts = Vec::with_capacity(mine.len());
         for r in &mine {
-            let round: i64 = r.try_get("round")?;
-            let all: Vec<(String, agora_ledger::SignedReceipt)> =
-                sqlx::query("SELECT worker, receipt FROM receipts WHERE round = $1 ORDER BY position")
-                    .bind(round)
-                    .fetch_all(&self.db)
-                    .await?
-                    .iter()
-                    .map(|r| Ok((r.try_get("worker")?, serde_json::from_str(&r.try_get::<String, _>("receipt")?)?)))
-                    .collect::<Result<_>>()?;
-            let leaves: Vec<[u8; 32]> = all.iter().map(|(_, s)| s.receipt.digest()).collect();
-            let index = all.iter().position(|(w, _)| *w == worker.hex()).context("the worker's receipt")?;
-            let proof = agora_ledger::inclusion_proof(&leaves, index).context("an inclusion proof")?;
-            receipts.push(agora_ledger::ProvenReceipt { receipt: all[index].1.clone(), proof });
+            let round = r.try_get::<i64, _>("round")? as u64;
+            receipts.push(self.proven_receipt(round, worker).await?.context("the worker's receipt")?);
         }
         let rounds: HashSet<u64> = receipts.iter().map(|r| r.receipt.receipt.round).collect();
         let roots = self.roots().await?.into_iter().filter(|r| rounds.contains(&r.round)).collect();
@@ -150,12 +139,13 @@ impl Coordinator {
         })
     }
 
-    /// `worker`'s judged upload of `round`: its signed receipt with the inclusion proof under the round's
-    /// signed root (what the worker needs to learn and check its verdict), or why there is none yet.
-    pub async fn round_receipt(&self, round: u64, worker: &WorkerId) -> Result<ReceiptResponse, ApiError> {
-        if round >= self.open_round.load(Ordering::Relaxed) && !self.finished.load(Ordering::Relaxed) {
-            return Ok(ReceiptResponse::Pending { round });
-        }
+    /// `worker`'s signed receipt of `round` with its inclusion proof under the round's root (None: it has
+    /// no receipt in that round).
+    async fn proven_receipt(
+        &self,
+        round: u64,
+        worker: &WorkerId,
+    ) -> Result<Option<agora_ledger::ProvenReceipt>, ApiError> {
         let all: Vec<(String, agora_ledger::SignedReceipt)> =
             sqlx::query("SELECT worker, receipt FROM receipts WHERE round = $1 ORDER BY position")
                 .bind(round as i64)
@@ -165,6 +155,20 @@ impl Coordinator {
                 .map(|r| Ok((r.try_get("worker")?, serde_json::from_str(&r.try_get::<String, _>("receipt")?)?)))
                 .collect::<Result<_>>()?;
         let Some(index) = all.iter().position(|(w, _)| *w == worker.hex()) else {
+            return Ok(None);
+        };
+        let leaves: Vec<[u8; 32]> = all.iter().map(|(_, s)| s.receipt.digest()).collect();
+        let proof = agora_ledger::inclusion_proof(&leaves, index).context("an inclusion proof")?;
+        Ok(Some(agora_ledger::ProvenReceipt { receipt: all[index].1.clone(), proof }))
+    }
+
+    /// `worker`'s judged upload of `round`: its signed receipt with the inclusion proof under the round's
+    /// signed root (what the worker needs to learn and check its verdict), or why there is none yet.
+    pub async fn round_receipt(&self, round: u64, worker: &WorkerId) -> Result<ReceiptResponse, ApiError> {
+        if round >= self.open_round.load(Ordering::Relaxed) && !self.finished.load(Ordering::Relaxed) {
+            return Ok(ReceiptResponse::Pending { round });
+        }
+        let Some(proven) = self.proven_receipt(round, worker).await? else {
             let reason = if self.run.trust.verify {
                 format!(
                     "round {round} closed without an upload of worker {} (late, released or never sent)",
@@ -175,12 +179,10 @@ impl Coordinator {
             };
             return Ok(ReceiptResponse::NotJudged { round, reason });
         };
-        let leaves: Vec<[u8; 32]> = all.iter().map(|(_, s)| s.receipt.digest()).collect();
-        let proof = agora_ledger::inclusion_proof(&leaves, index).context("an inclusion proof")?;
         let root = self.roots().await?.into_iter().find(|r| r.round == round).context("the round's signed root")?;
         Ok(ReceiptResponse::Judged {
-            receipt: serde_json::to_value(&all[index].1).map_err(anyhow::Error::from)?,
-            proof: serde_json::to_value(&proof).map_err(anyhow::Error::from)?,
+            receipt: serde_json::to_value(&proven.receipt).map_err(anyhow::Error::from)?,
+            proof: serde_json::to_value(&proven.proof).map_err(anyhow::Error::from)?,
             root: serde_json::to_value(&root).map_err(anyhow::Error::from)?,
         })
     }

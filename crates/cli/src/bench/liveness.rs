@@ -3,7 +3,7 @@
 //! every round until the 600 s deadline). Real processes on loopback, the run file's default deadline; the
 //! idle identity is the `idle` misbehaviour, so the bench needs a `--features adversary` build.
 
-use super::trust::{require_misbehaviours, run_file, TrustArgs};
+use super::trust::{corpus, require_misbehaviours, run_file, TrustArgs};
 use crate::children::Children;
 use agora_protocol::StatusReport;
 use anyhow::{bail, Context, Result};
@@ -106,18 +106,7 @@ fn run(args: &LivenessArgs, corpus: &Path, idle: bool) -> Result<Outcome> {
 
 pub fn liveness(args: LivenessArgs) -> Result<()> {
     require_misbehaviours(cfg!(feature = "adversary"))?;
-    let corpus = match args.data.clone().or_else(|| {
-        let p = PathBuf::from("../shared/data/tinyshakespeare.txt");
-        p.is_file().then_some(p)
-    }) {
-        Some(p) => std::fs::canonicalize(&p).with_context(|| format!("{}: no such corpus", p.display()))?,
-        None => {
-            std::fs::create_dir_all(&args.out)?;
-            let p = args.out.join("corpus.txt");
-            std::fs::write(&p, agora_data::MarkovSource::new(1).generate(200_000, 1))?;
-            std::fs::canonicalize(&p)?
-        }
-    };
+    let corpus = corpus(args.data.clone(), &args.out)?;
     let honest = run(&args, &corpus, false)?;
     eprintln!("2 honest workers: {:.2} rounds/min", honest.rounds_per_minute);
     let with_idle = run(&args, &corpus, true)?;

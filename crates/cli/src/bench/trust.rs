@@ -134,9 +134,18 @@ pub struct TrustReport {
     pub honest_submissions: u64,
 }
 
-fn default_data() -> Option<PathBuf> {
-    let p = PathBuf::from("../shared/data/tinyshakespeare.txt");
-    p.is_file().then_some(p)
+/// The suite's corpus: `data`, else tinyshakespeare when present, else a generated Markov corpus in `out`.
+pub(super) fn corpus(data: Option<PathBuf>, out: &Path) -> Result<PathBuf> {
+    let shared = PathBuf::from("../shared/data/tinyshakespeare.txt");
+    match data.or_else(|| shared.is_file().then_some(shared)) {
+        Some(p) => std::fs::canonicalize(&p).with_context(|| format!("{}: no such corpus", p.display())),
+        None => {
+            std::fs::create_dir_all(out)?;
+            let p = out.join("corpus.txt");
+            std::fs::write(&p, agora_data::MarkovSource::new(1).generate(200_000, 1))?;
+            Ok(std::fs::canonicalize(&p)?)
+        }
+    }
 }
 
 pub(super) fn run_file(args: &TrustArgs, corpus: &Path, min_workers: usize) -> Result<String> {
@@ -439,15 +448,7 @@ pub fn trust(mut args: TrustArgs) -> Result<()> {
             bail!("unknown scenario {b:?}: one of {}", BEHAVIOURS.join(", "));
         }
     }
-    let corpus = match args.data.clone().or_else(default_data) {
-        Some(p) => std::fs::canonicalize(&p).with_context(|| format!("{}: no such corpus", p.display()))?,
-        None => {
-            std::fs::create_dir_all(&args.out)?;
-            let p = args.out.join("corpus.txt");
-            std::fs::write(&p, agora_data::MarkovSource::new(1).generate(200_000, 1))?;
-            std::fs::canonicalize(&p)?
-        }
-    };
+    let corpus = corpus(args.data.clone(), &args.out)?;
     let log = |s: &Scenario| {
         eprintln!(
             "{:<16} attacker: {} (paid {}, pending {}); honest credits {}; honest refused {}/{}; val loss {:.4}",
