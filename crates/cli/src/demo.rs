@@ -303,10 +303,7 @@ min_lr = 3e-4
 warmup_steps = {warmup}
 
 [outer]
-kind = "nesterov"
-lr = 0.7
-momentum = 0.9
-
+{outer}
 [rounds]
 count = {r}
 # Every worker contributes to every round; the deadline only matters if one is lost.
@@ -322,6 +319,8 @@ batches = 10
 [compression]
 {compression}"#,
         codec = args.codec,
+        // The run file's default outer recipe, written out so the run file shows it.
+        outer = toml::to_string(&agora_diloco::OuterConfig::default())?,
         corpus = corpus.display().to_string(),
         h = args.inner_steps,
         b = args.batch_size,

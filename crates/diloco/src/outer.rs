@@ -1,4 +1,5 @@
-//! The outer optimizer: treats the averaged pseudo-gradient as a gradient of the global weights.
+//! The outer optimizer: treats the averaged pseudo-gradient as a gradient of the global weights, with a
+//! learning rate that may warm up and decay over the run's rounds ([`OuterConfig::lr_at`]).
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -19,17 +20,33 @@ pub enum OuterKind {
 #[serde(default, deny_unknown_fields)]
 pub struct OuterConfig {
     pub kind: OuterKind,
+    /// The peak outer learning rate.
     pub lr: f64,
     pub momentum: f64,
+    /// Outer steps over which the learning rate rises linearly to `lr` (the first step takes
+    /// lr / warmup_rounds); 0: `lr` from the first step.
+    pub warmup_rounds: u64,
+    /// The learning rate at the last planned round, as a fraction of `lr`, reached by a cosine from the
+    /// end of the warmup; 1: constant.
+    pub final_lr_fraction: f64,
 }
 
 impl Default for OuterConfig {
     fn default() -> Self {
-        OuterConfig { kind: OuterKind::Nesterov, lr: 0.7, momentum: 0.9 }
+        OuterConfig::CONSTANT_NESTEROV
     }
 }
 
 impl OuterConfig {
+    /// DiLoCo's recipe (lr 0.7, momentum 0.9, constant), agora's default before issue 12.
+    pub const CONSTANT_NESTEROV: OuterConfig =
+        OuterConfig { kind: OuterKind::Nesterov, lr: 0.7, momentum: 0.9, warmup_rounds: 0, final_lr_fraction: 1.0 };
+
+    /// A constant-rate optimizer of this kind.
+    pub fn constant(kind: OuterKind, lr: f64, momentum: f64) -> OuterConfig {
+        OuterConfig { kind, lr, momentum, warmup_rounds: 0, final_lr_fraction: 1.0 }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("outer.lr must be positive, got {}", self.lr);
@@ -37,12 +54,58 @@ impl OuterConfig {
         if !(0.0..1.0).contains(&self.momentum) {
             bail!("outer.momentum must be in [0, 1), got {}", self.momentum);
         }
+        if !(self.final_lr_fraction > 0.0 && self.final_lr_fraction <= 1.0) {
+            bail!("outer.final_lr_fraction must be in (0, 1], got {}", self.final_lr_fraction);
+        }
         Ok(())
+    }
+
+    /// The learning rate of the outer step that closes round `round` (0-based) of a run planned to last
+    /// `rounds` rounds: a linear warmup over `warmup_rounds` (reaching `lr` at its last round), then a cosine
+    /// from `lr` down to `final_lr_fraction · lr` at the last planned round (and that rate after it).
+    pub fn lr_at(&self, round: u64, rounds: u64) -> f64 {
+        if round < self.warmup_rounds {
+            return self.lr * (round + 1) as f64 / self.warmup_rounds as f64;
+        }
+        // The first round at the full rate: the warmup's last, or round 0 without one.
+        let peak = self.warmup_rounds.saturating_sub(1);
+        let decay_rounds = rounds.saturating_sub(peak + 1);
+        if decay_rounds == 0 || self.final_lr_fraction == 1.0 {
+            return self.lr;
+        }
+        let progress = ((round - peak) as f64 / decay_rounds as f64).min(1.0);
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        self.lr * (self.final_lr_fraction + (1.0 - self.final_lr_fraction) * cosine)
     }
 
     /// Whether the optimizer carries a momentum buffer that must be persisted with each round.
     pub fn has_state(&self) -> bool {
         self.kind != OuterKind::Average
+    }
+}
+
+/// "Nesterov lr 0.7, momentum 0.9, constant" or "... warmup 4 rounds, cosine to 0.2 × lr".
+impl std::fmt::Display for OuterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            OuterKind::Nesterov => "Nesterov",
+            OuterKind::SgdMomentum => "SGD with momentum",
+            OuterKind::Average => "averaging",
+        };
+        write!(f, "{kind} lr {}", self.lr)?;
+        if self.kind != OuterKind::Average {
+            write!(f, ", momentum {}", self.momentum)?;
+        }
+        if self.warmup_rounds > 0 {
+            write!(f, ", warmup {} rounds", self.warmup_rounds)?;
+        }
+        if self.final_lr_fraction < 1.0 {
+            write!(f, ", cosine to {} × lr", self.final_lr_fraction)
+        } else if self.warmup_rounds == 0 {
+            write!(f, ", constant")
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -65,19 +128,21 @@ impl OuterOptimizer {
 
     /// An outer step of some parameters only (a Streaming DiLoCo fragment): `indices` into the full
     /// parameter list, `delta` one tensor per index. The other parameters and their momentum stay as they are.
-    pub fn step_subset(&mut self, indices: &[usize], global: &[Tensor], delta: &[Tensor]) {
+    pub fn step_subset(&mut self, indices: &[usize], global: &[Tensor], delta: &[Tensor], lr: f64) {
         assert_eq!(indices.len(), delta.len(), "one pseudo-gradient per stepped parameter");
         let theta: Vec<Tensor> = indices.iter().map(|&i| global[i].shallow_clone()).collect();
         let momentum: Vec<Tensor> = indices.iter().map(|&i| self.momentum[i].shallow_clone()).collect();
         // Shallow clones share storage, so the sub-optimizer's in-place updates land in `global` and `self`.
-        OuterOptimizer { config: self.config, momentum }.step(&theta, delta);
+        OuterOptimizer { config: self.config, momentum }.step(&theta, delta, lr);
     }
 
-    /// One outer step: `global` moves against the averaged pseudo-gradient `delta`, in place.
-    pub fn step(&mut self, global: &[Tensor], delta: &[Tensor]) {
+    /// One outer step at learning rate `lr` (the config's [`OuterConfig::lr_at`] the round):
+    /// `global` moves against the averaged pseudo-gradient `delta`, in place.
+    pub fn step(&mut self, global: &[Tensor], delta: &[Tensor], lr: f64) {
         assert_eq!(global.len(), delta.len(), "one pseudo-gradient per parameter");
         assert_eq!(global.len(), self.momentum.len(), "optimizer built for a different parameter list");
-        let OuterConfig { kind, lr, momentum: mu } = self.config;
+        assert!(lr.is_finite() && lr > 0.0, "outer learning rate {lr}");
+        let (kind, mu) = (self.config.kind, self.config.momentum);
         tch::no_grad(|| {
             for ((theta, d), m) in global.iter().zip(delta).zip(self.momentum.iter_mut()) {
                 assert_eq!(theta.size(), d.size(), "pseudo-gradient shape differs from its parameter");
@@ -144,11 +209,11 @@ mod tests {
     #[test]
     fn nesterov_matches_hand_computation() {
         let theta = [scalar(1.0)];
-        let mut opt = OuterOptimizer::new(OuterConfig::default(), &theta);
-        opt.step(&theta, &[scalar(0.1)]);
+        let mut opt = OuterOptimizer::new(OuterConfig::CONSTANT_NESTEROV, &theta);
+        opt.step(&theta, &[scalar(0.1)], 0.7);
         assert!((value(&theta[0]) - 0.867).abs() < 1e-6, "{}", value(&theta[0]));
         assert!((value(&opt.momentum[0]) - 0.1).abs() < 1e-7);
-        opt.step(&theta, &[scalar(0.2)]);
+        opt.step(&theta, &[scalar(0.2)], 0.7);
         assert!((value(&theta[0]) - 0.5443).abs() < 1e-6, "{}", value(&theta[0]));
         assert!((value(&opt.momentum[0]) - 0.29).abs() < 1e-6);
     }
@@ -157,11 +222,11 @@ mod tests {
     #[test]
     fn sgd_momentum_matches_hand_computation() {
         let theta = [scalar(1.0)];
-        let config = OuterConfig { kind: OuterKind::SgdMomentum, ..OuterConfig::default() };
+        let config = OuterConfig { kind: OuterKind::SgdMomentum, ..OuterConfig::CONSTANT_NESTEROV };
         let mut opt = OuterOptimizer::new(config, &theta);
-        opt.step(&theta, &[scalar(0.1)]);
+        opt.step(&theta, &[scalar(0.1)], 0.7);
         assert!((value(&theta[0]) - 0.93).abs() < 1e-6);
-        opt.step(&theta, &[scalar(0.2)]);
+        opt.step(&theta, &[scalar(0.2)], 0.7);
         assert!((value(&theta[0]) - 0.727).abs() < 1e-6);
     }
 
@@ -171,8 +236,8 @@ mod tests {
         let global = [Tensor::from_slice(&[1.0f32, -2.0, 0.5])];
         let locals = [Tensor::from_slice(&[0.8f32, -1.0, 0.5]), Tensor::from_slice(&[1.4f32, -2.6, 0.1])];
         let deltas: Vec<Vec<Tensor>> = locals.iter().map(|l| pseudo_gradient(&global, &[l.shallow_clone()])).collect();
-        let config = OuterConfig { kind: OuterKind::Average, lr: 1.0, momentum: 0.0 };
-        OuterOptimizer::new(config, &global).step(&global, &mean(&deltas));
+        let config = OuterConfig::constant(OuterKind::Average, 1.0, 0.0);
+        OuterOptimizer::new(config, &global).step(&global, &mean(&deltas), 1.0);
         let expected = (&locals[0] + &locals[1]) / 2.0;
         assert!(global[0].allclose(&expected, 1e-6, 1e-6, false), "{global:?}");
     }
@@ -181,6 +246,42 @@ mod tests {
     fn config_rejects_bad_values() {
         assert!(OuterConfig { lr: 0.0, ..OuterConfig::default() }.validate().is_err());
         assert!(OuterConfig { momentum: 1.0, ..OuterConfig::default() }.validate().is_err());
+        assert!(OuterConfig { final_lr_fraction: 0.0, ..OuterConfig::default() }.validate().is_err());
+        assert!(OuterConfig { final_lr_fraction: 1.5, ..OuterConfig::default() }.validate().is_err());
         assert!(OuterConfig::default().validate().is_ok());
+        assert!(OuterConfig::CONSTANT_NESTEROV.validate().is_ok());
+    }
+
+    /// Warmup 4 of 10 planned rounds, cosine to a fifth: lr/4, lr/2, 3lr/4, lr, then cosine over rounds 3..9
+    /// (6 intervals) down to lr/5 at round 9 and after it.
+    #[test]
+    fn the_schedule_warms_up_then_decays_by_a_cosine() {
+        let c = OuterConfig { lr: 2.0, warmup_rounds: 4, final_lr_fraction: 0.2, ..OuterConfig::default() };
+        let at = |r| c.lr_at(r, 10);
+        for (r, want) in [(0, 0.5), (1, 1.0), (2, 1.5), (3, 2.0)] {
+            assert!((at(r) - want).abs() < 1e-12, "round {r}: {}", at(r));
+        }
+        // Round 4 is 1/6 of the way down the cosine: 0.4 + 1.6 · ½(1 + cos(π/6)).
+        let r4 = 0.4 + 1.6 * 0.5 * (1.0 + (std::f64::consts::PI / 6.0).cos());
+        assert!((at(4) - r4).abs() < 1e-12, "{}", at(4));
+        assert!((at(9) - 0.4).abs() < 1e-12 && (at(50) - 0.4).abs() < 1e-12);
+        assert!((1..10).all(|r| at(r) <= at(r - 1) || r < 4), "non-increasing after the warmup");
+        // Constant: lr whatever the round; a run shorter than the warmup never reaches lr.
+        let constant = OuterConfig::CONSTANT_NESTEROV;
+        assert!((0..20).all(|r| constant.lr_at(r, 10) == 0.7));
+        assert!((c.lr_at(1, 2) - 1.0).abs() < 1e-12);
+    }
+
+    /// The learning rate passed to a step is the one used: a step at 0.35 moves half as far as at 0.7 from
+    /// the same state (Nesterov's first step: lr·(1 + μ)·Δ).
+    #[test]
+    fn a_step_uses_the_rate_it_is_given() {
+        let moved = |lr: f64| {
+            let theta = [scalar(1.0)];
+            OuterOptimizer::new(OuterConfig::CONSTANT_NESTEROV, &theta).step(&theta, &[scalar(0.1)], lr);
+            1.0 - value(&theta[0])
+        };
+        assert!((moved(0.7) - 0.7 * 1.9 * 0.1).abs() < 1e-6);
+        assert!((moved(0.35) - moved(0.7) / 2.0).abs() < 1e-6);
     }
 }

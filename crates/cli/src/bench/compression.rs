@@ -10,7 +10,7 @@ use super::sweep::{prepare_setup, run_diloco, Outcome, Plan, SweepArgs};
 use crate::commands::set_threads;
 use crate::format::human_bytes;
 use agora_diloco::codec::{Codec, Values};
-use agora_diloco::{CompressionConfig, OuterConfig, OuterKind};
+use agora_diloco::CompressionConfig;
 use agora_model::Llama;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
@@ -119,20 +119,23 @@ pub fn compression(c: CompressionArgs) -> Result<()> {
         workers: Some(vec![k]),
         inner_steps: Some(round_steps.clone()),
         outer_compare: Some("none".into()),
+        outer: None,
+        baseline_lr: Some(vec![a.lr]),
+        seeds: 1,
     };
     let plan = Plan::from_args(&diloco_args)?;
     let threads = set_threads(a.threads);
     let started = Instant::now();
     let (setup, data) = prepare_setup(a, plan)?;
     let p = &setup.plan;
-    let init = setup.val_loss(&Llama::new(&setup.model, Device::Cpu, p.seed))?;
-    let outer = OuterConfig { kind: OuterKind::Nesterov, lr: a.outer_lr, momentum: a.outer_momentum };
+    let init = setup.val_loss(&Llama::new(&setup.model, Device::Cpu, a.seed))?;
+    let outer = p.outer;
     let per_step_sync = p.steps * setup.bytes_per_sync();
     let mut rows: Vec<Row> = Vec::new();
     for (i, (spec, c)) in configs.iter().enumerate() {
         let r = h / c.fragments as u64;
         tracing::info!("[{}/{}] {spec}: {}, k={k}, {r} inner steps per round", i + 1, configs.len(), c.describe());
-        let o: Outcome = run_diloco(&setup, k, r, outer, c)?;
+        let o: Outcome = run_diloco(&setup, k, r, ("default", outer), c, a.seed)?;
         let reference =
             rows.first().map_or((o.bytes_sent_per_worker, o.val_loss), |r| (r.bytes_per_worker, r.val_loss));
         let row = Row {
@@ -171,20 +174,19 @@ pub fn compression(c: CompressionArgs) -> Result<()> {
     }
     println!(
         "`{}` ({:.2}M parameters) on `{}`: k = {k} workers, every parameter synchronised every H = {h} inner steps, \
-         S = {} steps × {} windows × {} tokens per configuration (equal tokens). Outer Nesterov lr {}, momentum {}; \
+         S = {} steps × {} windows × {} tokens per configuration (equal tokens). Outer {}; \
          inner AdamW lr {:.1e}. Per-step synchronous training would send {} per worker. Initial validation loss \
          {init:.4}. Seed {}, {threads} threads, {:.1} min in all.",
         a.preset,
         setup.parameters as f64 / 1e6,
-        a.data.display(),
+        data["path"].as_str().unwrap_or("?"),
         p.steps,
         p.global_batch,
         p.seq_len,
-        a.outer_lr,
-        a.outer_momentum,
+        outer,
         p.lr,
         human_bytes(per_step_sync),
-        p.seed,
+        a.seed,
         seconds / 60.0
     );
     println!();

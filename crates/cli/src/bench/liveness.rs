@@ -3,7 +3,8 @@
 //! every round until the 600 s deadline). Real processes on loopback, the run file's default deadline; the
 //! idle identity is the `idle` misbehaviour, so the bench needs a `--features adversary` build.
 
-use super::trust::{corpus, require_misbehaviours, run_file, TrustArgs};
+use super::corpus;
+use super::trust::{require_misbehaviours, run_file, TrustArgs};
 use crate::children::Children;
 use agora_protocol::StatusReport;
 use anyhow::{bail, Context, Result};
@@ -54,7 +55,7 @@ fn run(args: &LivenessArgs, corpus: &Path, idle: bool) -> Result<Outcome> {
         json: false,
     };
     let run = dir.join("run.toml");
-    std::fs::write(&run, run_file(&trust, corpus, 2)?)?;
+    std::fs::write(&run, run_file(&trust, corpus, 2, 7)?)?;
     let exe = std::env::current_exe().context("cannot find the agora binary")?;
     let mut procs = Children::new();
     let (coordinator, url) =

@@ -11,8 +11,9 @@ mod speed;
 mod sweep;
 mod trust;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use std::path::{Path, PathBuf};
 
 /// `agora bench` times optimizer steps; `agora bench diloco` runs the DiLoCo sweep.
 #[derive(Args)]
@@ -53,5 +54,21 @@ pub fn bench(cmd: BenchCommand) -> Result<()> {
         Some(BenchSubcommand::Aggregate(args)) => aggregate::aggregate(args),
         Some(BenchSubcommand::Trust(args)) => trust::trust(args),
         Some(BenchSubcommand::Liveness(args)) => liveness::liveness(args),
+    }
+}
+
+/// A bench's corpus: `data`, else tinyshakespeare when present, else a generated Markov corpus (about the
+/// same 1.2 MB) written into `out`, so every bench runs on a fresh clone without `../shared`.
+pub(crate) fn corpus(data: Option<PathBuf>, out: &Path) -> Result<PathBuf> {
+    let shared = PathBuf::from("../shared/data/tinyshakespeare.txt");
+    match data.or_else(|| shared.is_file().then_some(shared)) {
+        Some(p) => std::fs::canonicalize(&p).with_context(|| format!("{}: no such corpus", p.display())),
+        None => {
+            std::fs::create_dir_all(out)?;
+            let p = out.join("corpus.txt");
+            std::fs::write(&p, agora_data::MarkovSource::new(1).generate(200_000, 1))?;
+            tracing::info!("no ../shared/data/tinyshakespeare.txt: training on a generated Markov corpus ({})", p.display());
+            Ok(std::fs::canonicalize(&p)?)
+        }
     }
 }

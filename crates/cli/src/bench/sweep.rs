@@ -51,9 +51,10 @@ use tch::Device;
 /// What every equal-token sweep shares: data, model, budget, schedules, seed, output.
 #[derive(Args, Clone)]
 pub struct SweepArgs {
-    /// Training text; its last 10% is the validation split.
-    #[arg(long, default_value = "../shared/data/tinyshakespeare.txt")]
-    pub data: PathBuf,
+    /// Training text, its last 10% the validation split (default: tinyshakespeare when present, else a
+    /// generated Markov corpus of the same size).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
     #[arg(long, default_value = "tiny")]
     pub preset: String,
     /// BPE vocabulary trained on --data (default: the preset's).
@@ -74,12 +75,19 @@ pub struct SweepArgs {
     /// Warmup steps of the inner schedule (default: S/20).
     #[arg(long)]
     pub warmup: Option<u64>,
-    /// Outer learning rate (Nesterov).
-    #[arg(long, default_value_t = 0.7)]
-    pub outer_lr: f64,
-    /// Outer momentum (Nesterov).
-    #[arg(long, default_value_t = 0.9)]
-    pub outer_momentum: f64,
+    /// The default outer recipe's peak learning rate (default: the run file's `[outer] lr`).
+    #[arg(long)]
+    pub outer_lr: Option<f64>,
+    /// The default outer recipe's momentum (default: the run file's).
+    #[arg(long)]
+    pub outer_momentum: Option<f64>,
+    /// The default outer recipe's warmup, in rounds (default: the run file's).
+    #[arg(long)]
+    pub outer_warmup_rounds: Option<u64>,
+    /// The default outer recipe's learning rate at the last round, as a fraction of the peak (default: the
+    /// run file's).
+    #[arg(long)]
+    pub outer_final_lr_fraction: Option<f64>,
     /// Model initialisation and data order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -97,7 +105,7 @@ pub struct SweepArgs {
 impl Default for SweepArgs {
     fn default() -> Self {
         SweepArgs {
-            data: PathBuf::from("../shared/data/tinyshakespeare.txt"),
+            data: None,
             preset: "tiny".into(),
             vocab_size: None,
             steps: None,
@@ -105,14 +113,69 @@ impl Default for SweepArgs {
             seq_len: None,
             lr: 3e-3,
             warmup: None,
-            outer_lr: 0.7,
-            outer_momentum: 0.9,
+            outer_lr: None,
+            outer_momentum: None,
+            outer_warmup_rounds: None,
+            outer_final_lr_fraction: None,
             seed: 0,
             threads: None,
             quick: false,
             json: false,
         }
     }
+}
+
+impl SweepArgs {
+    /// The run file's default outer recipe with this sweep's `--outer-*` overrides.
+    pub(crate) fn outer(&self) -> OuterConfig {
+        let d = OuterConfig::default();
+        OuterConfig {
+            lr: self.outer_lr.unwrap_or(d.lr),
+            momentum: self.outer_momentum.unwrap_or(d.momentum),
+            warmup_rounds: self.outer_warmup_rounds.unwrap_or(d.warmup_rounds),
+            final_lr_fraction: self.outer_final_lr_fraction.unwrap_or(d.final_lr_fraction),
+            ..d
+        }
+    }
+}
+
+/// One outer recipe of `--outer`: `default` (the run file's default with the `--outer-*` overrides), `old`
+/// (constant Nesterov lr 0.7, momentum 0.9: the default before issue 12), or
+/// `KIND:LR[:MOMENTUM[:WARMUP_ROUNDS[:FINAL_LR_FRACTION]]]` with KIND nesterov, sgd_momentum or average.
+pub(crate) fn parse_outer(spec: &str, default: OuterConfig) -> Result<(String, OuterConfig)> {
+    let config = match spec.trim() {
+        "default" => default,
+        "old" => OuterConfig::CONSTANT_NESTEROV,
+        s => {
+            let parts: Vec<&str> = s.split(':').map(str::trim).collect();
+            ensure!(
+                (2..=5).contains(&parts.len()),
+                "--outer {s:?}: want default, old or KIND:LR[:MOMENTUM[:WARMUP_ROUNDS[:FINAL_LR_FRACTION]]]"
+            );
+            let kind = match parts[0] {
+                "nesterov" => OuterKind::Nesterov,
+                "sgd_momentum" => OuterKind::SgdMomentum,
+                "average" => OuterKind::Average,
+                k => bail!("--outer {s:?}: unknown kind {k:?} (nesterov, sgd_momentum, average)"),
+            };
+            let num = |i: usize, what: &str| -> Result<Option<f64>> {
+                parts.get(i).map(|v| v.parse::<f64>().with_context(|| format!("--outer {s:?}: {what} {v:?}"))).transpose()
+            };
+            OuterConfig {
+                kind,
+                lr: num(1, "learning rate")?.expect("checked: at least 2 parts"),
+                momentum: num(2, "momentum")?.unwrap_or(0.0),
+                warmup_rounds: parts
+                    .get(3)
+                    .map(|v| v.parse::<u64>().with_context(|| format!("--outer {s:?}: warmup rounds {v:?}")))
+                    .transpose()?
+                    .unwrap_or(0),
+                final_lr_fraction: num(4, "final learning-rate fraction")?.unwrap_or(1.0),
+            }
+        }
+    };
+    config.validate().with_context(|| format!("--outer {spec:?}"))?;
+    Ok((spec.trim().to_string(), config))
 }
 
 /// The sweep after defaults and validation.
@@ -126,10 +189,17 @@ pub(crate) struct Plan {
     pub(crate) lr: f64,
     pub(crate) min_lr: f64,
     pub(crate) warmup: u64,
+    /// The default outer recipe (`--outer-*` applied): the grid's first, and the codec sweep's only one.
     pub(crate) outer: OuterConfig,
+    /// Every outer recipe of the grid, by its `--outer` name.
+    pub(crate) outers: Vec<(String, OuterConfig)>,
+    /// Peak inner learning rates of the data-parallel baseline; the best of them (mean over seeds) is the
+    /// reference, so DiLoCo is compared with a tuned baseline.
+    pub(crate) baseline_lrs: Vec<f64>,
+    /// Seeds (model initialisation and data order); every configuration runs once per seed.
+    pub(crate) seeds: Vec<u64>,
     /// (k, H) of the outer-optimizer comparison.
     pub(crate) compare: Option<(usize, u64)>,
-    pub(crate) seed: u64,
 }
 
 fn parse_compare(s: &str) -> Result<Option<(usize, u64)>> {
@@ -156,6 +226,16 @@ impl Plan {
             Some(s) => parse_compare(s)?,
             None => Some(if q { (2, 4) } else { (4, 50) }),
         };
+        let outer = a.outer();
+        let outers = d
+            .outer
+            .clone()
+            .unwrap_or_else(|| vec!["default".into()])
+            .iter()
+            .map(|spec| parse_outer(spec, outer))
+            .collect::<Result<Vec<_>>>()?;
+        ensure!(d.seeds >= 1, "--seeds must be at least 1");
+        let baseline_lrs = d.baseline_lr.clone().unwrap_or(if q { vec![a.lr] } else { vec![a.lr / 2.0, a.lr, 2.0 * a.lr] });
         let plan = Plan {
             steps,
             global_batch,
@@ -165,9 +245,11 @@ impl Plan {
             lr: a.lr,
             min_lr: a.lr / 10.0,
             warmup: a.warmup.unwrap_or((steps / 20).max(1)),
-            outer: OuterConfig { kind: OuterKind::Nesterov, lr: a.outer_lr, momentum: a.outer_momentum },
+            outer,
+            outers,
+            baseline_lrs,
             compare,
-            seed: a.seed,
+            seeds: (a.seed..a.seed + d.seeds as u64).collect(),
         };
         plan.validate()?;
         Ok(plan)
@@ -181,7 +263,12 @@ impl Plan {
         ensure!(!self.inner_steps.is_empty(), "--inner-steps needs at least one value");
         ensure!(self.lr.is_finite() && self.lr > 0.0, "--lr must be positive, got {}", self.lr);
         ensure!(self.warmup <= self.steps, "--warmup {} exceeds --steps {}", self.warmup, self.steps);
-        self.outer.validate().context("--outer-lr / --outer-momentum")?;
+        self.outer.validate().context("--outer-lr / --outer-momentum / --outer-warmup-rounds / --outer-final-lr-fraction")?;
+        ensure!(!self.outers.is_empty(), "--outer needs at least one recipe");
+        ensure!(!self.baseline_lrs.is_empty(), "--baseline-lr needs at least one value");
+        for &lr in &self.baseline_lrs {
+            ensure!(lr.is_finite() && lr > 0.0, "--baseline-lr must be positive, got {lr}");
+        }
         let ks = self.workers.iter().copied().chain(self.compare.map(|(k, _)| k));
         for k in ks {
             ensure!(k > 0, "a worker count must be at least 1");
@@ -232,14 +319,15 @@ impl Plan {
         Ok(available / l * l)
     }
 
-    fn train_config(&self, batch_size: usize) -> TrainConfig {
+    /// The inner loop of a run at peak learning rate `lr` (cosine to a tenth of it).
+    fn train_config(&self, batch_size: usize, lr: f64, seed: u64) -> TrainConfig {
         TrainConfig {
-            seed: self.seed,
+            seed,
             steps: self.steps,
             batch_size,
             seq_len: self.seq_len,
-            lr: self.lr,
-            min_lr: self.min_lr,
+            lr,
+            min_lr: lr * self.min_lr / self.lr,
             warmup_steps: self.warmup,
             ..TrainConfig::default()
         }
@@ -267,6 +355,11 @@ pub(crate) struct Outcome {
     pub(crate) inner_steps: u64,
     pub(crate) rounds: u64,
     pub(crate) outer: Option<OuterConfig>,
+    /// The `--outer` recipe's name (None for the baseline).
+    pub(crate) recipe: Option<String>,
+    /// Peak inner learning rate.
+    pub(crate) lr: f64,
+    pub(crate) seed: u64,
     pub(crate) val_loss: f64,
     /// 100 · (val_loss − baseline) / baseline.
     pub(crate) gap_percent: f64,
@@ -298,10 +391,10 @@ impl Setup {
 
     /// The pool cut into units of `windows` windows, each a shard of its own. [`cut_units`] shuffles the
     /// windows independently of the unit size and unit `j` holds windows `j·u .. (j+1)·u` of that order, so
-    /// the first `pool_windows / u` units of any size `u` hold the same windows.
-    fn units(&self, windows: usize) -> Result<Vec<Shard>> {
+    /// the first `pool_windows / u` units of any size `u` hold the same windows (for one `seed`).
+    fn units(&self, windows: usize, seed: u64) -> Result<Vec<Shard>> {
         assert_eq!(self.pool_windows % windows, 0, "the pool is a multiple of every unit size");
-        let cut = cut_units(self.train.tokens(), self.plan.seq_len, windows, self.plan.seed);
+        let cut = cut_units(self.train.tokens(), self.plan.seq_len, windows, seed);
         cut.units
             .into_iter()
             .take(self.pool_windows / windows)
@@ -341,12 +434,14 @@ fn log_progress(label: &str, done: u64, total: u64, started: Instant, loss: f64)
     tracing::info!("{label}: {done}/{total} steps, train loss {loss:.3}, {:.0}s", started.elapsed().as_secs_f64());
 }
 
-pub(crate) fn run_baseline(s: &Setup) -> Result<Outcome> {
+/// The data-parallel baseline at peak inner learning rate `lr`.
+pub(crate) fn run_baseline(s: &Setup, lr: f64, seed: u64) -> Result<Outcome> {
     let p = &s.plan;
     let started = Instant::now();
-    let units = s.units(p.global_batch)?;
-    let mut cursor = UnitCursor::new(p.seed, units.len());
-    let mut trainer = Trainer::new(Llama::new(&s.model, Device::Cpu, p.seed), p.train_config(p.global_batch))?;
+    let units = s.units(p.global_batch, seed)?;
+    let mut cursor = UnitCursor::new(seed, units.len());
+    let mut trainer =
+        Trainer::new(Llama::new(&s.model, Device::Cpu, seed), p.train_config(p.global_batch, lr, seed))?;
     let schedule = trainer.config.schedule();
     let batch = unit_batches(units[0].len(), p.global_batch, p.seq_len, 1);
     let report_every = (p.steps / 10).max(1);
@@ -358,7 +453,7 @@ pub(crate) fn run_baseline(s: &Setup) -> Result<Outcome> {
         recent_n += 1;
         if (step + 1) % report_every == 0 || step + 1 == p.steps {
             last_train_loss = recent / recent_n as f64;
-            log_progress("data-parallel", step + 1, p.steps, started, last_train_loss);
+            log_progress(&format!("data-parallel lr {lr:.1e} seed {seed}"), step + 1, p.steps, started, last_train_loss);
             (recent, recent_n) = (0.0, 0);
         }
     }
@@ -369,6 +464,9 @@ pub(crate) fn run_baseline(s: &Setup) -> Result<Outcome> {
         inner_steps: 1,
         rounds: p.steps,
         outer: None,
+        recipe: None,
+        lr,
+        seed,
         val_loss,
         gap_percent: 0.0,
         bytes_sent_per_worker: p.steps * s.bytes_per_sync(),
@@ -386,18 +484,19 @@ pub(crate) fn run_diloco(
     s: &Setup,
     k: usize,
     h: u64,
-    outer: OuterConfig,
+    (recipe, outer): (&str, OuterConfig),
     compression: &CompressionConfig,
+    seed: u64,
 ) -> Result<Outcome> {
     let p = &s.plan;
     let started = Instant::now();
     let batch = p.global_batch / k;
-    let units = s.units(h as usize * batch)?;
-    let mut cursor = UnitCursor::new(p.seed, units.len());
-    let global_model = Llama::new(&s.model, Device::Cpu, p.seed);
+    let units = s.units(h as usize * batch, seed)?;
+    let mut cursor = UnitCursor::new(seed, units.len());
+    let global_model = Llama::new(&s.model, Device::Cpu, seed);
     let global = model_weights(&global_model);
     let mut workers: Vec<Trainer> = (0..k)
-        .map(|_| Trainer::new(Llama::zeros(&s.model, Device::Cpu), p.train_config(batch)))
+        .map(|_| Trainer::new(Llama::zeros(&s.model, Device::Cpu), p.train_config(batch, p.lr, seed)))
         .collect::<Result<_>>()?;
     let mut outer_opt = OuterOptimizer::new(outer, &global);
     let specs = param_specs(&s.model);
@@ -406,7 +505,7 @@ pub(crate) fn run_diloco(
     let mut syncs: Vec<SyncState> = (0..k).map(|_| SyncState::new(&specs, compression)).collect();
     let rounds = p.steps / h;
     let report_every = (rounds / 10).max(1);
-    let label = format!("DiLoCo k={k} H={h} {:?} {}", outer.kind, compression.describe());
+    let label = format!("DiLoCo k={k} H={h} outer {recipe} {} seed {seed}", compression.describe());
     let mut last_train_loss = f64::NAN;
     let mut payload_bytes = 0u64;
     let no_metadata = std::collections::BTreeMap::new();
@@ -425,7 +524,8 @@ pub(crate) fn run_diloco(
             sync.accepted(&plan, upload.fragment, upload.residual);
             loss += stats.mean_loss / k as f64;
         }
-        outer_opt.step_subset(&plan.tensors(fragment), &global, &from_named(&sum.mean(), Device::Cpu));
+        let outer_lr = outer.lr_at(round, rounds);
+        outer_opt.step_subset(&plan.tensors(fragment), &global, &from_named(&sum.mean(), Device::Cpu), outer_lr);
         last_train_loss = loss;
         if (round + 1) % report_every == 0 || round + 1 == rounds {
             log_progress(&label, (round + 1) * h, p.steps, started, loss);
@@ -440,6 +540,9 @@ pub(crate) fn run_diloco(
         inner_steps: h,
         rounds,
         outer: Some(outer),
+        recipe: Some(recipe.to_string()),
+        lr: p.lr,
+        seed,
         val_loss,
         gap_percent: 0.0,
         bytes_sent_per_worker: bytes,
@@ -450,21 +553,21 @@ pub(crate) fn run_diloco(
 }
 
 pub(crate) fn prepare_setup(a: &SweepArgs, plan: Plan) -> Result<(Setup, serde_json::Value)> {
-    ensure!(a.data.is_file(), "{}: no such file (pass --data FILE)", a.data.display());
+    let scratch = tempfile::tempdir()?;
+    let data = super::corpus(a.data.clone(), scratch.path())?;
     let vocab = match a.vocab_size {
         Some(v) => v,
         None => agora_model::config::preset_vocab_size(&a.preset)
             .with_context(|| format!("--preset {}: unknown preset", a.preset))?,
     };
     let started = Instant::now();
-    let tokenizer = train_bpe(std::slice::from_ref(&a.data), vocab)?;
-    let scratch = tempfile::tempdir()?;
-    let report = prepare(std::slice::from_ref(&a.data), &tokenizer, scratch.path(), 0.1)?;
+    let tokenizer = train_bpe(std::slice::from_ref(&data), vocab)?;
+    let report = prepare(std::slice::from_ref(&data), &tokenizer, scratch.path(), 0.1)?;
     let train = Shard::open(&report.train_path)?;
     let val = Shard::open(&report.val_path)?;
     tracing::info!(
         "{}: {}-token BPE, {} training and {} validation tokens ({:.1}s)",
-        a.data.display(),
+        data.display(),
         tokenizer.vocab_size(),
         train.len(),
         val.len(),
@@ -490,7 +593,7 @@ pub(crate) fn prepare_setup(a: &SweepArgs, plan: Plan) -> Result<(Setup, serde_j
     let pool_windows = plan.pool_windows(available)?;
     let parameters = Llama::zeros(&model, Device::Cpu).num_parameters() as u64;
     let data = serde_json::json!({
-        "path": a.data, "vocab_size": tokenizer.vocab_size(), "train_tokens": train.len(),
+        "path": data, "vocab_size": tokenizer.vocab_size(), "train_tokens": train.len(),
         "val_tokens": val.len(), "available_windows": available, "pool_windows": pool_windows,
     });
     let setup = Setup { plan, model, parameters, train, pool_windows, tokenizer_hash: tokenizer.hash(), val };
@@ -502,7 +605,15 @@ mod tests {
     use super::*;
 
     fn args() -> DilocoArgs {
-        DilocoArgs { sweep: SweepArgs::default(), workers: None, inner_steps: None, outer_compare: None }
+        DilocoArgs {
+            sweep: SweepArgs::default(),
+            workers: None,
+            inner_steps: None,
+            outer_compare: None,
+            outer: None,
+            baseline_lr: None,
+            seeds: 1,
+        }
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! Needs a binary built with `--features adversary` (the misbehaviours are compiled only there); refuses to
 //! run without them, and fails a scenario whose attacker did not really take part.
 
+mod report;
+
 use super::compression::parse_codec;
 use crate::children::Children;
 use agora_ledger::WorkerStatement;
@@ -46,14 +48,22 @@ struct Cast {
     attackers: Vec<String>,
     /// Cut the corpus down to this many data units (more workers than units).
     units: Option<usize>,
+    /// The run file's seed: initial weights, data units and their order.
+    seed: u64,
 }
 
+/// Every scenario's seed; the honest-only runs at [`OTHER_SEEDS`] show how far the final loss moves with
+/// the initial weights and the data order alone.
+const SEED: u64 = 7;
+const OTHER_SEEDS: [u64; 2] = [8, 9];
+
 fn cast(behaviour: Option<&str>) -> Cast {
+    let seed = SEED;
     match behaviour {
-        None => Cast { honest: 3, attackers: vec![], units: None },
-        Some("duplicate-units") => Cast { honest: 6, attackers: vec![], units: Some(4) },
-        Some("tiny") => Cast { honest: 2, attackers: vec!["tiny".into(), "tiny".into()], units: None },
-        Some(b) => Cast { honest: 3, attackers: vec![b.to_string()], units: None },
+        None => Cast { honest: 3, attackers: vec![], units: None, seed },
+        Some("duplicate-units") => Cast { honest: 6, attackers: vec![], units: Some(4), seed },
+        Some("tiny") => Cast { honest: 2, attackers: vec!["tiny".into(), "tiny".into()], units: None, seed },
+        Some(b) => Cast { honest: 3, attackers: vec![b.to_string()], units: None, seed },
     }
 }
 
@@ -132,28 +142,25 @@ pub struct TrustReport {
     pub attacks: Vec<Scenario>,
     pub false_positive_rate: f64,
     pub honest_submissions: u64,
+    pub honest_rejected: u64,
+    /// The 3-worker honest-only run at other seeds.
+    pub other_seeds: Vec<SeedRun>,
 }
 
-/// The suite's corpus: `data`, else tinyshakespeare when present, else a generated Markov corpus in `out`.
-pub(super) fn corpus(data: Option<PathBuf>, out: &Path) -> Result<PathBuf> {
-    let shared = PathBuf::from("../shared/data/tinyshakespeare.txt");
-    match data.or_else(|| shared.is_file().then_some(shared)) {
-        Some(p) => std::fs::canonicalize(&p).with_context(|| format!("{}: no such corpus", p.display())),
-        None => {
-            std::fs::create_dir_all(out)?;
-            let p = out.join("corpus.txt");
-            std::fs::write(&p, agora_data::MarkovSource::new(1).generate(200_000, 1))?;
-            Ok(std::fs::canonicalize(&p)?)
-        }
-    }
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedRun {
+    pub seed: u64,
+    pub final_val_loss: f64,
+    pub honest_credits: u64,
 }
 
-pub(super) fn run_file(args: &TrustArgs, corpus: &Path, min_workers: usize) -> Result<String> {
+
+pub(super) fn run_file(args: &TrustArgs, corpus: &Path, min_workers: usize, seed: u64) -> Result<String> {
     let compression = toml::to_string(&parse_codec(&args.codec)?)?;
     let aggregation: agora_verify::AggregationRule = args.aggregation.parse()?;
     Ok(format!(
         r#"# Written by `agora bench trust`.
-seed = 7
+seed = {seed}
 [model]
 preset = "tiny"
 [data]
@@ -180,6 +187,7 @@ spot_check = {spot}
 aggregation = {aggregation}
 "#,
         corpus = corpus.display().to_string(),
+        seed = seed,
         h = args.inner_steps,
         b = args.batch_size,
         t = args.seq_len,
@@ -215,7 +223,7 @@ fn scenario(args: &TrustArgs, corpus: &Path, name: &str, cast: &Cast) -> Result<
         None => corpus.to_path_buf(),
     };
     let min_workers = (cast.honest + cast.attackers.len()).min(3);
-    std::fs::write(&run, run_file(args, &corpus, min_workers)?)?;
+    std::fs::write(&run, run_file(args, &corpus, min_workers, cast.seed)?)?;
     let exe = std::env::current_exe().context("cannot find the agora binary")?;
     // The coordinator and the workers, killed when the scenario ends, however it ends.
     let mut procs = Children::new();
@@ -448,7 +456,7 @@ pub fn trust(mut args: TrustArgs) -> Result<()> {
             bail!("unknown scenario {b:?}: one of {}", BEHAVIOURS.join(", "));
         }
     }
-    let corpus = corpus(args.data.clone(), &args.out)?;
+    let corpus = super::corpus(args.data.clone(), &args.out)?;
     let log = |s: &Scenario| {
         eprintln!(
             "{:<16} attacker: {} (paid {}, pending {}); honest credits {}; honest refused {}/{}; val loss {:.4}",
@@ -468,7 +476,7 @@ pub fn trust(mut args: TrustArgs) -> Result<()> {
     for b in &args.behaviours {
         let cast = cast(Some(b));
         if !cast.attackers.is_empty() && !baselines.contains_key(&cast.honest) {
-            let reference = Cast { honest: cast.honest, attackers: vec![], units: None };
+            let reference = Cast { honest: cast.honest, attackers: vec![], units: None, seed: SEED };
             let s = scenario(&args, &corpus, &format!("honest-only-{}", cast.honest), &reference)?;
             log(&s);
             baselines.insert(cast.honest, s);
@@ -477,12 +485,23 @@ pub fn trust(mut args: TrustArgs) -> Result<()> {
         log(&s);
         attacks.push(s);
     }
-    let everything = || attacks.iter().chain(baselines.values());
+    // The 3-worker honest-only run again at other seeds: the spread the attack rows are read against.
+    let mut other_seeds = Vec::new();
+    if baselines.contains_key(&3) {
+        for seed in OTHER_SEEDS {
+            let cast = Cast { honest: 3, attackers: vec![], units: None, seed };
+            let s = scenario(&args, &corpus, &format!("honest-only-3-seed-{seed}"), &cast)?;
+            log(&s);
+            other_seeds.push((seed, s));
+        }
+    }
+    let everything = || attacks.iter().chain(baselines.values()).chain(other_seeds.iter().map(|(_, s)| s));
     let honest_submissions: u64 = everything().map(|s| s.honest_submissions).sum();
     let honest_rejected: u64 = everything().map(|s| s.honest_rejected).sum();
     let report = TrustReport {
         false_positive_rate: honest_rejected as f64 / honest_submissions.max(1) as f64,
         honest_submissions,
+        honest_rejected,
         baselines: baselines
             .values()
             .map(|b| Baseline {
@@ -492,98 +511,16 @@ pub fn trust(mut args: TrustArgs) -> Result<()> {
             })
             .collect(),
         attacks: attacks.clone(),
+        other_seeds: other_seeds
+            .iter()
+            .map(|(seed, s)| SeedRun { seed: *seed, final_val_loss: s.final_val_loss, honest_credits: s.honest_credits })
+            .collect(),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!(
-        "adversarial suite: tiny model, {} rounds × H = {}, batch {}×{}, codec {}, aggregation {}, spot checks {:.0}% of submissions, \
-         vesting 8 rounds, probation 2 verified rounds (the run file's defaults)",
-        args.rounds, args.inner_steps, args.batch_size, args.seq_len, args.codec, args.aggregation, args.spot_check * 100.0
-    );
-    for b in baselines.values() {
-        println!(
-            "honest-only run ({} workers): val loss {:.4}, honest credits booked {} (posted {})",
-            b.honest_workers, b.final_val_loss, b.honest_credits, b.honest_posted
-        );
-    }
-    println!();
-    println!(
-        "| scenario | workers (honest + attackers) | attacker's verdicts | attacker credits paid (pending) | honest credits vs honest-only | val loss | vs honest-only | honest refused | assigned − random gain (honest / attacker) |"
-    );
-    println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
-    let evidence = |e: Option<f64>| e.map_or("-".to_string(), |e| format!("{e:+.4}"));
-    for s in &report.attacks {
-        let reference = baselines.get(&s.honest_workers).filter(|_| s.attackers > 0);
-        let (credits, loss) = match reference {
-            Some(b) => (
-                format!("{:.3}", s.honest_credits as f64 / b.honest_credits.max(1) as f64),
-                format!("{:+.2}%", 100.0 * (s.final_val_loss / b.final_val_loss - 1.0)),
-            ),
-            None => ("-".to_string(), "-".to_string()),
-        };
-        println!(
-            "| {} | {} + {} | {} | {} ({}) | {} | {:.4} | {} | {}/{} | {} / {} |",
-            s.behaviour,
-            s.honest_workers,
-            s.attackers,
-            describe(&s.attacker_verdicts),
-            s.attacker_credits,
-            s.attacker_pending,
-            credits,
-            s.final_val_loss,
-            loss,
-            s.honest_rejected,
-            s.honest_submissions,
-            evidence(s.honest_evidence),
-            evidence(s.attacker_evidence)
-        );
-    }
-    let all = || report.attacks.iter().chain(baselines.values());
-    let spot: f64 = all().map(|s| s.spot_check_seconds).sum();
-    let judge: f64 = all().map(|s| s.judge_seconds).sum();
-    let train: f64 = all().map(|s| s.train_seconds).sum();
-    let exact: u64 = all().map(|s| s.exact_spot_checks).sum();
-    let tolerance: u64 = all().map(|s| s.tolerance_spot_checks).sum();
-    let (passed, checked): (u64, u64) =
-        all().fold((0, 0), |(p, c), s| (p + s.honest_spot_checks_passed, c + s.honest_spot_checks));
-    let receipts: usize = all().map(|s| s.receipts_verified).sum();
-    println!(
-        "\nfalse positives: {} of {} honest submissions refused ({:.2}%)",
-        honest_rejected,
-        report.honest_submissions,
-        100.0 * report.false_positive_rate
-    );
-    println!(
-        "honest spot checks: {passed} of {checked} passed; re-runs that passed: {exact} bit-exact, {tolerance} within the tolerance (all workers)"
-    );
-    println!(
-        "verification cost, as a share of the workers' {train:.1} s of training: spot checks (re-run and links) {spot:.1} s ({:.1}%), \
-         judging (decode, similarity, loss before/after) {judge:.1} s ({:.1}%)",
-        100.0 * spot / train.max(1e-9),
-        100.0 * judge / train.max(1e-9)
-    );
-    println!("receipts verified offline against signed round roots: {receipts}");
-    if let Some(lazy) = report.attacks.iter().find(|s| s.behaviour == "lazy") {
-        // The analytic expectation at these settings (`core::vesting::expected_liar_share`): a liar on one
-        // of 4 segments is caught with probability spot_check / 4 per round.
-        let q = args.spot_check / 4.0;
-        let share = (1.0 - q).powi(8 + 1);
-        let honest_each = lazy.honest_credits as f64 / lazy.honest_workers.max(1) as f64;
-        println!(
-            "lazy (skips segment 0 every round, 75% of the work): expected long-run paid share {:.3} of honest work's credits \
-             ({:.3} per unit of work); in this {}-round run it was paid {} and has {} pending, against {:.0} booked per honest worker \
-             (of which {:.0} posted)",
-            share,
-            share / 0.75,
-            args.rounds,
-            lazy.attacker_credits,
-            lazy.attacker_pending,
-            honest_each,
-            lazy.honest_posted as f64 / lazy.honest_workers.max(1) as f64
-        );
-    }
+    report::print(&args, &report, &baselines);
     Ok(())
 }
 
