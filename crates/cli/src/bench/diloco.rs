@@ -118,7 +118,10 @@ impl Summary {
         if self.runs.len() == 1 {
             format!("{:+.2}%", self.gap_percent)
         } else {
-            format!("{:+.2}% ({:+.2}…{:+.2})", self.gap_percent, self.min_paired_gap_percent, self.max_paired_gap_percent)
+            format!(
+                "{:+.2}% ({:+.2}…{:+.2})",
+                self.gap_percent, self.min_paired_gap_percent, self.max_paired_gap_percent
+            )
         }
     }
 }
@@ -168,13 +171,23 @@ pub fn diloco(d: DilocoArgs) -> Result<()> {
     let run_all = |recipe: (&str, OuterConfig), k: usize, h: u64, progress: &mut dyn FnMut(&str)| -> Result<Summary> {
         let mut runs = Vec::new();
         for &seed in &p.seeds {
-            progress(&format!("DiLoCo k={k} H={h}, batch {} per worker, outer {} ({}), seed {seed}", p.global_batch / k, recipe.0, recipe.1));
+            progress(&format!(
+                "DiLoCo k={k} H={h}, batch {} per worker, outer {} ({}), seed {seed}",
+                p.global_batch / k,
+                recipe.0,
+                recipe.1
+            ));
             let o = run_diloco(&setup, k, h, recipe, &CompressionConfig::default(), seed)?;
             report(&o);
             runs.push(o);
         }
         let s = Summary::new(runs, Some(&reference));
-        tracing::info!("k={k} H={h} outer {}: validation loss {}, {} vs tuned data-parallel", recipe.0, s.loss(), s.gap());
+        tracing::info!(
+            "k={k} H={h} outer {}: validation loss {}, {} vs tuned data-parallel",
+            recipe.0,
+            s.loss(),
+            s.gap()
+        );
         Ok(s)
     };
     let mut rows = Vec::new();
@@ -186,7 +199,8 @@ pub fn diloco(d: DilocoArgs) -> Result<()> {
     let mut compare = Vec::new();
     if let Some((k, h)) = p.compare {
         let (name, outer) = &p.outers[0];
-        let first = rows.iter().find(|o| o.workers == Some(k) && o.inner_steps == h && o.recipe.as_deref() == Some(name));
+        let first =
+            rows.iter().find(|o| o.workers == Some(k) && o.inner_steps == h && o.recipe.as_deref() == Some(name));
         compare.push(first.expect("the comparison point is in the grid").clone());
         let others = [
             ("average:1", OuterConfig::constant(OuterKind::Average, 1.0, 0.0)),

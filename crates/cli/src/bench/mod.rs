@@ -67,7 +67,10 @@ pub(crate) fn corpus(data: Option<PathBuf>, out: &Path) -> Result<PathBuf> {
             std::fs::create_dir_all(out)?;
             let p = out.join("corpus.txt");
             std::fs::write(&p, agora_data::MarkovSource::new(1).generate(200_000, 1))?;
-            tracing::info!("no ../shared/data/tinyshakespeare.txt: training on a generated Markov corpus ({})", p.display());
+            tracing::info!(
+                "no ../shared/data/tinyshakespeare.txt: training on a generated Markov corpus ({})",
+                p.display()
+            );
             Ok(std::fs::canonicalize(&p)?)
         }
     }

@@ -159,7 +159,10 @@ pub(crate) fn parse_outer(spec: &str, default: OuterConfig) -> Result<(String, O
                 k => bail!("--outer {s:?}: unknown kind {k:?} (nesterov, sgd_momentum, average)"),
             };
             let num = |i: usize, what: &str| -> Result<Option<f64>> {
-                parts.get(i).map(|v| v.parse::<f64>().with_context(|| format!("--outer {s:?}: {what} {v:?}"))).transpose()
+                parts
+                    .get(i)
+                    .map(|v| v.parse::<f64>().with_context(|| format!("--outer {s:?}: {what} {v:?}")))
+                    .transpose()
             };
             OuterConfig {
                 kind,
@@ -235,7 +238,8 @@ impl Plan {
             .map(|spec| parse_outer(spec, outer))
             .collect::<Result<Vec<_>>>()?;
         ensure!(d.seeds >= 1, "--seeds must be at least 1");
-        let baseline_lrs = d.baseline_lr.clone().unwrap_or(if q { vec![a.lr] } else { vec![a.lr / 2.0, a.lr, 2.0 * a.lr] });
+        let baseline_lrs =
+            d.baseline_lr.clone().unwrap_or(if q { vec![a.lr] } else { vec![a.lr / 2.0, a.lr, 2.0 * a.lr] });
         let plan = Plan {
             steps,
             global_batch,
@@ -263,7 +267,9 @@ impl Plan {
         ensure!(!self.inner_steps.is_empty(), "--inner-steps needs at least one value");
         ensure!(self.lr.is_finite() && self.lr > 0.0, "--lr must be positive, got {}", self.lr);
         ensure!(self.warmup <= self.steps, "--warmup {} exceeds --steps {}", self.warmup, self.steps);
-        self.outer.validate().context("--outer-lr / --outer-momentum / --outer-warmup-rounds / --outer-final-lr-fraction")?;
+        self.outer
+            .validate()
+            .context("--outer-lr / --outer-momentum / --outer-warmup-rounds / --outer-final-lr-fraction")?;
         ensure!(!self.outers.is_empty(), "--outer needs at least one recipe");
         ensure!(!self.baseline_lrs.is_empty(), "--baseline-lr needs at least one value");
         for &lr in &self.baseline_lrs {
@@ -440,8 +446,7 @@ pub(crate) fn run_baseline(s: &Setup, lr: f64, seed: u64) -> Result<Outcome> {
     let started = Instant::now();
     let units = s.units(p.global_batch, seed)?;
     let mut cursor = UnitCursor::new(seed, units.len());
-    let mut trainer =
-        Trainer::new(Llama::new(&s.model, Device::Cpu, seed), p.train_config(p.global_batch, lr, seed))?;
+    let mut trainer = Trainer::new(Llama::new(&s.model, Device::Cpu, seed), p.train_config(p.global_batch, lr, seed))?;
     let schedule = trainer.config.schedule();
     let batch = unit_batches(units[0].len(), p.global_batch, p.seq_len, 1);
     let report_every = (p.steps / 10).max(1);
@@ -453,7 +458,13 @@ pub(crate) fn run_baseline(s: &Setup, lr: f64, seed: u64) -> Result<Outcome> {
         recent_n += 1;
         if (step + 1) % report_every == 0 || step + 1 == p.steps {
             last_train_loss = recent / recent_n as f64;
-            log_progress(&format!("data-parallel lr {lr:.1e} seed {seed}"), step + 1, p.steps, started, last_train_loss);
+            log_progress(
+                &format!("data-parallel lr {lr:.1e} seed {seed}"),
+                step + 1,
+                p.steps,
+                started,
+                last_train_loss,
+            );
             (recent, recent_n) = (0.0, 0);
         }
     }

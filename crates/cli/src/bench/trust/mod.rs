@@ -154,7 +154,6 @@ pub struct SeedRun {
     pub honest_credits: u64,
 }
 
-
 pub(super) fn run_file(args: &TrustArgs, corpus: &Path, min_workers: usize, seed: u64) -> Result<String> {
     let compression = toml::to_string(&parse_codec(&args.codec)?)?;
     let aggregation: agora_verify::AggregationRule = args.aggregation.parse()?;
@@ -513,7 +512,11 @@ pub fn trust(mut args: TrustArgs) -> Result<()> {
         attacks: attacks.clone(),
         other_seeds: other_seeds
             .iter()
-            .map(|(seed, s)| SeedRun { seed: *seed, final_val_loss: s.final_val_loss, honest_credits: s.honest_credits })
+            .map(|(seed, s)| SeedRun {
+                seed: *seed,
+                final_val_loss: s.final_val_loss,
+                honest_credits: s.honest_credits,
+            })
             .collect(),
     };
     if args.json {
