@@ -15,7 +15,7 @@ fn sweep(corpus: &Path) -> Value {
         .args(["bench", "diloco", "--quick", "--data"])
         .arg(corpus)
         .args(["--steps", "8", "--global-batch", "4", "--seq-len", "16", "--workers", "2", "--inner-steps", "2"])
-        .args(["--outer-compare", "2:2", "--threads", "1", "--json"])
+        .args(["--outer-compare", "2:2", "--seeds", "2", "--outer", "default,average:1", "--threads", "1", "--json"])
         .output()
         .expect("agora runs");
     assert!(out.status.success(), "bench diloco failed:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -35,7 +35,8 @@ fn diloco_sweep_runs_and_every_configuration_learns() {
     let baseline = &r["baseline"];
     assert_eq!(baseline["rounds"], 8);
     let grid = r["grid"].as_array().unwrap();
-    assert_eq!(grid.len(), 1);
+    assert_eq!(grid.len(), 2, "one row per --outer recipe");
+    assert_eq!((grid[0]["recipe"].as_str(), grid[1]["recipe"].as_str()), (Some("default"), Some("average:1")));
     let diloco = &grid[0];
     assert_eq!((diloco["workers"].as_u64(), diloco["inner_steps"].as_u64()), (Some(2), Some(2)));
     assert_eq!(diloco["rounds"], 4);
@@ -49,18 +50,27 @@ fn diloco_sweep_runs_and_every_configuration_learns() {
     let compare = r["outer_comparison"].as_array().unwrap();
     let kinds: Vec<&str> = compare.iter().map(|o| o["outer"]["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["nesterov", "average", "sgd_momentum"]);
+    let base_mean = baseline["mean_val_loss"].as_f64().unwrap();
     for o in std::iter::once(baseline).chain(grid).chain(compare) {
-        let loss = o["val_loss"].as_f64().unwrap();
-        assert!(loss.is_finite() && loss < initial - 0.3, "{o}: validation loss {loss} did not fall from {initial}");
+        // Every row: the mean of one run per seed, each seed its own initial weights and data order.
+        let runs = o["runs"].as_array().unwrap();
+        let seeds: Vec<u64> = runs.iter().map(|r| r["seed"].as_u64().unwrap()).collect();
+        assert_eq!(seeds, [0, 1]);
+        let losses: Vec<f64> = runs.iter().map(|r| r["val_loss"].as_f64().unwrap()).collect();
+        assert_ne!(losses[0], losses[1], "{o}: the seeds differ");
+        let mean = o["mean_val_loss"].as_f64().unwrap();
+        assert!((mean - (losses[0] + losses[1]) / 2.0).abs() < 1e-12);
+        assert!(mean.is_finite() && mean < initial - 0.3, "{o}: validation loss {mean} did not fall from {initial}");
         let gap = o["gap_percent"].as_f64().unwrap();
-        let expected = 100.0 * (loss - baseline["val_loss"].as_f64().unwrap()) / baseline["val_loss"].as_f64().unwrap();
-        assert!((gap - expected).abs() < 1e-9);
+        assert!((gap - 100.0 * (mean - base_mean) / base_mean).abs() < 1e-9);
     }
+    // The baseline's lr was swept (--quick: --lr only) and the best mean kept.
+    assert_eq!(r["baselines"].as_array().unwrap().len(), 1);
 
     // Workers run one after another in one process: a rerun computes the same weights.
     let again = sweep(&corpus);
-    assert_eq!(again["grid"][0]["val_loss"], diloco["val_loss"]);
-    assert_eq!(again["baseline"]["val_loss"], baseline["val_loss"]);
+    assert_eq!(again["grid"][0]["mean_val_loss"], diloco["mean_val_loss"]);
+    assert_eq!(again["baseline"]["mean_val_loss"], baseline["mean_val_loss"]);
 }
 
 #[test]
@@ -71,5 +81,5 @@ fn bad_sweeps_are_refused_with_one_line() {
     assert!(stderr.trim().starts_with("error: --steps 100 is not divisible by H = 30"), "{stderr}");
     let out = agora().args(["bench", "diloco", "--data", "/nonexistent/corpus.txt"]).output().expect("agora runs");
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no such file"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such corpus"));
 }

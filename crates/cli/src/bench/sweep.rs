@@ -643,15 +643,44 @@ mod tests {
         assert!(bad(DilocoArgs { workers: Some(vec![3]), ..args() }).contains("not divisible by 3 workers"));
         assert!(bad(DilocoArgs { inner_steps: Some(vec![30]), ..args() }).contains("not divisible by H = 30"));
         assert!(bad(DilocoArgs { outer_compare: Some("4x50".into()), ..args() }).contains("want K:H"));
-        assert!(
-            bad(DilocoArgs { sweep: SweepArgs { outer_lr: 0.0, ..SweepArgs::default() }, ..args() }).contains("outer")
-        );
+        assert!(bad(DilocoArgs { sweep: SweepArgs { outer_lr: Some(0.0), ..SweepArgs::default() }, ..args() })
+            .contains("outer"));
         assert!(bad(DilocoArgs { sweep: SweepArgs { steps: Some(0), ..SweepArgs::default() }, ..args() })
             .contains("--steps"));
         assert!(Plan::from_args(&DilocoArgs { outer_compare: Some("none".into()), ..args() })
             .unwrap()
             .compare
             .is_none());
+    }
+
+    #[test]
+    fn outer_recipes_parse_and_bad_ones_are_refused() {
+        let default = OuterConfig::default();
+        assert_eq!(parse_outer("default", default).unwrap().1, default);
+        assert_eq!(parse_outer("old", default).unwrap().1, OuterConfig::CONSTANT_NESTEROV);
+        let c = parse_outer("nesterov:1:0.6:4:0.5", default).unwrap().1;
+        assert_eq!(
+            (c.kind, c.lr, c.momentum, c.warmup_rounds, c.final_lr_fraction),
+            (OuterKind::Nesterov, 1.0, 0.6, 4, 0.5)
+        );
+        assert_eq!(parse_outer("average:1", default).unwrap().1, OuterConfig::constant(OuterKind::Average, 1.0, 0.0));
+        for bad in ["adam:1", "nesterov", "nesterov:x", "nesterov:1:1.0", "nesterov:1:0.5:2:0", "nesterov:1:0:1.5"] {
+            assert!(parse_outer(bad, default).is_err(), "{bad} parsed");
+        }
+        // The --outer-* flags override the default recipe only.
+        let a = SweepArgs { outer_lr: Some(1.0), outer_warmup_rounds: Some(3), ..SweepArgs::default() };
+        assert_eq!((a.outer().lr, a.outer().warmup_rounds, a.outer().momentum), (1.0, 3, default.momentum));
+    }
+
+    #[test]
+    fn seeds_and_baseline_rates_shape_the_plan() {
+        let plan = Plan::from_args(&DilocoArgs { seeds: 3, ..args() }).unwrap();
+        assert_eq!(plan.seeds, vec![0, 1, 2]);
+        assert_eq!(plan.baseline_lrs, vec![1.5e-3, 3e-3, 6e-3], "half, once and twice --lr");
+        assert!(Plan::from_args(&DilocoArgs { seeds: 0, ..args() }).is_err());
+        assert!(Plan::from_args(&DilocoArgs { baseline_lr: Some(vec![-1.0]), ..args() }).is_err());
+        let two = Plan::from_args(&DilocoArgs { outer: Some(vec!["default".into(), "old".into()]), ..args() }).unwrap();
+        assert_eq!(two.outers.len(), 2);
     }
 
     /// Every unit size keeps the same windows: a random subset of the split, not a prefix.
@@ -668,7 +697,7 @@ mod tests {
         let model = preset("tiny", Some(n)).unwrap();
         let setup = Setup { plan, model, parameters: 0, train, pool_windows, tokenizer_hash: [0; 32], val };
         let windows = |unit: usize| {
-            let units = setup.units(unit).unwrap();
+            let units = setup.units(unit, 0).unwrap();
             assert_eq!(units.len() * unit, pool_windows);
             let mut starts: Vec<u32> =
                 units.iter().flat_map(|u| u.tokens().chunks(seq_len + 1).map(|w| w[0])).collect();
