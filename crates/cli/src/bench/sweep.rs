@@ -158,22 +158,21 @@ pub(crate) fn parse_outer(spec: &str, default: OuterConfig) -> Result<(String, O
                 "average" => OuterKind::Average,
                 k => bail!("--outer {s:?}: unknown kind {k:?} (nesterov, sgd_momentum, average)"),
             };
-            let num = |i: usize, what: &str| -> Result<Option<f64>> {
+            fn field<T: std::str::FromStr>(parts: &[&str], i: usize, spec: &str, what: &str) -> Result<Option<T>>
+            where
+                T::Err: std::error::Error + Send + Sync + 'static,
+            {
                 parts
                     .get(i)
-                    .map(|v| v.parse::<f64>().with_context(|| format!("--outer {s:?}: {what} {v:?}")))
+                    .map(|v| v.parse::<T>().with_context(|| format!("--outer {spec:?}: {what} {v:?}")))
                     .transpose()
-            };
+            }
             OuterConfig {
                 kind,
-                lr: num(1, "learning rate")?.expect("checked: at least 2 parts"),
-                momentum: num(2, "momentum")?.unwrap_or(0.0),
-                warmup_rounds: parts
-                    .get(3)
-                    .map(|v| v.parse::<u64>().with_context(|| format!("--outer {s:?}: warmup rounds {v:?}")))
-                    .transpose()?
-                    .unwrap_or(0),
-                final_lr_fraction: num(4, "final learning-rate fraction")?.unwrap_or(1.0),
+                lr: field(&parts, 1, s, "learning rate")?.expect("checked: at least 2 parts"),
+                momentum: field(&parts, 2, s, "momentum")?.unwrap_or(0.0),
+                warmup_rounds: field(&parts, 3, s, "warmup rounds")?.unwrap_or(0),
+                final_lr_fraction: field(&parts, 4, s, "final learning-rate fraction")?.unwrap_or(1.0),
             }
         }
     };
@@ -333,7 +332,7 @@ impl Plan {
             batch_size,
             seq_len: self.seq_len,
             lr,
-            min_lr: lr * self.min_lr / self.lr,
+            min_lr: lr / 10.0,
             warmup_steps: self.warmup,
             ..TrainConfig::default()
         }
