@@ -63,8 +63,14 @@ fn adversarial_suite() {
         }
         assert_eq!(attack["attacker_credits"], 0, "{name}: {attack}");
         assert_eq!(attack["attacker_pending"], 0, "{name}: nothing of a caught cheater stays pending: {attack}");
-        let honest = attack["honest_credits"].as_f64().unwrap() / baseline["credits"].as_f64().unwrap();
-        assert!(honest > 0.85, "{name}: honest workers earned {honest:.3} of the honest-only run");
+        assert_eq!(attack["honest_rejected"], 0, "{name}: an honest upload was refused: {attack}");
+        // Credits per judged honest upload: an honest worker that misses a round under CPU load (a
+        // liveness matter, not a verdict) must not read as honest work short-changed.
+        let per_upload = |credits: &Value, uploads: &Value| credits.as_f64().unwrap() / uploads.as_f64().unwrap();
+        let honest = per_upload(&attack["honest_credits"], &attack["honest_submissions"])
+            / per_upload(&baseline["credits"], &baseline["honest_submissions"]);
+        assert!(honest > 0.85, "{name}: honest uploads earned {honest:.3} of the honest-only run's: {attack}");
+        assert!(attack["honest_submissions"].as_u64().unwrap() >= 6, "{name}: honest workers mostly absent: {attack}");
         let gap = attack["final_val_loss"].as_f64().unwrap() / baseline["final_val_loss"].as_f64().unwrap() - 1.0;
         assert!(gap < 0.025, "{name}: final validation loss {:+.2}% against the honest-only run", 100.0 * gap);
         assert!(attack["receipts_verified"].as_u64().unwrap() >= 9, "{name}: {attack}");

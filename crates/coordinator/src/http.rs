@@ -283,10 +283,12 @@ async fn submit(
     body: Body,
 ) -> Response {
     let result = async {
-        let round = parse_round(&round)?;
         // Bounds how many uploads are in memory at once, whatever the number of workers.
         let _permit = app.delta_permits.acquire().await.map_err(|e| ApiError::internal(anyhow::anyhow!("{e}")))?;
         let (worker, body) = read_signed_upload(&app, &headers, &method, &uri, body, app.max_delta_bytes).await?;
+        // The path is judged after the body is read: refusing first and closing the connection under a
+        // client still writing its upload turns the error body into a broken pipe on the client's side.
+        let round = parse_round(&round)?;
         let (app2, body2) = (app.clone(), body.clone());
         let checked = tokio::task::spawn_blocking(move || app2.check_delta(round, &body2))
             .await
@@ -313,9 +315,9 @@ async fn proof(
     body: Body,
 ) -> Response {
     let result = async {
-        let round = parse_round(&round)?;
         let _permit = app.delta_permits.acquire().await.map_err(|e| ApiError::internal(anyhow::anyhow!("{e}")))?;
         let (worker, body) = read_signed_upload(&app, &headers, &method, &uri, body, app.max_proof_bytes()).await?;
+        let round = parse_round(&round)?; // after the body, as in `submit`
         app.proof(worker, round, body).await
     }
     .await;

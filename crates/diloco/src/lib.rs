@@ -4,8 +4,9 @@
 //! comparison), pseudo-gradients Δ = θ_global − θ_local, their average, one worker's inner round (H AdamW
 //! steps on its data unit), how a corpus is cut into data units, conversion between libtorch parameters and
 //! protocol tensor payloads; how Δ is compressed on the wire (`codec`: quantisation, top-k and DCT top-k,
-//! error feedback, the payload format and the coordinator's running sum), Streaming DiLoCo's fragments, and
-//! what a worker carries between rounds (`sync`).
+//! error feedback, the payload format and the coordinator's running sum), Streaming DiLoCo's fragments and
+//! its overlap of communication with computation (`overlap`), and what a worker carries between rounds
+//! (`sync`).
 //! Must not know about: HTTP, storage, identities or clocks. The coordinator and worker crates move bytes
 //! around; the in-process simulation in `agora bench diloco` calls exactly the same functions.
 
@@ -13,6 +14,7 @@ pub mod codec;
 pub mod fragments;
 pub mod inner;
 pub mod outer;
+pub mod overlap;
 pub mod sync;
 pub mod tensors;
 pub mod units;
@@ -21,5 +23,6 @@ pub use codec::{Accumulator, CompressionConfig};
 pub use fragments::FragmentPlan;
 pub use inner::{train_round, train_steps, RoundStats};
 pub use outer::{mean, pseudo_gradient, OuterConfig, OuterKind, OuterOptimizer};
+pub use overlap::{train_round_overlapped, Overlap};
 pub use sync::{SyncState, Upload};
 pub use units::{cut_units, unit_batches, unit_order};

@@ -24,6 +24,8 @@ pub struct SyncState {
     pub local: Option<Vec<Tensor>>,
     /// Per fragment: the round whose global weights this worker last took that fragment from.
     pub loaded: Vec<Option<u64>>,
+    /// Keep `local` even with one fragment: an overlapped round starts from it ([`crate::overlap`]).
+    pub keeps_local: bool,
 }
 
 /// One round's upload, and the residual to keep once it is accepted.
@@ -66,7 +68,7 @@ impl SyncState {
         } else {
             Vec::new()
         };
-        SyncState { residual, local: None, loaded: vec![None; config.fragments] }
+        SyncState { residual, local: None, loaded: vec![None; config.fragments], keeps_local: false }
     }
 
     /// The weights to train round `round` from: the global weights, except (with fragments) for the
@@ -132,7 +134,7 @@ impl SyncState {
         let fragment_specs: Vec<TensorSpec> = indices.iter().map(|&i| specs[i].clone()).collect();
         let delta = pseudo_gradient(&indices, &fragment_specs, global, &local);
         let (payload, residual) = compress(config, fragment, &fragment_specs, &delta, None, metadata);
-        if plan.count() > 1 {
+        if plan.count() > 1 || self.keeps_local {
             self.local = Some(local);
         }
         let fp32_bytes = 4 * fragment_specs.iter().map(|s| s.shape.iter().product::<usize>() as u64).sum::<u64>();

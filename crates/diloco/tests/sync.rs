@@ -132,3 +132,39 @@ fn fragments_alternate_and_unsynchronised_ones_continue_locally() {
         previous_local = Some(local);
     }
 }
+
+/// Streaming DiLoCo's overlap: an overlapped round starts from the worker's own weights (the previous
+/// round's outer step has not landed), and the late merge blends only that round's fragment.
+#[test]
+fn an_overlapped_round_starts_local_and_merges_only_the_late_fragment() {
+    let config = CompressionConfig { fragments: 2, ..Default::default() };
+    let plan = FragmentPlan::new(&specs(), 2, 2).unwrap();
+    let mut sync = SyncState { keeps_local: true, ..SyncState::new(&specs(), &config) };
+    let mut global = random(1);
+    let start = sync.overlapped_start(&config, &plan, 0, &global);
+    assert_eq!(max_diff(&start, &global), 0.0, "round 0 starts from the global weights");
+    let local: Vec<Tensor> = start.iter().zip(random(2)).map(|(s, d)| s - d * 0.01).collect();
+    let upload = sync.prepare_upload(&config, &plan, &specs(), 0, &global, local, &BTreeMap::new());
+    assert_eq!(upload.fragment, 0);
+    apply(&config, &plan, 0, &upload.payload, &mut global);
+    sync.accepted(&plan, upload.fragment, upload.residual);
+    let kept: Vec<Tensor> = sync.local.as_ref().unwrap().iter().map(|t| t.copy()).collect();
+    let start = sync.overlapped_start(&config, &plan, 1, &global);
+    assert_eq!(max_diff(&start, &kept), 0.0, "round 1 starts from the worker's own weights");
+    // τ steps later round 0's outer step lands: fragment 0 (embedding, layer 0) is blended, fragment 1 kept.
+    let mut weights: Vec<Tensor> = start.iter().zip(random(3)).map(|(s, d)| s - d * 0.01).collect();
+    let before: Vec<Tensor> = weights.iter().map(|t| t.copy()).collect();
+    sync.merge_late(&config, &plan, 1, &global, &mut weights, 0.25);
+    for i in 0..specs().len() {
+        let expected = if plan.fragment_of(i) == 0 { &before[i] * 0.25 + &global[i] * 0.75 } else { before[i].copy() };
+        let diff = (&weights[i] - expected).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "tensor {i}: off by {diff}");
+    }
+    assert_eq!(sync.loaded[0], Some(1));
+    // With one fragment and α = 0 the merge is a restart from the global weights.
+    let one = FragmentPlan::new(&specs(), 2, 1).unwrap();
+    let mut whole = SyncState { keeps_local: true, ..SyncState::new(&specs(), &CompressionConfig::default()) };
+    let mut w = random(4);
+    whole.merge_late(&CompressionConfig::default(), &one, 3, &global, &mut w, 0.0);
+    assert_eq!(max_diff(&w, &global), 0.0);
+}

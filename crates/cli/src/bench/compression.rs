@@ -10,7 +10,7 @@ use super::sweep::{prepare_setup, run_diloco, Outcome, Plan, SweepArgs};
 use crate::commands::set_threads;
 use crate::format::human_bytes;
 use agora_diloco::codec::{Codec, Values};
-use agora_diloco::CompressionConfig;
+use agora_diloco::{CompressionConfig, Overlap};
 use agora_model::Llama;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
@@ -29,8 +29,9 @@ pub struct CompressionArgs {
     #[arg(long)]
     pub inner_steps: Option<u64>,
     /// Codecs to compare, comma-separated: NAME[:KEEP/CHUNK][:VALUES][:ef][:decay=D][:block=B][:fF] with
-    /// NAME none|bf16|int8|int4|topk|dct, VALUES f32|bf16|2bit|sign, ef = error feedback, fF = F fragments.
-    /// The first must be `none` (the reference).
+    /// NAME none|bf16|int8|int4|topk|dct, VALUES f32|bf16|2bit|sign, ef = error feedback, fF = F fragments;
+    /// `:overlap=T[:merge=A]` overlaps the exchange with T inner steps (Streaming DiLoCo, merge α = A,
+    /// default 0.5). The first must be `none` (the reference).
     #[arg(long, value_delimiter = ',')]
     pub codecs: Option<Vec<String>>,
 }
@@ -39,6 +40,23 @@ pub const DEFAULT_CODECS: &str = "none,bf16,int8,int4,topk:2/64:f32,topk:2/64:2b
                                   topk:2/64:2bit:ef,topk:1/64:2bit:ef,topk:2/64:2bit:ef:decay=1,\
                                   topk:1/64:2bit:ef:decay=1,dct:2/64:2bit,dct:2/64:2bit:ef,\
                                   dct:2/64:2bit:ef:decay=1,none:f2,topk:2/64:2bit:f2";
+
+/// Parses one `--codecs` entry with Streaming DiLoCo's overlap parts: `overlap=T` (τ inner steps before
+/// the previous round's outer step is merged in) and `merge=A` (α, default 0.5).
+fn parse_entry(spec: &str) -> Result<(CompressionConfig, Overlap)> {
+    let mut overlap = Overlap::default();
+    let mut codec_parts = Vec::new();
+    for part in spec.split(':') {
+        if let Some(t) = part.strip_prefix("overlap=") {
+            overlap.steps = t.parse().with_context(|| format!("--codecs {spec:?}: overlap=T"))?;
+        } else if let Some(a) = part.strip_prefix("merge=") {
+            overlap.merge = a.parse().with_context(|| format!("--codecs {spec:?}: merge=A"))?;
+        } else {
+            codec_parts.push(part);
+        }
+    }
+    Ok((parse_codec(&codec_parts.join(":"))?, overlap))
+}
 
 /// Parses one `--codecs` entry.
 pub fn parse_codec(spec: &str) -> Result<CompressionConfig> {
@@ -80,6 +98,7 @@ pub fn parse_codec(spec: &str) -> Result<CompressionConfig> {
 struct Row {
     codec: String,
     config: CompressionConfig,
+    overlap: Overlap,
     fragments: usize,
     round_steps: u64,
     rounds: u64,
@@ -100,16 +119,22 @@ pub fn compression(c: CompressionArgs) -> Result<()> {
     let h = c.inner_steps.unwrap_or(if q { 4 } else { 20 });
     let specs: Vec<String> =
         c.codecs.clone().unwrap_or_else(|| DEFAULT_CODECS.split(',').map(|s| s.trim().to_string()).collect());
-    let configs: Vec<(String, CompressionConfig)> =
-        specs.iter().map(|s| Ok((s.clone(), parse_codec(s)?))).collect::<Result<_>>()?;
+    let configs: Vec<(String, CompressionConfig, Overlap)> = specs
+        .iter()
+        .map(|s| {
+            let (c, o) = parse_entry(s)?;
+            Ok((s.clone(), c, o))
+        })
+        .collect::<Result<_>>()?;
     ensure!(
-        configs.first().is_some_and(|(_, c)| c.codec == Codec::None && c.fragments == 1),
+        configs.first().is_some_and(|(_, c, o)| c.codec == Codec::None && c.fragments == 1 && !o.is_on()),
         "--codecs must start with `none` (fp32 DiLoCo, the reference)"
     );
     let mut round_steps = Vec::new();
-    for (spec, c) in &configs {
+    for (spec, c, o) in &configs {
         ensure!(h.is_multiple_of(c.fragments as u64), "{spec}: H = {h} is not divisible by {} fragments", c.fragments);
         let r = h / c.fragments as u64;
+        o.validate(r).with_context(|| format!("--codecs {spec:?}: a round is {r} inner steps"))?;
         if !round_steps.contains(&r) {
             round_steps.push(r);
         }
@@ -132,15 +157,16 @@ pub fn compression(c: CompressionArgs) -> Result<()> {
     let outer = p.outer;
     let per_step_sync = p.steps * setup.bytes_per_sync();
     let mut rows: Vec<Row> = Vec::new();
-    for (i, (spec, c)) in configs.iter().enumerate() {
+    for (i, (spec, c, overlap)) in configs.iter().enumerate() {
         let r = h / c.fragments as u64;
         tracing::info!("[{}/{}] {spec}: {}, k={k}, {r} inner steps per round", i + 1, configs.len(), c.describe());
-        let o: Outcome = run_diloco(&setup, k, r, ("default", outer), c, a.seed)?;
+        let o: Outcome = run_diloco(&setup, k, r, ("default", outer), c, *overlap, a.seed)?;
         let reference =
             rows.first().map_or((o.bytes_sent_per_worker, o.val_loss), |r| (r.bytes_per_worker, r.val_loss));
         let row = Row {
             codec: c.describe(),
             config: *c,
+            overlap: *overlap,
             fragments: c.fragments,
             round_steps: r,
             rounds: o.rounds,
@@ -191,13 +217,15 @@ pub fn compression(c: CompressionArgs) -> Result<()> {
     );
     println!();
     println!(
-        "| codec | fragments | rounds | bytes/worker/round | × fewer than fp32 DiLoCo | × fewer than per-step sync \
-         | final val loss | gap vs fp32 DiLoCo | time |"
+        "| codec | fragments | overlap τ (merge α) | rounds | bytes/worker/round | × fewer than fp32 DiLoCo \
+         | × fewer than per-step sync | final val loss | gap vs fp32 DiLoCo | time |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
+        let overlap =
+            if r.overlap.is_on() { format!("{} ({})", r.overlap.steps, r.overlap.merge) } else { "-".to_string() };
         println!(
-            "| {} | {} | {} | {} | {:.1}× | {:.0}× | {:.4} | {:+.2}% | {:.0}s |",
+            "| {} | {} | {overlap} | {} | {} | {:.1}× | {:.0}× | {:.4} | {:+.2}% | {:.0}s |",
             r.codec,
             r.fragments,
             r.rounds,
@@ -227,6 +255,10 @@ mod tests {
             (Codec::TopK, 1, 64, Values::TwoBit, false, 2)
         );
         assert!(parse_codec("zip").is_err());
+        let (c, o) = parse_entry("none:f2:overlap=5:merge=0.25").unwrap();
+        assert_eq!((c.fragments, o.steps, o.merge), (2, 5, 0.25));
+        assert!(!parse_entry("int8").unwrap().1.is_on());
+        assert!(parse_entry("none:overlap=x").is_err());
         assert!(parse_codec("topk:65/64").is_err());
     }
 }

@@ -442,6 +442,8 @@ fn units_slice(args: &TrustArgs, corpus: &Path, dir: &Path, units: usize) -> Res
 pub struct Baseline {
     pub honest_workers: usize,
     pub credits: u64,
+    /// Honest uploads judged (credits per upload are what an attack row is read against).
+    pub honest_submissions: u64,
     pub final_val_loss: f64,
 }
 
@@ -506,6 +508,7 @@ pub fn trust(mut args: TrustArgs) -> Result<()> {
             .map(|b| Baseline {
                 honest_workers: b.honest_workers,
                 credits: b.honest_credits,
+                honest_submissions: b.honest_submissions,
                 final_val_loss: b.final_val_loss,
             })
             .collect(),

@@ -1,0 +1,385 @@
+//! The flags every equal-token sweep shares and the plan they resolve to: budget, schedules, the grid of
+//! (k, H), outer recipes, baseline learning rates, seeds and the window pool's size.
+
+use super::super::diloco::DilocoArgs;
+use agora_diloco::{OuterConfig, OuterKind};
+use agora_train::TrainConfig;
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args;
+use serde::Serialize;
+use std::path::PathBuf;
+
+/// What every equal-token sweep shares: data, model, budget, schedules, seed, output.
+#[derive(Args, Clone)]
+pub struct SweepArgs {
+    /// Training text, its last 10% the validation split (default: tinyshakespeare when present, else a
+    /// generated Markov corpus of the same size).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// BPE vocabulary trained on --data (default: the preset's).
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
+    /// Total inner steps S of every configuration (default 1000; --quick 24). Divisible by every round length.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Windows per step summed over the workers, G (default 16; --quick 8). Divisible by every k.
+    #[arg(long)]
+    pub global_batch: Option<usize>,
+    /// Tokens per window (default 64; --quick 32).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Peak inner AdamW learning rate, the same for every configuration (cosine to a tenth of it).
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
+    /// Warmup steps of the inner schedule (default: S/20).
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// The default outer recipe's peak learning rate (default: the run file's `[outer] lr`).
+    #[arg(long)]
+    pub outer_lr: Option<f64>,
+    /// The default outer recipe's momentum (default: the run file's).
+    #[arg(long)]
+    pub outer_momentum: Option<f64>,
+    /// The default outer recipe's warmup, in rounds (default: the run file's).
+    #[arg(long)]
+    pub outer_warmup_rounds: Option<u64>,
+    /// The default outer recipe's learning rate at the last round, as a fraction of the peak (default: the
+    /// run file's).
+    #[arg(long)]
+    pub outer_final_lr_fraction: Option<f64>,
+    /// Model initialisation and data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// libtorch threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// A smoke run: small defaults (a few seconds after tokenization); explicit flags still win.
+    #[arg(long)]
+    pub quick: bool,
+    /// Print the results as one line of JSON instead of Markdown tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Default for SweepArgs {
+    fn default() -> Self {
+        SweepArgs {
+            data: None,
+            preset: "tiny".into(),
+            vocab_size: None,
+            steps: None,
+            global_batch: None,
+            seq_len: None,
+            lr: 3e-3,
+            warmup: None,
+            outer_lr: None,
+            outer_momentum: None,
+            outer_warmup_rounds: None,
+            outer_final_lr_fraction: None,
+            seed: 0,
+            threads: None,
+            quick: false,
+            json: false,
+        }
+    }
+}
+
+impl SweepArgs {
+    /// The run file's default outer recipe with this sweep's `--outer-*` overrides.
+    pub(crate) fn outer(&self) -> OuterConfig {
+        let d = OuterConfig::default();
+        OuterConfig {
+            lr: self.outer_lr.unwrap_or(d.lr),
+            momentum: self.outer_momentum.unwrap_or(d.momentum),
+            warmup_rounds: self.outer_warmup_rounds.unwrap_or(d.warmup_rounds),
+            final_lr_fraction: self.outer_final_lr_fraction.unwrap_or(d.final_lr_fraction),
+            ..d
+        }
+    }
+}
+
+/// One outer recipe of `--outer`: `default` (the run file's default with the `--outer-*` overrides), `old`
+/// (constant Nesterov lr 0.7, momentum 0.9: the default before issue 12), or
+/// `KIND:LR[:MOMENTUM[:WARMUP_ROUNDS[:FINAL_LR_FRACTION]]]` with KIND nesterov, sgd_momentum or average.
+pub(crate) fn parse_outer(spec: &str, default: OuterConfig) -> Result<(String, OuterConfig)> {
+    let config = match spec.trim() {
+        "default" => default,
+        "old" => OuterConfig::CONSTANT_NESTEROV,
+        s => {
+            let parts: Vec<&str> = s.split(':').map(str::trim).collect();
+            ensure!(
+                (2..=5).contains(&parts.len()),
+                "--outer {s:?}: want default, old or KIND:LR[:MOMENTUM[:WARMUP_ROUNDS[:FINAL_LR_FRACTION]]]"
+            );
+            let kind = match parts[0] {
+                "nesterov" => OuterKind::Nesterov,
+                "sgd_momentum" => OuterKind::SgdMomentum,
+                "average" => OuterKind::Average,
+                k => bail!("--outer {s:?}: unknown kind {k:?} (nesterov, sgd_momentum, average)"),
+            };
+            fn field<T: std::str::FromStr>(parts: &[&str], i: usize, spec: &str, what: &str) -> Result<Option<T>>
+            where
+                T::Err: std::error::Error + Send + Sync + 'static,
+            {
+                parts
+                    .get(i)
+                    .map(|v| v.parse::<T>().with_context(|| format!("--outer {spec:?}: {what} {v:?}")))
+                    .transpose()
+            }
+            OuterConfig {
+                kind,
+                lr: field(&parts, 1, s, "learning rate")?.expect("checked: at least 2 parts"),
+                momentum: field(&parts, 2, s, "momentum")?.unwrap_or(0.0),
+                warmup_rounds: field(&parts, 3, s, "warmup rounds")?.unwrap_or(0),
+                final_lr_fraction: field(&parts, 4, s, "final learning-rate fraction")?.unwrap_or(1.0),
+            }
+        }
+    };
+    config.validate().with_context(|| format!("--outer {spec:?}"))?;
+    Ok((spec.trim().to_string(), config))
+}
+
+/// The sweep after defaults and validation.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Plan {
+    pub(crate) steps: u64,
+    pub(crate) global_batch: usize,
+    pub(crate) seq_len: usize,
+    pub(crate) workers: Vec<usize>,
+    pub(crate) inner_steps: Vec<u64>,
+    pub(crate) lr: f64,
+    pub(crate) min_lr: f64,
+    pub(crate) warmup: u64,
+    /// The default outer recipe (`--outer-*` applied): the grid's first, and the codec sweep's only one.
+    pub(crate) outer: OuterConfig,
+    /// Every outer recipe of the grid, by its `--outer` name.
+    pub(crate) outers: Vec<(String, OuterConfig)>,
+    /// Peak inner learning rates of the data-parallel baseline; the best of them (mean over seeds) is the
+    /// reference, so DiLoCo is compared with a tuned baseline.
+    pub(crate) baseline_lrs: Vec<f64>,
+    /// Seeds (model initialisation and data order); every configuration runs once per seed.
+    pub(crate) seeds: Vec<u64>,
+    /// (k, H) of the outer-optimizer comparison.
+    pub(crate) compare: Option<(usize, u64)>,
+}
+
+fn parse_compare(s: &str) -> Result<Option<(usize, u64)>> {
+    if s == "none" {
+        return Ok(None);
+    }
+    let parsed = s.split_once(':').and_then(|(k, h)| Some((k.trim().parse().ok()?, h.trim().parse().ok()?)));
+    match parsed {
+        Some(kh) => Ok(Some(kh)),
+        None => bail!("--outer-compare {s:?}: want K:H (e.g. 4:50) or none"),
+    }
+}
+
+impl Plan {
+    pub(crate) fn from_args(d: &DilocoArgs) -> Result<Plan> {
+        let a = &d.sweep;
+        let q = a.quick;
+        let steps = a.steps.unwrap_or(if q { 24 } else { 1000 });
+        let global_batch = a.global_batch.unwrap_or(if q { 8 } else { 16 });
+        let seq_len = a.seq_len.unwrap_or(if q { 32 } else { 64 });
+        let workers = d.workers.clone().unwrap_or(if q { vec![1, 2] } else { vec![1, 2, 4, 8] });
+        let inner_steps = d.inner_steps.clone().unwrap_or(if q { vec![4, 12] } else { vec![10, 50, 200] });
+        let compare = match &d.outer_compare {
+            Some(s) => parse_compare(s)?,
+            None => Some(if q { (2, 4) } else { (4, 50) }),
+        };
+        let outer = a.outer();
+        let outers = d
+            .outer
+            .clone()
+            .unwrap_or_else(|| vec!["default".into()])
+            .iter()
+            .map(|spec| parse_outer(spec, outer))
+            .collect::<Result<Vec<_>>>()?;
+        ensure!(d.seeds >= 1, "--seeds must be at least 1");
+        let baseline_lrs =
+            d.baseline_lr.clone().unwrap_or(if q { vec![a.lr] } else { vec![a.lr / 2.0, a.lr, 2.0 * a.lr] });
+        let plan = Plan {
+            steps,
+            global_batch,
+            seq_len,
+            workers,
+            inner_steps,
+            lr: a.lr,
+            min_lr: a.lr / 10.0,
+            warmup: a.warmup.unwrap_or((steps / 20).max(1)),
+            outer,
+            outers,
+            baseline_lrs,
+            compare,
+            seeds: (a.seed..a.seed + d.seeds as u64).collect(),
+        };
+        plan.validate()?;
+        Ok(plan)
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        ensure!(self.steps > 0, "--steps must be positive");
+        ensure!(self.global_batch > 0, "--global-batch must be positive");
+        ensure!(self.seq_len > 0, "--seq-len must be positive");
+        ensure!(!self.workers.is_empty(), "--workers needs at least one worker count");
+        ensure!(!self.inner_steps.is_empty(), "--inner-steps needs at least one value");
+        ensure!(self.lr.is_finite() && self.lr > 0.0, "--lr must be positive, got {}", self.lr);
+        ensure!(self.warmup <= self.steps, "--warmup {} exceeds --steps {}", self.warmup, self.steps);
+        self.outer
+            .validate()
+            .context("--outer-lr / --outer-momentum / --outer-warmup-rounds / --outer-final-lr-fraction")?;
+        ensure!(!self.outers.is_empty(), "--outer needs at least one recipe");
+        ensure!(!self.baseline_lrs.is_empty(), "--baseline-lr needs at least one value");
+        for &lr in &self.baseline_lrs {
+            ensure!(lr.is_finite() && lr > 0.0, "--baseline-lr must be positive, got {lr}");
+        }
+        let ks = self.workers.iter().copied().chain(self.compare.map(|(k, _)| k));
+        for k in ks {
+            ensure!(k > 0, "a worker count must be at least 1");
+            ensure!(
+                self.global_batch.is_multiple_of(k),
+                "--global-batch {} is not divisible by {k} workers (each worker takes G/k windows per step)",
+                self.global_batch
+            );
+        }
+        for h in self.inner_steps.iter().copied().chain(self.compare.map(|(_, h)| h)) {
+            ensure!(h > 0, "inner steps per round must be at least 1");
+            ensure!(
+                self.steps.is_multiple_of(h),
+                "--steps {} is not divisible by H = {h} (every configuration runs S/H whole rounds)",
+                self.steps
+            );
+        }
+        Ok(())
+    }
+
+    /// Every (k, H) the sweep runs, the comparison point included.
+    pub(crate) fn grid(&self) -> Vec<(usize, u64)> {
+        let mut grid: Vec<(usize, u64)> =
+            self.workers.iter().flat_map(|&k| self.inner_steps.iter().map(move |&h| (k, h))).collect();
+        if let Some(kh) = self.compare {
+            if !grid.contains(&kh) {
+                grid.push(kh);
+            }
+        }
+        grid
+    }
+
+    /// The size of the window pool: the largest multiple of every unit size (G for the baseline, H·G/k for
+    /// DiLoCo) that the training split holds.
+    pub(super) fn pool_windows(&self, available: usize) -> Result<usize> {
+        let mut l = self.global_batch;
+        for (k, h) in self.grid() {
+            let unit = h as usize * (self.global_batch / k);
+            l = lcm(l, unit).context("the unit sizes' least common multiple overflows")?;
+        }
+        ensure!(
+            available >= l,
+            "the training split holds {available} windows of {} tokens, fewer than {l} (the least common multiple \
+             of every configuration's unit of H·G/k windows); use a larger corpus or smaller --inner-steps, \
+             --global-batch or --seq-len",
+            self.seq_len + 1
+        );
+        Ok(available / l * l)
+    }
+
+    /// The inner loop of a run at peak learning rate `lr` (cosine to a tenth of it).
+    pub(super) fn train_config(&self, batch_size: usize, lr: f64, seed: u64) -> TrainConfig {
+        TrainConfig {
+            seed,
+            steps: self.steps,
+            batch_size,
+            seq_len: self.seq_len,
+            lr,
+            min_lr: lr / 10.0,
+            warmup_steps: self.warmup,
+            ..TrainConfig::default()
+        }
+    }
+}
+
+fn lcm(a: usize, b: usize) -> Option<usize> {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    (a / gcd(a, b)).checked_mul(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> DilocoArgs {
+        DilocoArgs {
+            sweep: SweepArgs::default(),
+            workers: None,
+            inner_steps: None,
+            outer_compare: None,
+            outer: None,
+            baseline_lr: None,
+            seeds: 1,
+        }
+    }
+
+    #[test]
+    fn default_plan_is_valid_and_its_pool_fits_every_unit() {
+        let plan = Plan::from_args(&args()).unwrap();
+        assert_eq!(plan.grid().len(), 12, "4:50 is in the default grid");
+        // Units: 16 (baseline) and H·16/k; the largest is 200·16 = 3200 and every other one divides it.
+        assert_eq!(plan.pool_windows(8283).unwrap(), 6400);
+        assert!(plan.pool_windows(3199).is_err());
+        Plan::from_args(&DilocoArgs { sweep: SweepArgs { quick: true, ..SweepArgs::default() }, ..args() }).unwrap();
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        let bad = |a: DilocoArgs| Plan::from_args(&a).unwrap_err().to_string();
+        assert!(bad(DilocoArgs { workers: Some(vec![3]), ..args() }).contains("not divisible by 3 workers"));
+        assert!(bad(DilocoArgs { inner_steps: Some(vec![30]), ..args() }).contains("not divisible by H = 30"));
+        assert!(bad(DilocoArgs { outer_compare: Some("4x50".into()), ..args() }).contains("want K:H"));
+        assert!(bad(DilocoArgs { sweep: SweepArgs { outer_lr: Some(0.0), ..SweepArgs::default() }, ..args() })
+            .contains("outer"));
+        assert!(bad(DilocoArgs { sweep: SweepArgs { steps: Some(0), ..SweepArgs::default() }, ..args() })
+            .contains("--steps"));
+        assert!(Plan::from_args(&DilocoArgs { outer_compare: Some("none".into()), ..args() })
+            .unwrap()
+            .compare
+            .is_none());
+    }
+
+    #[test]
+    fn outer_recipes_parse_and_bad_ones_are_refused() {
+        let default = OuterConfig::default();
+        assert_eq!(parse_outer("default", default).unwrap().1, default);
+        assert_eq!(parse_outer("old", default).unwrap().1, OuterConfig::CONSTANT_NESTEROV);
+        let c = parse_outer("nesterov:1:0.6:4:0.5", default).unwrap().1;
+        assert_eq!(
+            (c.kind, c.lr, c.momentum, c.warmup_rounds, c.final_lr_fraction),
+            (OuterKind::Nesterov, 1.0, 0.6, 4, 0.5)
+        );
+        assert_eq!(parse_outer("average:1", default).unwrap().1, OuterConfig::constant(OuterKind::Average, 1.0, 0.0));
+        for bad in ["adam:1", "nesterov", "nesterov:x", "nesterov:1:1.0", "nesterov:1:0.5:2:0", "nesterov:1:0:1.5"] {
+            assert!(parse_outer(bad, default).is_err(), "{bad} parsed");
+        }
+        // The --outer-* flags override the default recipe only.
+        let a = SweepArgs { outer_lr: Some(1.0), outer_warmup_rounds: Some(3), ..SweepArgs::default() };
+        assert_eq!((a.outer().lr, a.outer().warmup_rounds, a.outer().momentum), (1.0, 3, default.momentum));
+    }
+
+    #[test]
+    fn seeds_and_baseline_rates_shape_the_plan() {
+        let plan = Plan::from_args(&DilocoArgs { seeds: 3, ..args() }).unwrap();
+        assert_eq!(plan.seeds, vec![0, 1, 2]);
+        assert_eq!(plan.baseline_lrs, vec![1.5e-3, 3e-3, 6e-3], "half, once and twice --lr");
+        assert!(Plan::from_args(&DilocoArgs { seeds: 0, ..args() }).is_err());
+        assert!(Plan::from_args(&DilocoArgs { baseline_lr: Some(vec![-1.0]), ..args() }).is_err());
+        let two = Plan::from_args(&DilocoArgs { outer: Some(vec!["default".into(), "old".into()]), ..args() }).unwrap();
+        assert_eq!(two.outers.len(), 2);
+    }
+}
