@@ -1,4 +1,5 @@
-//! `agora bench diloco` end to end on a small synthetic corpus (a few seconds; no ../shared/data needed).
+//! `agora bench diloco` and Streaming DiLoCo's overlap in `agora bench compression`, end to end on a small
+//! synthetic corpus (a few seconds; no ../shared/data needed).
 
 use serde_json::Value;
 use std::path::Path;
@@ -82,4 +83,41 @@ fn bad_sweeps_are_refused_with_one_line() {
     let out = agora().args(["bench", "diloco", "--data", "/nonexistent/corpus.txt"]).output().expect("agora runs");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such corpus"));
+}
+
+/// Overlap changes training (the previous round's fragment arrives τ steps late and is blended in), still
+/// learns, and a τ that does not fit in the round is refused.
+#[test]
+fn overlapped_fragments_learn_and_a_tau_beyond_the_round_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    let made =
+        agora().args(["data", "synthetic", "--words", "20000", "--out"]).arg(&corpus).output().expect("agora runs");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let run = |codecs: &str| {
+        agora()
+            .args(["bench", "compression", "--quick", "--data"])
+            .arg(&corpus)
+            .args(["--steps", "16", "--global-batch", "4", "--seq-len", "16", "--workers", "2", "--inner-steps", "4"])
+            .args(["--codecs", codecs, "--threads", "1", "--json"])
+            .output()
+            .expect("agora runs")
+    };
+    let out = run("none,none:f2,none:f2:overlap=1:merge=0.5");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = r["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    let (plain, overlapped) = (&rows[1], &rows[2]);
+    assert_eq!((plain["overlap"]["steps"].as_u64(), overlapped["overlap"]["steps"].as_u64()), (Some(0), Some(1)));
+    let initial = r["initial_val_loss"].as_f64().unwrap();
+    let (a, b) = (plain["val_loss"].as_f64().unwrap(), overlapped["val_loss"].as_f64().unwrap());
+    assert!(b.is_finite() && b < initial, "overlapped DiLoCo learns: {b} from {initial}");
+    assert_ne!(a, b, "the late merge changes the trajectory");
+    assert_eq!(plain["bytes_per_worker"], overlapped["bytes_per_worker"], "overlap sends the same bytes");
+    // Two fragments of a 4-step round: rounds of 2 steps, so τ = 2 is the whole round.
+    let out = run("none,none:f2:overlap=2");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("overlap_steps (2) must be fewer than the round's inner steps (2)"), "{err}");
 }

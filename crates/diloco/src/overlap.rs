@@ -1,11 +1,11 @@
-//! Streaming DiLoCo's overlap of communication with computation (arXiv 2501.18512, §2.3): a worker does
+//! Streaming DiLoCo's overlap of communication with computation (arXiv 2501.18512): a worker does
 //! not wait for round r's outer step. It starts round r + 1 at once from its own weights and, `steps`
 //! inner steps later, when round r's new global value of the fragment it sent arrives, blends it into
 //! its weights: θ_f ← merge · θ_f(local) + (1 − merge) · θ_f(global). `merge` 0 takes the global value
 //! as it is (the τ local steps on that fragment are lost); 0.5 is the paper's choice.
 //!
-//! Only the in-process simulation (`agora bench diloco --overlap-steps`) runs it today; a networked run
-//! synchronises without overlap.
+//! Only the in-process simulation runs it today (`agora bench compression --codecs none:f2:overlap=T`); a
+//! networked worker still waits for its round's close before it starts the next one.
 
 use crate::fragments::FragmentPlan;
 use crate::inner::{train_steps, RoundStats};
@@ -13,7 +13,7 @@ use crate::sync::{start_from_global, SyncState};
 use crate::tensors::{load_weights, model_weights};
 use crate::CompressionConfig;
 use agora_data::Shard;
-use agora_train::{StepStats, Trainer};
+use agora_train::Trainer;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
@@ -115,15 +115,14 @@ pub fn train_round_overlapped(
     steps: u64,
     overlap_steps: u64,
     merge: impl FnOnce(&mut [Tensor]),
-    mut on_step: impl FnMut(u64, &StepStats),
 ) -> Result<(Vec<Tensor>, RoundStats)> {
     assert!(overlap_steps < steps, "the merge ({overlap_steps}) must fall inside the round ({steps} steps)");
     load_weights(&trainer.model, start);
-    let before = train_steps(trainer, unit, first_step, steps, 0..overlap_steps, &mut on_step)?;
+    let before = train_steps(trainer, unit, first_step, steps, 0..overlap_steps, |_, _| {})?;
     let mut weights = model_weights(&trainer.model);
     merge(&mut weights);
     load_weights(&trainer.model, &weights);
-    let after = train_steps(trainer, unit, first_step, steps, overlap_steps..steps, &mut on_step)?;
+    let after = train_steps(trainer, unit, first_step, steps, overlap_steps..steps, |_, _| {})?;
     let mean_loss =
         (before.mean_loss * overlap_steps as f64 + after.mean_loss * (steps - overlap_steps) as f64) / steps as f64;
     Ok((model_weights(&trainer.model), RoundStats { mean_loss, tokens: before.tokens + after.tokens }))

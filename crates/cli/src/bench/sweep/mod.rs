@@ -237,7 +237,7 @@ pub(crate) fn run_diloco(
                 // its fragment in τ steps later, as a networked worker would when it arrives.
                 let start = sync.overlapped_start(compression, &plan, round, &global);
                 let merge = |w: &mut [Tensor]| sync.merge_late(compression, &plan, round, &global, w, overlap.merge);
-                train_round_overlapped(worker, &start, unit, round * h, h, overlap.steps, merge, |_, _| {})?
+                train_round_overlapped(worker, &start, unit, round * h, h, overlap.steps, merge)?
             } else {
                 let start = sync.start_weights(compression, &plan, round, &global);
                 train_round(worker, &start, unit, round * h, h, |_, _| {})?
