@@ -131,7 +131,7 @@ echo
 cat "$work/table.md"
 fi
 
-# --- the DiLoCo sweep: one process, workers run one after another (see crates/cli/src/bench/sweep.rs) ---
+# --- the DiLoCo sweep: one process, workers run one after another (see crates/cli/src/bench/sweep/mod.rs) ---
 if [ "$DILOCO" = 1 ]; then
   diloco_cmd=(agora bench diloco --data "$DILOCO_DATA" --threads "$THREADS")
   [ "$quick" = 1 ] && diloco_cmd+=(--quick)

@@ -119,5 +119,5 @@ fn overlapped_fragments_learn_and_a_tau_beyond_the_round_is_refused() {
     let out = run("none,none:f2:overlap=2");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("overlap_steps (2) must be fewer than the round's inner steps (2)"), "{err}");
+    assert!(err.contains("overlap τ = 2 must be fewer than the round's 2 inner steps"), "{err}");
 }

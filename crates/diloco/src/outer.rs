@@ -23,8 +23,9 @@ pub struct OuterConfig {
     /// The peak outer learning rate.
     pub lr: f64,
     pub momentum: f64,
-    /// Outer steps over which the learning rate rises linearly to `lr` (the first step takes
-    /// lr / warmup_rounds); 0: `lr` from the first step.
+    /// Rounds over which the learning rate rises linearly to `lr` (the first step takes
+    /// lr / warmup_rounds); 0: `lr` from the first step. Counted in rounds, not in steps of one fragment:
+    /// with F fragments each fragment takes about warmup_rounds / F of the warm-up steps.
     pub warmup_rounds: u64,
     /// The learning rate at the last planned round, as a fraction of `lr`, reached by a cosine from the
     /// end of the warmup; 1: constant.

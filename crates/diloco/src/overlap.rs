@@ -4,7 +4,7 @@
 //! its weights: θ_f ← merge · θ_f(local) + (1 − merge) · θ_f(global). `merge` 0 takes the global value
 //! as it is (the τ local steps on that fragment are lost); 0.5 is the paper's choice.
 //!
-//! Only the in-process simulation runs it today (`agora bench compression --codecs none:f2:overlap=T`); a
+//! Only the in-process simulation runs it today (`agora bench compression --codecs none,none:f2:overlap=T`); a
 //! networked worker still waits for its round's close before it starts the next one.
 
 use crate::fragments::FragmentPlan;
@@ -24,7 +24,7 @@ pub struct Overlap {
     /// τ: inner steps of round r + 1 taken before round r's outer step is merged in; 0: no overlap (the
     /// worker waits for the close and starts from the new global weights).
     pub steps: u64,
-    /// α: the weight of the worker's own values in the blend.
+    /// α: the weight of the worker's own values in the blend, in [0, 1).
     pub merge: f64,
 }
 
@@ -40,11 +40,12 @@ impl Overlap {
     }
 
     pub fn validate(&self, inner_steps: u64) -> Result<()> {
-        if !(0.0..=1.0).contains(&self.merge) {
-            bail!("merge must be in [0, 1], got {}", self.merge);
+        // α = 1 would never take the global weights in: the workers would never synchronise.
+        if !(0.0..1.0).contains(&self.merge) {
+            bail!("merge must be in [0, 1), got {}", self.merge);
         }
         if self.steps >= inner_steps.max(1) {
-            bail!("overlap_steps ({}) must be fewer than the round's inner steps ({inner_steps})", self.steps);
+            bail!("overlap τ = {} must be fewer than the round's {inner_steps} inner steps", self.steps);
         }
         Ok(())
     }
@@ -79,6 +80,8 @@ impl SyncState {
         round: u64,
         global: &[Tensor],
     ) -> Vec<Tensor> {
+        // Overlap needs the worker's own weights every round, whatever the number of fragments.
+        self.keeps_local = true;
         match &self.local {
             Some(local) => local.iter().map(|t| t.copy()).collect(),
             None => self.start_weights(config, plan, round, global),
@@ -153,6 +156,7 @@ mod tests {
         assert!(Overlap { steps: 5, merge: 0.5 }.validate(50).is_ok());
         assert!(Overlap { steps: 50, merge: 0.5 }.validate(50).is_err());
         assert!(Overlap { steps: 2, merge: 1.5 }.validate(50).is_err());
+        assert!(Overlap { steps: 2, merge: 1.0 }.validate(50).is_err());
         assert!(!Overlap::default().is_on());
     }
 }

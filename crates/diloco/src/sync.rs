@@ -20,7 +20,7 @@ use tch::Tensor;
 pub struct SyncState {
     /// Per model tensor: what compression has dropped and not yet sent (empty without error feedback).
     pub residual: Vec<Vec<f32>>,
-    /// With fragments: this worker's weights after its last round.
+    /// With fragments (or under overlap, `keeps_local`): this worker's weights after its last round.
     pub local: Option<Vec<Tensor>>,
     /// Per fragment: the round whose global weights this worker last took that fragment from.
     pub loaded: Vec<Option<u64>>,
@@ -116,8 +116,8 @@ impl SyncState {
     }
 
     /// Compresses Δ = global − local of the fragment round `round` synchronises (which, under error
-    /// feedback, includes the residual the worker started from). With fragments, keeps `local` for the
-    /// next round.
+    /// feedback, includes the residual the worker started from). With fragments or under overlap, keeps
+    /// `local` for the next round.
     #[allow(clippy::too_many_arguments)]
     pub fn prepare_upload(
         &mut self,

@@ -55,6 +55,7 @@ fn parse_entry(spec: &str) -> Result<(CompressionConfig, Overlap)> {
             codec_parts.push(part);
         }
     }
+    ensure!(overlap.is_on() || overlap.merge == Overlap::default().merge, "--codecs {spec:?}: merge=A needs overlap=T");
     Ok((parse_codec(&codec_parts.join(":"))?, overlap))
 }
 
@@ -259,6 +260,7 @@ mod tests {
         assert_eq!((c.fragments, o.steps, o.merge), (2, 5, 0.25));
         assert!(!parse_entry("int8").unwrap().1.is_on());
         assert!(parse_entry("none:overlap=x").is_err());
+        assert!(parse_entry("none:f2:merge=0.3").is_err(), "a merge without an overlap does nothing");
         assert!(parse_codec("topk:65/64").is_err());
     }
 }

@@ -28,6 +28,7 @@
 //! split holds, so all of them train on the same `P` windows — a random subset spread over the whole split,
 //! not a prefix of it. Units are visited in [`unit_order`] epoch order, worker `i` of round `r` taking the
 //! `(r·k + i)`-th unit of that sequence. Validation loss is [`evaluate`] over every window of the held-out
+//! split.
 //!
 //! [`mean`]: agora_diloco::mean
 
@@ -189,7 +190,7 @@ pub(crate) fn run_baseline(s: &Setup, lr: f64, seed: u64) -> Result<Outcome> {
 
 /// DiLoCo with k workers and H inner steps per round, every pseudo-gradient encoded with `compression`
 /// (fp32 for the plain sweep) exactly as networked workers encode it: [`SyncState`] carries each worker's
-/// error-feedback residual and, with fragments, its own weights; the coordinator's [`Accumulator`] sums the
+/// error-feedback residual and, with fragments or overlap, its own weights; the coordinator's [`Accumulator`] sums the
 /// parsed payloads; the outer step moves the round's fragment.
 pub(crate) fn run_diloco(
     s: &Setup,
