@@ -40,7 +40,7 @@ impl Default for OuterConfig {
 
 impl OuterConfig {
     /// The default since issue 12: Nesterov at lr 1 with momentum 0.6 and a 4-round warmup. Against the old
-    /// recipe at k = 4, H = 50 on tinyshakespeare it took the gap to data-parallel from +7.1% to +3.2% at
+    /// recipe at k = 4, H = 50 on tinyshakespeare it took the gap to data-parallel from +7.4% to +3.4% at
     /// 2000 inner steps (BENCHMARKS.md, "Issue 12"); momentum 0.9 overshoots with tens of outer steps.
     pub const RECOMMENDED: OuterConfig =
         OuterConfig { kind: OuterKind::Nesterov, lr: 1.0, momentum: 0.6, warmup_rounds: 4, final_lr_fraction: 1.0 };
