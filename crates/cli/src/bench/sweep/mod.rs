@@ -324,22 +324,11 @@ pub(crate) fn prepare_setup(a: &SweepArgs, plan: Plan) -> Result<(Setup, serde_j
     let setup = Setup { plan, model, parameters, train, pool_windows, tokenizer_hash: tokenizer.hash(), val };
     Ok((setup, data))
 }
+
 #[cfg(test)]
 mod tests {
-    use super::super::diloco::DilocoArgs;
+    use super::plan::tests::args;
     use super::*;
-
-    fn args() -> DilocoArgs {
-        DilocoArgs {
-            sweep: SweepArgs::default(),
-            workers: None,
-            inner_steps: None,
-            outer_compare: None,
-            outer: None,
-            baseline_lr: None,
-            seeds: 1,
-        }
-    }
 
     /// Every unit size keeps the same windows: a random subset of the split, not a prefix.
     #[test]

@@ -312,10 +312,11 @@ fn lcm(a: usize, b: usize) -> Option<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn args() -> DilocoArgs {
+    /// `agora bench diloco` with every flag at its default.
+    pub(in super::super) fn args() -> DilocoArgs {
         DilocoArgs {
             sweep: SweepArgs::default(),
             workers: None,
