@@ -18,7 +18,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tch::Device;
 
@@ -78,7 +78,39 @@ struct Summary {
     sample: String,
     distributed_seconds: f64,
     baseline_seconds: f64,
+    idle: IdleTime,
     trust: TrustSummary,
+}
+
+/// How long the workers sat waiting on the coordinator between rounds (for their round to close and be
+/// judged, and for the next one to open): what Streaming DiLoCo's overlap would hide.
+#[derive(Debug, Serialize)]
+struct IdleTime {
+    /// Per worker name: seconds waiting per received upload.
+    per_round: BTreeMap<String, f64>,
+    /// Per worker name: waiting as a fraction of its time in the run.
+    fraction: BTreeMap<String, f64>,
+}
+
+/// Reads every worker's JSON summary (`logs/worker-i.json`, written when it exits). A worker that has not
+/// written one (it had not exited by the deadline) is left out of the figures, with a warning.
+fn idle_time(logs: &Path, workers: usize) -> Result<IdleTime> {
+    let mut idle = IdleTime { per_round: BTreeMap::new(), fraction: BTreeMap::new() };
+    for i in 0..workers {
+        let name = format!("worker-{i}");
+        let path = logs.join(format!("{name}.json"));
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("{}: the worker's summary", path.display()))?;
+        let Ok(summary) = serde_json::from_str::<serde_json::Value>(text.trim()) else {
+            tracing::warn!("{}: no summary (the worker had not finished); left out of the idle time", path.display());
+            continue;
+        };
+        let field = |key: &str| summary[key].as_f64().with_context(|| format!("{}: no {key}", path.display()));
+        let (waiting, wall, rounds) = (field("waiting_seconds")?, field("wall_seconds")?, field("rounds_received")?);
+        idle.per_round.insert(name.clone(), waiting / rounds.max(1.0));
+        idle.fraction.insert(name, waiting / wall.max(f64::MIN_POSITIVE));
+    }
+    Ok(idle)
 }
 
 /// How the run's uploads were judged and paid.
@@ -166,9 +198,10 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     for i in 0..args.workers {
         let name = format!("worker-{i}");
         let child = Command::new(&exe)
-            .args(["worker", "--coordinator", &url, "--threads", "1", "--name", &name, "--data-dir"])
+            .args(["worker", "--coordinator", &url, "--threads", "1", "--json", "--name", &name, "--data-dir"])
             .arg(out.join("workers").join(&name))
-            .stdout(Stdio::null())
+            // Its summary, one line of JSON (idle time, verdicts), read back once it has exited.
+            .stdout(std::fs::File::create(logs.join(format!("{name}.json")))?)
             .stderr(std::fs::File::create(logs.join(format!("{name}.log")))?)
             .spawn()
             .with_context(|| format!("cannot start {name}"))?;
@@ -189,6 +222,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             }
         }
     }
+    let idle = idle_time(&logs, args.workers)?;
     let final_val_loss =
         report.history.last().and_then(|h| h.val_loss).context("the final round has no validation loss")?;
 
@@ -255,6 +289,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         sample,
         distributed_seconds,
         baseline_seconds,
+        idle,
         trust,
     };
     if args.json {
@@ -443,6 +478,16 @@ fn print_summary(s: &Summary, out: &Path) {
     );
     let credits: Vec<String> = t.credits.iter().map(|(n, c)| format!("{n} {:.4}", *c as f64 / 1e6)).collect();
     println!("credits earned: {}", credits.join(", "));
+    let idle: Vec<String> = s
+        .idle
+        .per_round
+        .iter()
+        .map(|(n, secs)| format!("{n} {secs:.1}s ({:.0}%)", 100.0 * s.idle.fraction.get(n).copied().unwrap_or(0.0)))
+        .collect();
+    println!(
+        "idle, waiting for a round to close and the next to open: {} per round (share of each worker's time)",
+        idle.join(", ")
+    );
     println!("time: distributed {:.0}s, baseline {:.0}s", s.distributed_seconds, s.baseline_seconds);
     println!(
         "\nsample from the final global weights (temperature 0.8):\n  {}",

@@ -85,6 +85,12 @@ pub struct WorkerSummary {
     pub bytes_received: u64,
     /// Seconds spent in inner steps (what verification costs are compared with).
     pub train_seconds: f64,
+    /// Seconds spent between rounds waiting on the coordinator: for an uploaded round to close and be
+    /// judged (its receipt) and for the next assignment (`/v1/work` long-polls until a round opens). The
+    /// idle time Streaming DiLoCo's overlap would hide; downloads, encoding and uploads are not in it.
+    pub waiting_seconds: f64,
+    /// Seconds from joining to leaving.
+    pub wall_seconds: f64,
     pub finished: bool,
 }
 
@@ -180,8 +186,11 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
         fp32_bytes: 0,
         bytes_received: 0,
         train_seconds: 0.0,
+        waiting_seconds: 0.0,
+        wall_seconds: 0.0,
         finished: false,
     };
+    let joined_at = Instant::now();
     let result = (|| -> Result<()> {
         loop {
             // An upload not yet settled (the worker may have been killed waiting for its answer or for its
@@ -196,7 +205,12 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
                     None => false,
                     // Nothing is judged: received is as accepted as it gets.
                     Some(_) if !ctx.trust.verify => true,
-                    Some(r) => round_verdict(&client, &ctx, &pending, &r, &identity.id(), &mut summary)?,
+                    Some(r) => {
+                        let waiting = Instant::now();
+                        let accepted = round_verdict(&client, &ctx, &pending, &r, &identity.id(), &mut summary)?;
+                        summary.waiting_seconds += waiting.elapsed().as_secs_f64();
+                        accepted
+                    }
                 };
                 // The error-feedback residual advances only past an accepted upload; otherwise the old one
                 // (which still holds what this upload tried to send) is kept.
@@ -210,7 +224,9 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
                 tracing::info!(rounds = summary.rounds_received, "the requested uploads were received; left the run");
                 return Ok(());
             }
+            let waiting = Instant::now();
             let work: WorkResponse = client.post_json("/v1/work", &serde_json::json!({}))?;
+            summary.waiting_seconds += waiting.elapsed().as_secs_f64();
             if let WorkResponse::Assignment(Assignment { round, .. }) | WorkResponse::Wait { round, .. } = &work {
                 client.set_round(*round);
             }
@@ -237,6 +253,7 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
             state.save(&ctx.run_dir, &ctx.specs, &ctx.plan)?;
         }
     })();
+    summary.wall_seconds = joined_at.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let _ = beats.join();
     result?;

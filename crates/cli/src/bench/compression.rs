@@ -211,7 +211,7 @@ pub fn compression(c: CompressionArgs) -> Result<()> {
         p.global_batch,
         p.seq_len,
         outer,
-        p.lr,
+        p.inner_lr(k),
         human_bytes(per_step_sync),
         a.seed,
         seconds / 60.0

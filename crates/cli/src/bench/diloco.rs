@@ -5,7 +5,7 @@
 //! learning rate swept, the best mean kept). The runs are [`super::sweep`]'s; this module holds the grid's
 //! flags and prints the tables.
 
-use super::sweep::{prepare_setup, run_baseline, run_diloco, Outcome, Plan, SweepArgs};
+use super::sweep::{prepare_setup, run_baseline, run_diloco, LrScaling, Outcome, Plan, SweepArgs};
 use crate::commands::set_threads;
 use crate::format::human_bytes;
 use agora_diloco::{CompressionConfig, OuterConfig, OuterKind, Overlap};
@@ -172,8 +172,9 @@ pub fn diloco(d: DilocoArgs) -> Result<()> {
         let mut runs = Vec::new();
         for &seed in &p.seeds {
             progress(&format!(
-                "DiLoCo k={k} H={h}, batch {} per worker, outer {} ({}), seed {seed}",
+                "DiLoCo k={k} H={h}, batch {} per worker, inner lr {:.1e}, outer {} ({}), seed {seed}",
                 p.global_batch / k,
+                p.inner_lr(k),
                 recipe.0,
                 recipe.1
             ));
@@ -229,8 +230,8 @@ pub fn diloco(d: DilocoArgs) -> Result<()> {
     }
     println!(
         "`{}` ({:.2}M parameters, {}-token BPE) on `{}`: S = {} steps × G = {} windows × {} tokens = {} tokens per \
-         configuration ({:.2} epochs of a {}-window pool). DiLoCo inner AdamW lr {:.1e} → {:.1e} (warmup {}, cosine), \
-         batch G/k per worker. Validation: {} tokens held out, initial loss {:.4}. Seeds {:?} (every row: mean, \
+         configuration ({:.2} epochs of a {}-window pool). DiLoCo inner AdamW peak lr {} (warmup {}, cosine to a \
+         tenth), batch G/k per worker. Validation: {} tokens held out, initial loss {:.4}. Seeds {:?} (every row: mean, \
          range over seeds), {} threads, {:.1} min in all.",
         args.preset,
         setup.parameters as f64 / 1e6,
@@ -242,8 +243,10 @@ pub fn diloco(d: DilocoArgs) -> Result<()> {
         tokens,
         epochs,
         setup.pool_windows,
-        p.lr,
-        p.min_lr,
+        match p.lr_scaling {
+            LrScaling::Constant => format!("{:.1e}", p.lr),
+            LrScaling::Sqrt => format!("{:.1e}/√k", p.lr),
+        },
         p.warmup,
         setup.val.len(),
         init,
@@ -264,11 +267,11 @@ pub fn diloco(d: DilocoArgs) -> Result<()> {
     println!("Recipes: {}.", p.outers.iter().map(|(n, o)| format!("`{n}` = {o}")).collect::<Vec<_>>().join("; "));
     println!();
     println!(
-        "| outer | k | H | rounds | final val loss | gap vs tuned DP (paired range) | bytes sent/worker | × fewer bytes than DP | time |"
+        "| outer | k | H | inner lr | rounds | final val loss | gap vs tuned DP (paired range) | bytes sent/worker | × fewer bytes than DP | time |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| data-parallel (lr {:.1e}) | any | 1 | {} | {} | — | {} | 1× | {:.0}s |",
+        "| data-parallel | any | 1 | {:.1e} | {} | {} | — | {} | 1× | {:.0}s |",
         reference.lr,
         reference.rounds,
         reference.loss(),
@@ -277,10 +280,11 @@ pub fn diloco(d: DilocoArgs) -> Result<()> {
     );
     for o in &rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.0}× | {:.0}s |",
+            "| {} | {} | {} | {:.1e} | {} | {} | {} | {} | {:.0}× | {:.0}s |",
             o.recipe.as_deref().unwrap_or("?"),
             o.workers.unwrap_or(0),
             o.inner_steps,
+            o.lr,
             o.rounds,
             o.loss(),
             o.gap(),

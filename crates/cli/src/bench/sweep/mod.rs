@@ -34,8 +34,8 @@
 
 mod plan;
 
-pub(crate) use plan::Plan;
 pub use plan::SweepArgs;
+pub(crate) use plan::{LrScaling, Plan};
 
 use agora_data::{prepare, train_bpe, Shard};
 use agora_diloco::codec::{self, Accumulator, Expected};
@@ -205,12 +205,13 @@ pub(crate) fn run_diloco(
     overlap.validate(h)?;
     let started = Instant::now();
     let batch = p.global_batch / k;
+    let lr = p.inner_lr(k);
     let units = s.units(h as usize * batch, seed)?;
     let mut cursor = UnitCursor::new(seed, units.len());
     let global_model = Llama::new(&s.model, Device::Cpu, seed);
     let global = model_weights(&global_model);
     let mut workers: Vec<Trainer> = (0..k)
-        .map(|_| Trainer::new(Llama::zeros(&s.model, Device::Cpu), p.train_config(batch, p.lr, seed)))
+        .map(|_| Trainer::new(Llama::zeros(&s.model, Device::Cpu), p.train_config(batch, lr, seed)))
         .collect::<Result<_>>()?;
     let mut outer_opt = OuterOptimizer::new(outer, &global);
     let specs = param_specs(&s.model);
@@ -222,7 +223,8 @@ pub(crate) fn run_diloco(
     let report_every = (rounds / 10).max(1);
     let overlapped =
         if overlap.is_on() { format!(" overlap {} merge {}", overlap.steps, overlap.merge) } else { String::new() };
-    let label = format!("DiLoCo k={k} H={h} outer {recipe} {}{overlapped} seed {seed}", compression.describe());
+    let label =
+        format!("DiLoCo k={k} H={h} lr {lr:.1e} outer {recipe} {}{overlapped} seed {seed}", compression.describe());
     let mut last_train_loss = f64::NAN;
     let mut payload_bytes = 0u64;
     let no_metadata = std::collections::BTreeMap::new();
@@ -266,7 +268,7 @@ pub(crate) fn run_diloco(
         rounds,
         outer: Some(outer),
         recipe: Some(recipe.to_string()),
-        lr: p.lr,
+        lr,
         seed,
         val_loss,
         gap_percent: 0.0,

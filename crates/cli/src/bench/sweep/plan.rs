@@ -30,9 +30,14 @@ pub struct SweepArgs {
     /// Tokens per window (default 64; --quick 32).
     #[arg(long)]
     pub seq_len: Option<usize>,
-    /// Peak inner AdamW learning rate, the same for every configuration (cosine to a tenth of it).
+    /// Peak inner AdamW learning rate (cosine to a tenth of it): every configuration's, or with
+    /// `--lr-scaling sqrt` the rate at the global batch G.
     #[arg(long, default_value_t = 3e-3)]
     pub lr: f64,
+    /// How DiLoCo's inner learning rate follows its workers' batch G/k: `constant` (--lr whatever k) or
+    /// `sqrt` (--lr / √k, Adam's square-root rule for a batch k times smaller).
+    #[arg(long, value_enum, default_value_t = LrScaling::Constant)]
+    pub lr_scaling: LrScaling,
     /// Warmup steps of the inner schedule (default: S/20).
     #[arg(long)]
     pub warmup: Option<u64>,
@@ -73,6 +78,7 @@ impl Default for SweepArgs {
             global_batch: None,
             seq_len: None,
             lr: 3e-3,
+            lr_scaling: LrScaling::Constant,
             warmup: None,
             outer_lr: None,
             outer_momentum: None,
@@ -84,6 +90,17 @@ impl Default for SweepArgs {
             json: false,
         }
     }
+}
+
+/// How a DiLoCo worker's peak inner learning rate relates to `--lr` (the rate at the global batch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScaling {
+    /// Every configuration at `--lr`.
+    Constant,
+    /// `--lr / √k`: a worker's batch is G/k, and Adam's best rate falls about as the square root of the batch
+    /// (at k = 4 the data-parallel run's best 6e-3 gives the 3e-3 DiLoCo measured best at; BENCHMARKS.md).
+    Sqrt,
 }
 
 impl SweepArgs {
@@ -150,6 +167,7 @@ pub(crate) struct Plan {
     pub(crate) workers: Vec<usize>,
     pub(crate) inner_steps: Vec<u64>,
     pub(crate) lr: f64,
+    pub(crate) lr_scaling: LrScaling,
     pub(crate) min_lr: f64,
     pub(crate) warmup: u64,
     /// The default outer recipe (`--outer-*` applied): the grid's first, and the codec sweep's only one.
@@ -207,6 +225,7 @@ impl Plan {
             workers,
             inner_steps,
             lr: a.lr,
+            lr_scaling: a.lr_scaling,
             min_lr: a.lr / 10.0,
             warmup: a.warmup.unwrap_or((steps / 20).max(1)),
             outer,
@@ -283,6 +302,14 @@ impl Plan {
             self.seq_len + 1
         );
         Ok(available / l * l)
+    }
+
+    /// The peak inner learning rate of a DiLoCo worker when `k` workers share the global batch.
+    pub(crate) fn inner_lr(&self, k: usize) -> f64 {
+        match self.lr_scaling {
+            LrScaling::Constant => self.lr,
+            LrScaling::Sqrt => self.lr / (k as f64).sqrt(),
+        }
     }
 
     /// The inner loop of a run at peak learning rate `lr` (cosine to a tenth of it).
@@ -382,5 +409,18 @@ pub(super) mod tests {
         assert!(Plan::from_args(&DilocoArgs { baseline_lr: Some(vec![-1.0]), ..args() }).is_err());
         let two = Plan::from_args(&DilocoArgs { outer: Some(vec!["default".into(), "old".into()]), ..args() }).unwrap();
         assert_eq!(two.outers.len(), 2);
+    }
+
+    #[test]
+    fn the_sqrt_rule_scales_the_inner_rate_by_the_worker_batch() {
+        let constant = Plan::from_args(&args()).unwrap();
+        assert_eq!((constant.inner_lr(1), constant.inner_lr(8)), (3e-3, 3e-3));
+        let sweep = SweepArgs { lr: 6e-3, lr_scaling: LrScaling::Sqrt, ..SweepArgs::default() };
+        let sqrt = Plan::from_args(&DilocoArgs { sweep, ..args() }).unwrap();
+        assert_eq!(sqrt.inner_lr(1), 6e-3);
+        assert!((sqrt.inner_lr(4) - 3e-3).abs() < 1e-12);
+        assert!((sqrt.inner_lr(8) - 6e-3 / 8f64.sqrt()).abs() < 1e-12);
+        // The baseline's rates still centre on --lr: half, once and twice it.
+        assert_eq!(sqrt.baseline_lrs, vec![3e-3, 6e-3, 1.2e-2]);
     }
 }
