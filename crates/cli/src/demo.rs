@@ -78,37 +78,36 @@ struct Summary {
     sample: String,
     distributed_seconds: f64,
     baseline_seconds: f64,
-    idle: IdleTime,
+    /// Per worker name.
+    idle: BTreeMap<String, IdleTime>,
     trust: TrustSummary,
 }
 
-/// How long the workers sat waiting on the coordinator between rounds (for their round to close and be
-/// judged, and for the next one to open): what Streaming DiLoCo's overlap would hide.
+/// How long one worker sat waiting on the coordinator between rounds (for its round to close and be judged,
+/// and for the next one to open): what Streaming DiLoCo's overlap would hide.
 #[derive(Debug, Serialize)]
 struct IdleTime {
-    /// Per worker name: seconds waiting per received upload.
-    per_round: BTreeMap<String, f64>,
-    /// Per worker name: waiting as a fraction of its time in the run.
-    fraction: BTreeMap<String, f64>,
+    /// Seconds waiting per received upload.
+    per_round: f64,
+    /// Waiting as a fraction of the worker's time in the run.
+    fraction: f64,
 }
 
-/// Reads every worker's JSON summary (`logs/worker-i.json`, written when it exits). A worker that has not
-/// written one (it had not exited by the deadline) is left out of the figures, with a warning.
-fn idle_time(logs: &Path, workers: usize) -> Result<IdleTime> {
-    let mut idle = IdleTime { per_round: BTreeMap::new(), fraction: BTreeMap::new() };
+/// Every worker's idle time, by name, from its JSON summary (`logs/worker-i.json`, written when it exits).
+/// A worker that has not written one (it had not exited by the deadline) is left out, with a warning.
+fn idle_time(logs: &Path, workers: usize) -> Result<BTreeMap<String, IdleTime>> {
+    let mut idle = BTreeMap::new();
     for i in 0..workers {
         let name = format!("worker-{i}");
         let path = logs.join(format!("{name}.json"));
         let text =
             std::fs::read_to_string(&path).with_context(|| format!("{}: the worker's summary", path.display()))?;
-        let Ok(summary) = serde_json::from_str::<serde_json::Value>(text.trim()) else {
+        let Ok(s) = serde_json::from_str::<agora_worker::WorkerSummary>(text.trim()) else {
             tracing::warn!("{}: no summary (the worker had not finished); left out of the idle time", path.display());
             continue;
         };
-        let field = |key: &str| summary[key].as_f64().with_context(|| format!("{}: no {key}", path.display()));
-        let (waiting, wall, rounds) = (field("waiting_seconds")?, field("wall_seconds")?, field("rounds_received")?);
-        idle.per_round.insert(name.clone(), waiting / rounds.max(1.0));
-        idle.fraction.insert(name, waiting / wall.max(f64::MIN_POSITIVE));
+        let per_round = s.waiting_seconds / s.rounds_received.max(1) as f64;
+        idle.insert(name, IdleTime { per_round, fraction: s.waiting_seconds / s.wall_seconds.max(f64::MIN_POSITIVE) });
     }
     Ok(idle)
 }
@@ -478,12 +477,8 @@ fn print_summary(s: &Summary, out: &Path) {
     );
     let credits: Vec<String> = t.credits.iter().map(|(n, c)| format!("{n} {:.4}", *c as f64 / 1e6)).collect();
     println!("credits earned: {}", credits.join(", "));
-    let idle: Vec<String> = s
-        .idle
-        .per_round
-        .iter()
-        .map(|(n, secs)| format!("{n} {secs:.1}s ({:.0}%)", 100.0 * s.idle.fraction.get(n).copied().unwrap_or(0.0)))
-        .collect();
+    let idle: Vec<String> =
+        s.idle.iter().map(|(n, t)| format!("{n} {:.1}s ({:.0}%)", t.per_round, 100.0 * t.fraction)).collect();
     println!(
         "idle, waiting for a round to close and the next to open: {} per round (share of each worker's time)",
         idle.join(", ")

@@ -56,7 +56,7 @@ pub struct WorkerOptions {
     pub behaviour: adversary::Behaviour,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct WorkerSummary {
     pub worker: String,
     /// Whether the run judges uploads (`[trust] verify`); when it does not, nothing is accepted or rejected,

@@ -98,8 +98,9 @@ impl Default for SweepArgs {
 pub enum LrScaling {
     /// Every configuration at `--lr`.
     Constant,
-    /// `--lr / √k`: a worker's batch is G/k, and Adam's best rate falls about as the square root of the batch
-    /// (at k = 4 the data-parallel run's best 6e-3 gives the 3e-3 DiLoCo measured best at; BENCHMARKS.md).
+    /// `--lr / √k`: a worker's batch is G/k, and Adam's best rate falls about as the square root of the batch.
+    /// At k = 4 it turns the data-parallel run's best 6e-3 into the 3e-3 DiLoCo does best at, but it did not
+    /// help at k = 1 or 8 (BENCHMARKS.md, issue 12): it is a sweep option, not the recipe.
     Sqrt,
 }
 
