@@ -307,4 +307,12 @@ fn demo_prints_a_json_summary() {
     assert_eq!(trust["uploads_judged"], 4, "{trust}");
     assert_eq!(trust["receipts_verified"], 4, "every receipt checked against its signed round root: {trust}");
     assert_eq!(trust["credits"].as_object().unwrap().len(), 2, "{trust}");
+    // Every worker's idle time, read from its own summary: seconds per round and a share of its run.
+    let idle = summary["idle"].as_object().unwrap();
+    assert_eq!(idle.len(), 2, "{idle:?}");
+    for t in idle.values() {
+        let (secs, share) = (t["per_round"].as_f64().unwrap(), t["fraction"].as_f64().unwrap());
+        assert!(secs.is_finite() && secs >= 0.0, "{t}");
+        assert!((0.0..=1.0).contains(&share), "{t}");
+    }
 }
