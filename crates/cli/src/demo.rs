@@ -45,7 +45,9 @@ pub struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
     /// How workers encode their pseudo-gradients, as for `agora bench compression`: none, bf16, int8, int4,
-    /// topk:KEEP/CHUNK:VALUES, dct:KEEP/CHUNK:VALUES, with :ef (error feedback) and :fF (F fragments).
+    /// topk:KEEP/CHUNK:VALUES, dct:KEEP/CHUNK:VALUES, with :ef (error feedback), :fF (F fragments) and
+    /// :overlap=T[:merge=A] (Streaming DiLoCo's overlap: a worker starts the next round as soon as it has
+    /// uploaded, and applies the outer step T inner steps later, keeping A of its own values, default 0).
     #[arg(long, default_value = DEFAULT_DEMO_CODEC)]
     pub codec: String,
     /// Print the summary as one JSON object on stdout (the live view goes to stderr).
@@ -315,7 +317,7 @@ fn prepare_out_dir(out: &Path) -> Result<()> {
 
 fn run_toml(args: &DemoArgs, corpus: &Path) -> Result<String> {
     let warmup = (args.rounds * args.inner_steps / 20).max(1);
-    let compression = toml::to_string(&crate::bench::compression::parse_codec(&args.codec)?)?;
+    let compression = toml::to_string(&crate::bench::compression::parse_entry(&args.codec)?)?;
     Ok(format!(
         r#"# Written by `agora demo`.
 seed = 0

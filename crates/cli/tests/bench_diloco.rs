@@ -85,8 +85,8 @@ fn bad_sweeps_are_refused_with_one_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such corpus"));
 }
 
-/// Overlap changes training (the previous round's fragment arrives τ steps late and is blended in), still
-/// learns, and a τ that does not fit in the round is refused.
+/// Overlap changes training (the previous round's outer step on its fragment is applied τ steps late),
+/// still learns, and a τ that does not fit in the round is refused.
 #[test]
 fn overlapped_fragments_learn_and_a_tau_beyond_the_round_is_refused() {
     let dir = tempfile::tempdir().unwrap();

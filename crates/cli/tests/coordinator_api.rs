@@ -442,3 +442,127 @@ fn allowlist_admits_only_its_keys() {
     assert_eq!(body.error, "not_admitted");
     assert!(body.message.contains("allowlist"), "{}", body.message);
 }
+
+/// A joined prober of `cluster`'s run.
+fn joined_api(cluster: &Cluster, info: &RunInfo, name: &str) -> Api {
+    let api = Api {
+        http: Client::new(),
+        url: cluster.url.clone(),
+        run_id: info.run_id.clone(),
+        identity: Identity::generate().unwrap(),
+    };
+    let join = JoinRequest { protocol_version: PROTOCOL_VERSION, worker: api.identity.id(), name: name.into() };
+    assert_eq!(
+        api.signed("POST", "/v1/join", serde_json::to_vec(&join).unwrap()).send().unwrap().status(),
+        StatusCode::OK
+    );
+    api
+}
+
+fn work(api: &Api) -> WorkResponse {
+    api.signed("POST", "/v1/work", b"{}".to_vec()).send().unwrap().json().unwrap()
+}
+
+/// Uploads a zero pseudo-gradient (fp32, one fragment) for `a`.
+fn upload_zeros(api: &Api, info: &RunInfo, a: &Assignment) {
+    let specs = param_specs(&LlamaConfig::from_json_str(&info.model.to_string()).unwrap());
+    let meta = BTreeMap::from([
+        (delta_meta::ROUND.to_string(), a.round.to_string()),
+        (delta_meta::UNIT.to_string(), a.unit.to_string()),
+        (delta_meta::BASE.to_string(), a.global_hash.hex()),
+        (delta_meta::TRAIN_LOSS.to_string(), "5.0".to_string()),
+    ]);
+    let zeros: Vec<Vec<f32>> = specs.iter().map(|s| vec![0.0; s.shape.iter().product()]).collect();
+    let payload = codec::compress(&CompressionConfig::default(), 0, &specs, &zeros, None, &meta).0;
+    let path = format!("/v1/rounds/{}/delta", a.round);
+    let response = api.signed("POST", &path, payload).send().unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{}", response.text().unwrap());
+}
+
+fn assignment(w: WorkResponse) -> Assignment {
+    match w {
+        WorkResponse::Assignment(a) => a,
+        other => panic!("expected an assignment, got {other:?}"),
+    }
+}
+
+fn ahead(w: WorkResponse) -> AheadAssignment {
+    match w {
+        WorkResponse::Ahead(a) => a,
+        other => panic!("expected the next round ahead, got {other:?}"),
+    }
+}
+
+/// Streaming DiLoCo's overlap over HTTP: the next round is handed out early only to a worker whose upload
+/// for the open round is in, once (asking again waits for the round to open), never a unit another worker
+/// holds in that round, and never past the run's last planned round; once the round opens, the early job
+/// is the worker's assignment (same unit). Without overlap an uploaded worker waits.
+#[test]
+fn overlap_hands_the_next_round_only_to_a_worker_that_uploaded() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = RunSpec {
+        rounds: 2,
+        inner_steps: 4,
+        min_workers: 3,
+        // The probers send no heartbeats: they must not be dropped as silent meanwhile.
+        heartbeat_timeout_secs: 120,
+        trust: "verify = false".into(),
+        compression: "overlap_steps = 2".into(),
+        ..RunSpec::default()
+    };
+    let cluster = Cluster::start(dir.path(), &spec, None);
+    let info: RunInfo = Client::new().get(format!("{}/v1/run", cluster.url)).send().unwrap().json().unwrap();
+    let (a, b, c) =
+        (joined_api(&cluster, &info, "a"), joined_api(&cluster, &info, "b"), joined_api(&cluster, &info, "c"));
+
+    let a0 = assignment(work(&a));
+    let b0 = assignment(work(&b));
+    assert_eq!(assignment(work(&a)), a0, "not uploaded yet: the open round's job, not the next one");
+    upload_zeros(&a, &info, &a0);
+    let a1 = ahead(work(&a));
+    assert_eq!((a1.round, a1.first_step, a1.inner_steps), (1, 4, 4));
+    // Asking again waits for round 1 to open (a long poll of up to 20 s, ended by any change).
+    let again = work(&a);
+    assert!(matches!(again, WorkResponse::Wait { round: 0, .. }), "the early job is handed out once: {again:?}");
+    assert_eq!(assignment(work(&b)), b0, "b has not uploaded: no early job for it");
+    upload_zeros(&b, &info, &b0);
+    let b1 = ahead(work(&b));
+    assert_ne!(b1.unit, a1.unit, "a unit is never held by two workers in one round");
+    // c joins late: round 0 is still open (3 uploads needed), so it trains round 0 like anyone.
+    let c0 = assignment(work(&c));
+    upload_zeros(&c, &info, &c0);
+    cluster.wait_for("round 0 to close", std::time::Duration::from_secs(60), |r| r.round == 1);
+    let a1_open = assignment(work(&a));
+    assert_eq!((a1_open.round, a1_open.unit, a1_open.unit_hash), (1, a1.unit, a1.unit_hash));
+    upload_zeros(&a, &info, &a1_open);
+    // Round 1 is the last planned one: nothing ahead of it.
+    assert!(matches!(work(&a), WorkResponse::Wait { round: 1, .. }), "no round after the last one");
+    drop(cluster);
+
+    let dir = tempfile::tempdir().unwrap();
+    let spec =
+        RunSpec { rounds: 2, inner_steps: 4, min_workers: 2, trust: "verify = false".into(), ..RunSpec::default() };
+    let cluster = Cluster::start(dir.path(), &spec, None);
+    let info: RunInfo = Client::new().get(format!("{}/v1/run", cluster.url)).send().unwrap().json().unwrap();
+    let a = joined_api(&cluster, &info, "a");
+    let a0 = assignment(work(&a));
+    upload_zeros(&a, &info, &a0);
+    assert!(matches!(work(&a), WorkResponse::Wait { round: 0, .. }), "without overlap an uploaded worker waits");
+}
+
+/// A run file whose overlap cannot work is refused before the run starts.
+#[test]
+fn overlap_settings_are_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    for (compression, why) in [
+        ("overlap_steps = 4", "τ must fall inside the round of 4 steps"),
+        ("overlap_steps = 2\nmerge = 1.0", "α = 1 never takes the global weights in"),
+        ("codec = \"int8\"\nerror_feedback = true\noverlap_steps = 2", "overlap with error feedback"),
+    ] {
+        let spec = RunSpec { inner_steps: 4, compression: compression.into(), ..RunSpec::default() };
+        let run = write_run(dir.path(), &spec);
+        let err = agora_coordinator::RunFile::load(&run).unwrap_err();
+        assert!(format!("{err:#}").contains("overlap") || format!("{err:#}").contains("merge"), "{why}: {err:#}");
+    }
+}

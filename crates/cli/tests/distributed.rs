@@ -250,6 +250,48 @@ fn compressed_fragments_over_http_postgres() {
     }
 }
 
+/// (e) Streaming DiLoCo's overlap over HTTP, with two fragments and every upload challenged: workers start
+/// each round ahead from their own weights, apply the previous round's late update to its fragment at τ,
+/// and every spot check (whichever segment, the one ending at τ included) re-runs bit for bit; every round
+/// applies every worker's upload (none is judged off consensus) and the loss falls.
+#[test]
+fn overlapped_rounds_over_http_pass_every_spot_check() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = RunSpec {
+        rounds: 5,
+        inner_steps: 10,
+        min_workers: 3,
+        compression: "fragments = 2\noverlap_steps = 3".into(),
+        trust: "spot_check = 1.0".into(),
+        ..RunSpec::default()
+    };
+    let mut cluster = Cluster::start(dir.path(), &spec, None);
+    for name in ["w0", "w1", "w2"] {
+        cluster.start_worker(name);
+    }
+    let report = cluster.wait_for("the run to finish", LONG, |r| r.finished);
+    let summaries = cluster.finish_workers(Duration::from_secs(60));
+
+    assert_eq!(report.codec, "fp32, 2 fragments, overlap 3 steps (merge 0)");
+    for h in &report.history[..5] {
+        assert_eq!(h.contributions, 3, "round {}: {h:?}\n{}", h.round, cluster.logs());
+    }
+    let first = report.history[0].val_loss.unwrap();
+    let last = report.history[5].val_loss.unwrap();
+    assert!(last < first - 0.3, "validation loss should fall: {first} → {last}\n{}", cluster.logs());
+    check_contributions(&cluster.contributions(), 5);
+    let mut ahead = 0;
+    for (name, s) in &summaries {
+        assert_eq!(s["rounds_accepted"], 5, "{name}: {s}\n{}", cluster.logs());
+        assert_eq!(s["spot_checks"], 5, "{name}: every upload is challenged: {s}");
+        assert_eq!(s["spot_checks_failed"], 0, "{name}: {s}\n{}", cluster.logs());
+        ahead += std::fs::read_to_string(cluster.log(name)).unwrap().matches("ahead=true").count();
+    }
+    // Rounds 1..4 of each worker may start ahead; a worker that uploads last may find the round already open.
+    assert!(ahead >= 4, "{ahead} rounds started ahead\n{}", cluster.logs());
+}
+
 /// A worker killed and restarted with the same data directory comes back as the same worker (same
 /// identity, no second entry), with its AdamW moments from where it stopped.
 #[test]

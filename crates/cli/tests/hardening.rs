@@ -261,6 +261,7 @@ impl Idle {
                             std::thread::sleep(Duration::from_millis(100));
                         }
                         WorkResponse::Finished { .. } => break,
+                        WorkResponse::Ahead(a) => panic!("this run does not overlap, yet: {a:?}"),
                     }
                 }
             })

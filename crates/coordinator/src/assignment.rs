@@ -1,4 +1,5 @@
-//! Data assignment: who trains which unit in the open round. The choice is `core::assign` (a unit is
+//! Data assignment: who trains which unit in the open round (and, under Streaming DiLoCo's overlap, in
+//! the next one, for a worker that has uploaded the open round). The choice is `core::assign` (a unit is
 //! never trained twice in one round; extra workers wait); this module reads the queue and writes the
 //! choice, in one transaction.
 
@@ -6,7 +7,7 @@ use crate::core::assign::{choose_unit, QueueEntry, UnitChoice};
 use crate::error::ApiError;
 use crate::state::{now_ms, Coordinator, Live};
 use agora_diloco::unit_order;
-use agora_protocol::{Assignment, WorkResponse, WorkerId};
+use agora_protocol::{AheadAssignment, Assignment, WorkResponse, WorkerId};
 use anyhow::Context;
 use sqlx::Row;
 use std::collections::BTreeSet;
@@ -64,29 +65,29 @@ impl Coordinator {
             return Ok(WorkResponse::Finished { rounds: live.round, global_hash: live.global_hash });
         }
         let wait = WorkResponse::Wait { round: live.round, retry_after_ms: RETRY_AFTER_MS };
+        let current = self.assignment_row(live.round, &worker).await?;
+        // Streaming DiLoCo's overlap: a worker whose upload for the open round is in is handed the next
+        // round now, even while this one is closing, so that it never idles waiting for the outer step.
+        let uploaded = current.as_ref().is_some_and(|row| row.state == "submitted");
+        if uploaded && self.run.compression.overlap().is_on() {
+            return self.work_ahead(&live, &worker).await;
+        }
         if live.closing {
             return Ok(wait);
         }
-        match self.assignment_row(live.round, &worker).await? {
+        match current {
             Some(row) if row.state == "training" => return Ok(WorkResponse::Assignment(self.assignment(&live, &row))),
             Some(row) if row.state != "released" => return Ok(wait),
             _ => {}
         }
-        let benched_until: i64 = sqlx::query("SELECT benched_until FROM workers WHERE id = $1")
-            .bind(worker.hex())
-            .fetch_optional(&self.db)
-            .await?
-            .map(|r| r.try_get("benched_until"))
-            .transpose()?
-            .unwrap_or(0);
-        if (live.round as i64) < benched_until {
+        if self.benched(&worker, live.round).await? {
             return Ok(wait);
         }
         sqlx::query("UPDATE workers SET active = 1 WHERE id = $1 AND active = 0")
             .bind(worker.hex())
             .execute(&self.db)
             .await?;
-        let Some(row) = self.take_unit(&live, &worker).await? else {
+        let Some(row) = self.take_unit(live.round, &worker).await? else {
             return Ok(wait);
         };
         tracing::info!(worker = worker.short(), round = live.round, unit = row.unit, epoch = row.epoch, "assigned");
@@ -94,14 +95,60 @@ impl Coordinator {
         Ok(WorkResponse::Assignment(self.assignment(&live, &row)))
     }
 
-    /// Hands the worker the unit `core::assign` chooses (opening the next epoch when none is pending), in
-    /// one transaction; None when every free unit is already being trained this round.
-    async fn take_unit(&self, live: &Live, worker: &WorkerId) -> Result<Option<AssignmentRow>, ApiError> {
+    /// The next round's job for a worker that has uploaded the open round (overlap only), handed out once;
+    /// otherwise "wait": the worker holds it already (and waits for the round to open), the open round is
+    /// the run's last planned one, the worker is benched in the next, or no unit is free for it.
+    async fn work_ahead(&self, live: &Live, worker: &WorkerId) -> Result<WorkResponse, ApiError> {
+        let next = live.round + 1;
+        let wait = WorkResponse::Wait { round: live.round, retry_after_ms: RETRY_AFTER_MS };
+        let ahead = |row: &AssignmentRow| {
+            WorkResponse::Ahead(AheadAssignment {
+                round: next,
+                unit: row.unit,
+                unit_hash: self.units[row.unit as usize],
+                epoch: row.epoch,
+                first_step: next * self.run.inner.steps,
+                inner_steps: self.run.inner.steps,
+            })
+        };
+        if next >= self.run.planned_rounds() {
+            return Ok(wait);
+        }
+        if self.assignment_row(next, worker).await?.is_some_and(|row| row.state != "released") {
+            // Handed out already: the worker is asking for the round to open, and waits (a long poll that
+            // the close ends) for its assignment there.
+            return Ok(wait);
+        }
+        if self.benched(worker, next).await? {
+            return Ok(wait);
+        }
+        let Some(row) = self.take_unit(next, worker).await? else {
+            return Ok(wait);
+        };
+        tracing::info!(worker = worker.short(), round = next, unit = row.unit, epoch = row.epoch, "assigned ahead");
+        Ok(ahead(&row))
+    }
+
+    /// Whether the identity is benched (for no-shows) in `round`.
+    async fn benched(&self, worker: &WorkerId, round: u64) -> Result<bool, ApiError> {
+        let benched_until: i64 = sqlx::query("SELECT benched_until FROM workers WHERE id = $1")
+            .bind(worker.hex())
+            .fetch_optional(&self.db)
+            .await?
+            .map(|r| r.try_get("benched_until"))
+            .transpose()?
+            .unwrap_or(0);
+        Ok((round as i64) < benched_until)
+    }
+
+    /// Hands the worker the unit `core::assign` chooses for `round` (opening the next epoch when none is
+    /// pending), in one transaction; None when every free unit is already being trained in that round.
+    async fn take_unit(&self, round: u64, worker: &WorkerId) -> Result<Option<AssignmentRow>, ApiError> {
         let mut tx = self.db.begin().await?;
         let busy: BTreeSet<u64> = sqlx::query(
             "SELECT unit FROM assignments WHERE round = $1 AND state IN ('training', 'submitted', 'applied')",
         )
-        .bind(live.round as i64)
+        .bind(round as i64)
         .fetch_all(&mut *tx)
         .await?
         .iter()
@@ -157,7 +204,7 @@ impl Coordinator {
             .execute(&mut *tx)
             .await?;
         sqlx::query("DELETE FROM assignments WHERE round = $1 AND worker = $2")
-            .bind(live.round as i64)
+            .bind(round as i64)
             .bind(worker.hex())
             .execute(&mut *tx)
             .await?;
@@ -165,7 +212,7 @@ impl Coordinator {
             "INSERT INTO assignments (round, worker, epoch, position, unit, state, assigned_ms) \
              VALUES ($1, $2, $3, $4, $5, 'training', $6)",
         )
-        .bind(live.round as i64)
+        .bind(round as i64)
         .bind(worker.hex())
         .bind(epoch)
         .bind(position)

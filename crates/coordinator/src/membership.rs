@@ -200,7 +200,9 @@ impl Coordinator {
     pub(crate) async fn drop_worker(&self, live: &Live, worker: &WorkerId, why: &str) -> Result<(), ApiError> {
         let mut tx = self.db.begin().await?;
         sqlx::query("UPDATE workers SET active = 0 WHERE id = $1").bind(worker.hex()).execute(&mut *tx).await?;
-        let released = release_training(&mut tx, live.round, Some(worker)).await?;
+        // Under overlap the worker may hold the next round's unit too.
+        let released = release_training(&mut tx, live.round, Some(worker)).await?
+            + release_training(&mut tx, live.round + 1, Some(worker)).await?;
         tx.commit().await?;
         tracing::warn!(worker = worker.short(), why, round = live.round, released, "worker dropped");
         self.notify();

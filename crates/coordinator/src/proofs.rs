@@ -8,6 +8,7 @@ use agora_data::Shard;
 use agora_diloco::tensors::from_named;
 use agora_protocol::*;
 use agora_verify::binding;
+use agora_verify::chain::{self, Merge};
 use anyhow::Result;
 use bytes::Bytes;
 use sqlx::Row;
@@ -117,6 +118,24 @@ impl Coordinator {
                 if let Err(why) = binding::check_end(&links, state(segments), &payload) {
                     return Ok(format!("failed: end link: {why}"));
                 }
+                // Under overlap every round after the first applies the previous round's late update to its
+                // fragment at τ: this round's global weights minus the chain's start (`SyncState::merge_late`).
+                let merging = me.run.compression.overlap().is_on() && round > 0;
+                let start = if merging {
+                    match chain::decode_state(state(0), &me.specs) {
+                        Ok(s) => from_named(&s.weights, Device::Cpu),
+                        Err(e) => return Ok(format!("failed: start state: {e:#}")),
+                    }
+                } else {
+                    Vec::new()
+                };
+                let merge = merging.then(|| Merge {
+                    at: me.run.compression.overlap_steps,
+                    alpha: me.run.compression.merge,
+                    global: &theta,
+                    start: &start,
+                    tensors: me.plan.tensors(me.plan.synced_in(round - 1)),
+                });
                 let check = trust::run_spot_check(
                     &me.model_config,
                     &me.run.train_config(),
@@ -124,8 +143,9 @@ impl Coordinator {
                     &unit,
                     round * steps,
                     steps,
-                    segments,
+                    &me.chain_bounds(),
                     segment,
+                    merge,
                     state(segment),
                     state(segment + 1),
                     tolerance,

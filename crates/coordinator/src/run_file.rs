@@ -234,6 +234,7 @@ impl RunFile {
         self.train_config().validate().context("[inner]")?;
         self.outer.validate().context("[outer]")?;
         self.compression.validate().context("[compression]")?;
+        self.compression.overlap().validate(i.steps).context("[compression] overlap_steps")?;
         if r.deadline_secs == 0 || r.heartbeat_timeout_secs == 0 {
             bail!("[rounds] deadline_secs and heartbeat_timeout_secs must be positive");
         }

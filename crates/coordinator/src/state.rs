@@ -378,13 +378,20 @@ impl Coordinator {
         let fragment = self.plan.synced_in(round);
         Expected { config: &self.run.compression, fragment, specs: &self.fragment_specs[fragment] }
     }
+    /// The step boundaries of a round's hash chain (empty: the run does not spot-check): the `[trust]`
+    /// segments, and under overlap the merge point τ (`agora_verify::chain::chain_bounds`).
+    pub(crate) fn chain_bounds(&self) -> Vec<u64> {
+        let steps = self.run.inner.steps;
+        let segments = if self.run.trust.verify { self.run.trust.chain_segments(steps) } else { 0 };
+        if segments == 0 {
+            return Vec::new();
+        }
+        agora_verify::chain::chain_bounds(steps, segments, self.run.compression.overlap_steps)
+    }
+
     /// Segments of a round's hash chain (0: the run does not spot-check).
     pub(crate) fn chain_segments(&self) -> u64 {
-        if self.run.trust.verify {
-            self.run.trust.chain_segments(self.run.inner.steps)
-        } else {
-            0
-        }
+        self.chain_bounds().len().saturating_sub(1) as u64
     }
 }
 

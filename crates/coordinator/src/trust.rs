@@ -239,16 +239,16 @@ pub fn run_spot_check(
     unit: &Shard,
     first_step: u64,
     steps: u64,
-    segments: u64,
+    bounds: &[u64],
     segment: u64,
+    merge: Option<agora_verify::chain::Merge<'_>>,
     start: &[u8],
     end: &[u8],
     tolerance: f64,
 ) -> Result<String> {
-    let bounds = agora_verify::chain::segment_bounds(steps, segments);
     let (from, to) = (bounds[segment as usize], bounds[segment as usize + 1]);
     let check = agora_verify::chain::recompute(
-        &agora_verify::chain::Segment { model, train, specs, unit, first_step, steps, from, to },
+        &agora_verify::chain::Segment { model, train, specs, unit, first_step, steps, from, to, merge },
         start,
         end,
         tolerance,

@@ -68,7 +68,8 @@ impl SyncState {
         } else {
             Vec::new()
         };
-        SyncState { residual, local: None, loaded: vec![None; config.fragments], keeps_local: false }
+        // Under overlap a worker starts each round from its own weights: it keeps them whatever F.
+        SyncState { residual, local: None, loaded: vec![None; config.fragments], keeps_local: config.overlap().is_on() }
     }
 
     /// The weights to train round `round` from: the global weights, except (with fragments) for the

@@ -134,12 +134,13 @@ fn fragments_alternate_and_unsynchronised_ones_continue_locally() {
 }
 
 /// Streaming DiLoCo's overlap: an overlapped round starts from the worker's own weights (the previous
-/// round's outer step has not landed), and the late merge blends only that round's fragment.
+/// round's outer step has not landed), and the late merge applies that round's update to its fragment only.
 #[test]
 fn an_overlapped_round_starts_local_and_merges_only_the_late_fragment() {
-    let config = CompressionConfig { fragments: 2, ..Default::default() };
+    let config = CompressionConfig { fragments: 2, overlap_steps: 2, ..Default::default() };
     let plan = FragmentPlan::new(&specs(), 2, 2).unwrap();
-    let mut sync = SyncState { keeps_local: true, ..SyncState::new(&specs(), &config) };
+    let mut sync = SyncState::new(&specs(), &config);
+    assert!(sync.keeps_local, "an overlap run keeps its own weights");
     let mut global = random(1);
     let start = sync.overlapped_start(&config, &plan, 0, &global);
     assert_eq!(max_diff(&start, &global), 0.0, "round 0 starts from the global weights");
@@ -151,20 +152,27 @@ fn an_overlapped_round_starts_local_and_merges_only_the_late_fragment() {
     let kept: Vec<Tensor> = sync.local.as_ref().unwrap().iter().map(|t| t.copy()).collect();
     let start = sync.overlapped_start(&config, &plan, 1, &global);
     assert_eq!(max_diff(&start, &kept), 0.0, "round 1 starts from the worker's own weights");
-    // τ steps later round 0's outer step lands: fragment 0 (embedding, layer 0) is blended, fragment 1 kept.
+    // τ steps later round 0's outer step lands: fragment 0 (embedding, layer 0) moves by 0.75 of the update
+    // (global − start), fragment 1 is kept.
     let mut weights: Vec<Tensor> = start.iter().zip(random(3)).map(|(s, d)| s - d * 0.01).collect();
     let before: Vec<Tensor> = weights.iter().map(|t| t.copy()).collect();
-    sync.merge_late(&config, &plan, 1, &global, &mut weights, 0.25);
+    sync.merge_late(&plan, 1, &global, &start, &mut weights, 0.25);
     for i in 0..specs().len() {
-        let expected = if plan.fragment_of(i) == 0 { &before[i] * 0.25 + &global[i] * 0.75 } else { before[i].copy() };
+        let expected =
+            if plan.fragment_of(i) == 0 { &before[i] + (&global[i] - &start[i]) * 0.75 } else { before[i].copy() };
         let diff = (&weights[i] - expected).abs().max().double_value(&[]);
         assert!(diff < 1e-6, "tensor {i}: off by {diff}");
     }
     assert_eq!(sync.loaded[0], Some(1));
-    // With one fragment and α = 0 the merge is a restart from the global weights.
+    // With one fragment and α = 0 a merge right at the start (no local steps) is a restart from the global
+    // weights, and a round that started from the global weights is left as it is.
     let one = FragmentPlan::new(&specs(), 2, 1).unwrap();
-    let mut whole = SyncState { keeps_local: true, ..SyncState::new(&specs(), &CompressionConfig::default()) };
-    let mut w = random(4);
-    whole.merge_late(&CompressionConfig::default(), &one, 3, &global, &mut w, 0.0);
-    assert_eq!(max_diff(&w, &global), 0.0);
+    let mut whole = SyncState::new(&specs(), &CompressionConfig { overlap_steps: 1, ..Default::default() });
+    let own = random(4);
+    let mut w: Vec<Tensor> = own.iter().map(|t| t.copy()).collect();
+    whole.merge_late(&one, 3, &global, &own, &mut w, 0.0);
+    assert!(max_diff(&w, &global) < 1e-6);
+    let mut w: Vec<Tensor> = own.iter().map(|t| t.copy()).collect();
+    whole.merge_late(&one, 3, &own, &own, &mut w, 0.0);
+    assert_eq!(max_diff(&w, &own), 0.0);
 }

@@ -57,6 +57,11 @@ pub struct JoinResponse {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum WorkResponse {
     Assignment(Assignment),
+    /// Streaming DiLoCo's overlap (`[compression] overlap_steps` τ > 0): the next round's job, handed to a
+    /// worker that has uploaded the open round before that round's outer step exists. The worker starts
+    /// it from its own weights, trains τ steps, then asks again: once the round is open the answer is its
+    /// [`Assignment`] (the same unit, and the global weights whose late update it applies).
+    Ahead(AheadAssignment),
     /// Nothing for this worker now (it has submitted for the open round, or no data is free): ask again.
     Wait {
         round: u64,
@@ -82,6 +87,17 @@ pub struct Assignment {
     pub inner_steps: u64,
     /// When the round closes without this worker if it has enough other submissions (unix ms).
     pub deadline_unix_ms: u64,
+}
+
+/// The next round's job before its global weights exist ([`WorkResponse::Ahead`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AheadAssignment {
+    pub round: u64,
+    pub unit: u64,
+    pub unit_hash: Hash32,
+    pub epoch: u64,
+    pub first_step: u64,
+    pub inner_steps: u64,
 }
 
 /// `POST /v1/heartbeat`.

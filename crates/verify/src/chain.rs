@@ -10,6 +10,7 @@
 //! steps or made up its states cannot produce such a pair without breaking blake3.
 
 use agora_data::Shard;
+use agora_diloco::overlap::apply_late;
 use agora_diloco::tensors::{from_named, load_weights, model_weights, to_named};
 use agora_diloco::train_steps;
 use agora_model::{Llama, LlamaConfig};
@@ -18,7 +19,7 @@ use agora_train::{TrainConfig, Trainer};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use tch::Device;
+use tch::{Device, Tensor};
 
 /// Payload metadata key holding the committed state hashes, comma-separated, boundary order.
 pub const CHAIN_META: &str = "agora.chain";
@@ -28,6 +29,19 @@ const STEP_META: &str = "agora.step";
 pub fn segment_bounds(steps: u64, segments: u64) -> Vec<u64> {
     assert!(segments >= 1 && segments <= steps, "{segments} segments of a {steps}-step round");
     (0..=segments).map(|k| k * steps / segments).collect()
+}
+
+/// The boundaries of a round's hash chain: `segments` even segments ([`segment_bounds`]) and, under
+/// Streaming DiLoCo's overlap, the merge point τ (`merge_at`) as a boundary of its own when it is not one
+/// already: the late update of the previous round's outer step is the last thing the segment ending at τ
+/// does, so the state committed at τ is the merged one and every segment re-runs from committed states.
+pub fn chain_bounds(steps: u64, segments: u64, merge_at: u64) -> Vec<u64> {
+    let mut bounds = segment_bounds(steps, segments);
+    if merge_at > 0 && merge_at < steps && !bounds.contains(&merge_at) {
+        bounds.push(merge_at);
+        bounds.sort_unstable();
+    }
+    bounds
 }
 
 /// A worker's whole training state at one boundary.
@@ -131,6 +145,19 @@ pub struct Segment<'a> {
     /// Inner steps `[from, to)` of the round.
     pub from: u64,
     pub to: u64,
+    /// Under overlap, the late update at the merge point ([`Merge`]); None without overlap (and in round 0).
+    pub merge: Option<Merge<'a>>,
+}
+
+/// Streaming DiLoCo's late merge inside a round: after step `at`, the tensors `tensors` (the fragment the
+/// previous round synchronised) move by (1 − α)·(`global` − `start`), the round's global weights minus the
+/// weights its chain started from, as [`agora_diloco::SyncState::merge_late`] does on the worker.
+pub struct Merge<'a> {
+    pub at: u64,
+    pub alpha: f64,
+    pub global: &'a [Tensor],
+    pub start: &'a [Tensor],
+    pub tensors: Vec<usize>,
 }
 
 /// Re-runs `segment` from `start` and compares with `end` (both already matched to the commitment).
@@ -149,6 +176,11 @@ pub fn recompute(segment: &Segment<'_>, start: &[u8], end: &[u8], tolerance: f64
     load_state(&mut trainer, &start_state);
     train_steps(&mut trainer, segment.unit, segment.first_step, segment.steps, segment.from..segment.to, |_, _| {})
         .context("re-running the challenged segment")?;
+    if let Some(m) = segment.merge.as_ref().filter(|m| m.at == segment.to) {
+        let mut weights = model_weights(&trainer.model);
+        apply_late(&mut weights, m.global, m.start, &m.tensors, m.alpha);
+        load_weights(&trainer.model, &weights);
+    }
     let recomputed = encode_state(&trainer, segment.specs);
     if hash_bytes(&recomputed) == hash_bytes(end) {
         return Ok(SpotCheck { passed: true, exact: true, update_error: 0.0, reason: "bit-exact".into() });

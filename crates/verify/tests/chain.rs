@@ -56,6 +56,7 @@ fn spot_checks_reproduce_honest_segments_and_catch_the_rest() {
         steps: STEPS,
         from: bounds[k],
         to: bounds[k + 1],
+        merge: None,
     };
     for k in 0..SEGMENTS as usize {
         let check = chain::recompute(&segment(k), &states[k], &states[k + 1], 0.01).unwrap();
@@ -88,6 +89,77 @@ fn spot_checks_reproduce_honest_segments_and_catch_the_rest() {
     assert!(!check.exact, "{check:?}");
 
     assert!(chain::decode_state(b"garbage", &specs).is_err());
+}
+
+/// Streaming DiLoCo's overlap: the merge point τ is a boundary of its own, and the segment that ends there
+/// re-runs with the late update (the round's global weights minus the chain's start); a worker that skipped
+/// the update, applied it by another α, or took the global weights whole fails that segment.
+#[test]
+fn overlap_segments_re_run_the_late_merge() {
+    tch::set_num_threads(1);
+    assert_eq!(chain::chain_bounds(8, 4, 3), vec![0, 2, 3, 4, 6, 8], "τ = 3 becomes a boundary");
+    assert_eq!(chain::chain_bounds(8, 4, 4), vec![0, 2, 4, 6, 8], "τ on a boundary adds none");
+    assert_eq!(chain::chain_bounds(8, 4, 0), segment_bounds(8, 4), "no overlap, no extra boundary");
+    assert_eq!(chain::chain_bounds(8, 1, 3), vec![0, 3, 8]);
+
+    let (config, train, unit) = setup();
+    let specs = param_specs(&config);
+    let tau = 3;
+    let bounds = chain::chain_bounds(STEPS, SEGMENTS, tau);
+    // The round's global weights: another initialisation. The previous round synchronised tensors 0 and 2.
+    let global = agora_diloco::tensors::model_weights(&Llama::new(&config, Device::Cpu, 9));
+    let tensors = vec![0usize, 2];
+    let alpha = 0.5;
+    // The worker (started from its own weights): train to τ, apply the late update, commit, train on.
+    let start_model = Llama::new(&config, Device::Cpu, 5);
+    let start = agora_diloco::tensors::model_weights(&start_model);
+    let run = |merge: &dyn Fn(&mut Vec<tch::Tensor>)| -> Vec<Vec<u8>> {
+        let mut trainer = Trainer::new(Llama::new(&config, Device::Cpu, 5), train.clone()).unwrap();
+        let mut states = vec![chain::encode_state(&trainer, &specs)];
+        for w in bounds.windows(2) {
+            train_steps(&mut trainer, &unit, 10, STEPS, w[0]..w[1], |_, _| {}).unwrap();
+            if w[1] == tau {
+                let mut weights = agora_diloco::tensors::model_weights(&trainer.model);
+                merge(&mut weights);
+                agora_diloco::tensors::load_weights(&trainer.model, &weights);
+            }
+            states.push(chain::encode_state(&trainer, &specs));
+        }
+        states
+    };
+    let (g, s, t) = (&global, &start, &tensors);
+    let late = |a: f64| move |w: &mut Vec<tch::Tensor>| agora_diloco::overlap::apply_late(w, g, s, t, a);
+    let segment = |k: usize| Segment {
+        model: &config,
+        train: &train,
+        specs: &specs,
+        unit: &unit,
+        first_step: 10,
+        steps: STEPS,
+        from: bounds[k],
+        to: bounds[k + 1],
+        merge: Some(chain::Merge { at: tau, alpha, global: &global, start: &start, tensors: tensors.clone() }),
+    };
+    let honest = run(&late(alpha));
+    for k in 0..bounds.len() - 1 {
+        let check = chain::recompute(&segment(k), &honest[k], &honest[k + 1], 0.01).unwrap();
+        assert!(check.passed && check.exact, "segment {k}: {check:?}");
+    }
+    let merging = bounds.iter().position(|&b| b == tau).unwrap() - 1;
+    let whole = |w: &mut Vec<tch::Tensor>| {
+        for &i in &tensors {
+            w[i] = global[i].copy();
+        }
+    };
+    for (what, states) in [
+        ("no update", run(&|_| {})),
+        ("α 0", run(&late(0.0))),
+        ("α 0.9", run(&late(0.9))),
+        ("global whole", run(&whole)),
+    ] {
+        let check = chain::recompute(&segment(merging), &states[merging], &states[merging + 1], 0.01).unwrap();
+        assert!(!check.passed, "{what}: {check:?}");
+    }
 }
 
 proptest::proptest! {

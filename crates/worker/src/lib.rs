@@ -23,12 +23,13 @@ use agora_diloco::{train_steps, CompressionConfig, FragmentPlan};
 use agora_model::{Llama, LlamaConfig};
 use agora_protocol::messages::delta_meta;
 use agora_protocol::{
-    decode_tensors, hash_bytes, Assignment, Hash32, Heartbeat, HeartbeatResponse, Identity, JoinRequest, JoinResponse,
-    ProofResponse, ReceiptResponse, RunInfo, SubmitResponse, TensorSpec, WorkResponse, WorkerId, PROTOCOL_VERSION,
+    decode_tensors, hash_bytes, AheadAssignment, Assignment, Hash32, Heartbeat, HeartbeatResponse, Identity,
+    JoinRequest, JoinResponse, ProofResponse, ReceiptResponse, RunInfo, SubmitResponse, TensorSpec, WorkResponse,
+    WorkerId, PROTOCOL_VERSION,
 };
 use agora_train::{TrainConfig, Trainer};
 use agora_verify::binding;
-use agora_verify::chain::{self, segment_bounds};
+use agora_verify::chain;
 use agora_verify::TrustConfig;
 use anyhow::{bail, Context, Result};
 use state::{PendingUpload, WorkerState};
@@ -191,35 +192,32 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
         finished: false,
     };
     let joined_at = Instant::now();
+    let overlap = ctx.compression.overlap().is_on();
+    // Under overlap: the received upload of the round before the one being trained, whose verdict is
+    // settled once that round has closed (when the next round's global weights are fetched anyway).
+    let mut unsettled: Option<Received> = None;
     let result = (|| -> Result<()> {
         loop {
             // An upload not yet settled (the worker may have been killed waiting for its answer or for its
             // round's receipt) is sent (again) first: the coordinator answers a repeat of a received upload
             // as received (`newly_received: false`, even once its round has closed), and the receipt is
             // then fetched as for a first upload. Only here is the pending upload dropped from the saved
-            // state, after its fate is known, so a restart anywhere before resumes it.
+            // state, after its fate is known (or, under overlap, once it is received), so a restart anywhere
+            // before resumes it.
             if let Some(pending) = state.pending.take() {
                 let received = send_upload(&client, &ctx, &pending, &mut summary, &identity, &options.name)?;
                 progress.lock().expect("progress lock").round = None;
-                let accepted = match received {
-                    None => false,
-                    // Nothing is judged: received is as accepted as it gets.
-                    Some(_) if !ctx.trust.verify => true,
-                    Some(r) => {
-                        let waiting = Instant::now();
-                        let accepted = round_verdict(&client, &ctx, &pending, &r, &identity.id(), &mut summary)?;
-                        summary.waiting_seconds += waiting.elapsed().as_secs_f64();
-                        accepted
+                match received {
+                    Some(response) if overlap && ctx.trust.verify => {
+                        // Overlap runs keep no residual: nothing waits on the verdict but the summary.
+                        state.save(&ctx.run_dir, &ctx.specs, &ctx.plan)?;
+                        unsettled = Some(Received { upload: pending, response });
                     }
-                };
-                // The error-feedback residual advances only past an accepted upload; otherwise the old one
-                // (which still holds what this upload tried to send) is kept.
-                if accepted {
-                    state.sync.accepted(&ctx.plan, pending.fragment, pending.residual);
+                    received => settle(&client, &ctx, &mut state, pending, received, &identity, &mut summary)?,
                 }
-                state.save(&ctx.run_dir, &ctx.specs, &ctx.plan)?;
             }
             if options.max_rounds.is_some_and(|n| summary.rounds_received >= n) {
+                settle_received(&client, &ctx, &mut state, &mut unsettled, &identity, &mut summary)?;
                 client.post_json::<serde_json::Value>("/v1/leave", &serde_json::json!({}))?;
                 tracing::info!(rounds = summary.rounds_received, "the requested uploads were received; left the run");
                 return Ok(());
@@ -230,27 +228,46 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
             if let WorkResponse::Assignment(Assignment { round, .. }) | WorkResponse::Wait { round, .. } = &work {
                 client.set_round(*round);
             }
-            let assignment = match work {
+            let job = match work {
                 WorkResponse::Finished { rounds, global_hash } => {
+                    settle_received(&client, &ctx, &mut state, &mut unsettled, &identity, &mut summary)?;
                     tracing::info!(rounds, %global_hash, "the run is finished");
                     summary.finished = true;
                     return Ok(());
                 }
-                WorkResponse::Wait { .. } => continue,
-                WorkResponse::Assignment(a) => a,
+                WorkResponse::Wait { .. } => {
+                    // No next round for this worker (yet): the open one's verdict is what there is to wait for.
+                    settle_received(&client, &ctx, &mut state, &mut unsettled, &identity, &mut summary)?;
+                    continue;
+                }
+                WorkResponse::Assignment(a) => {
+                    settle_received(&client, &ctx, &mut state, &mut unsettled, &identity, &mut summary)?;
+                    Job::Open(a)
+                }
+                WorkResponse::Ahead(a) if state.sync.local.is_some() => Job::Ahead(a),
+                // Without its own weights (a fresh or reset state) a worker cannot start early: asking again
+                // waits for the round to open, and it starts from the global weights.
+                WorkResponse::Ahead(_) => continue,
             };
             #[cfg(feature = "adversary")]
             if ctx.adversary.borrow().never_delivers() {
                 // Holds the assignment (heartbeats go on) and asks again, never training or uploading.
-                progress.lock().expect("progress lock").round = Some(assignment.round);
+                progress.lock().expect("progress lock").round = Some(job.round());
                 std::thread::sleep(Duration::from_millis(500));
                 continue;
             }
-            let pending =
-                train_assignment(&client, &mut trainer, &mut state, &ctx, &assignment, &progress, &mut summary)?;
-            state.pending = Some(pending);
-            state.capture_optimizer(&trainer.optimizer, &ctx.specs, assignment.round);
-            state.save(&ctx.run_dir, &ctx.specs, &ctx.plan)?;
+            let round = job.round();
+            let mut trained = TrainedWith { client: &client, identity: &identity, unsettled: &mut unsettled };
+            match train_job(&mut trained, &mut trainer, &mut state, &ctx, job, &progress, &mut summary)? {
+                Some(pending) => {
+                    state.pending = Some(pending);
+                    state.capture_optimizer(&trainer.optimizer, &ctx.specs, round);
+                    state.save(&ctx.run_dir, &ctx.specs, &ctx.plan)?;
+                }
+                // An early start that cannot finish (the round gave this worker's unit to someone else, or
+                // the run ended): the steps taken are dropped, with the AdamW moments they moved.
+                None => state.restore_optimizer(&mut trainer.optimizer),
+            }
         }
     })();
     summary.wall_seconds = joined_at.elapsed().as_secs_f64();
@@ -258,6 +275,109 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
     let _ = beats.join();
     result?;
     Ok(summary)
+}
+
+/// A received upload whose verdict is still to be read (overlap only).
+struct Received {
+    upload: PendingUpload,
+    response: SubmitResponse,
+}
+
+/// A job from `/v1/work`: a round whose global weights exist, or (overlap) the next round handed out
+/// before they do.
+enum Job {
+    Open(Assignment),
+    Ahead(AheadAssignment),
+}
+
+impl Job {
+    fn round(&self) -> u64 {
+        match self {
+            Job::Open(a) => a.round,
+            Job::Ahead(a) => a.round,
+        }
+    }
+}
+
+/// What an early start needs at its merge point to settle the previous round and ask for this one.
+struct TrainedWith<'a> {
+    client: &'a Client,
+    identity: &'a Identity,
+    unsettled: &'a mut Option<Received>,
+}
+
+/// Settles an answered upload: in a verifying run, its round's receipt says whether it was accepted; the
+/// error-feedback residual advances only past an accepted upload (otherwise the old one, which still holds
+/// what this upload tried to send, is kept). The state is saved either way.
+fn settle(
+    client: &Client,
+    ctx: &RunContext,
+    state: &mut WorkerState,
+    pending: PendingUpload,
+    received: Option<SubmitResponse>,
+    identity: &Identity,
+    summary: &mut WorkerSummary,
+) -> Result<()> {
+    let accepted = match received {
+        None => false,
+        // Nothing is judged: received is as accepted as it gets.
+        Some(_) if !ctx.trust.verify => true,
+        Some(r) => {
+            let waiting = Instant::now();
+            let accepted = round_verdict(client, ctx, &pending, &r, &identity.id(), summary)?;
+            summary.waiting_seconds += waiting.elapsed().as_secs_f64();
+            accepted
+        }
+    };
+    if accepted {
+        state.sync.accepted(&ctx.plan, pending.fragment, pending.residual);
+    }
+    state.save(&ctx.run_dir, &ctx.specs, &ctx.plan)
+}
+
+/// Settles the upload left unsettled by an early start, if any.
+fn settle_received(
+    client: &Client,
+    ctx: &RunContext,
+    state: &mut WorkerState,
+    unsettled: &mut Option<Received>,
+    identity: &Identity,
+    summary: &mut WorkerSummary,
+) -> Result<()> {
+    match unsettled.take() {
+        Some(r) => settle(client, ctx, state, r.upload, Some(r.response), identity, summary),
+        None => Ok(()),
+    }
+}
+
+/// At the merge point of a round started early: asks until the round is open (the coordinator answers
+/// "wait" with a long poll that its close ends) and returns its assignment, then settles the previous
+/// round's upload (its receipt exists once the round has closed); None when the round did not keep this
+/// worker's unit or the run ended (the early steps are dropped).
+fn await_open_round(
+    with: &mut TrainedWith<'_>,
+    ctx: &RunContext,
+    state: &mut WorkerState,
+    ahead: &AheadAssignment,
+    summary: &mut WorkerSummary,
+) -> Result<Option<Assignment>> {
+    let waiting = Instant::now();
+    let result = loop {
+        match with.client.post_json::<WorkResponse>("/v1/work", &serde_json::json!({}))? {
+            WorkResponse::Assignment(a) if a.round == ahead.round && a.unit == ahead.unit => break Some(a),
+            WorkResponse::Wait { .. } => continue,
+            other => {
+                tracing::warn!(round = ahead.round, unit = ahead.unit, "the early start is void ({other:?})");
+                break None;
+            }
+        }
+    };
+    summary.waiting_seconds += waiting.elapsed().as_secs_f64();
+    if let Some(a) = &result {
+        with.client.set_round(a.round);
+    }
+    settle_received(with.client, ctx, state, with.unsettled, with.identity, summary)?;
+    Ok(result)
 }
 
 /// What every round of this run shares.
@@ -278,6 +398,21 @@ struct RunContext {
 }
 
 impl RunContext {
+    /// The step boundaries of a round: the hash chain's segments (`agora_verify::chain::chain_bounds`), and
+    /// under overlap the merge point τ, which is a boundary even when the run keeps no chain.
+    fn round_bounds(&self, steps: u64) -> Vec<u64> {
+        chain::chain_bounds(steps, self.trust.chain_segments(steps).max(1), self.compression.overlap_steps)
+    }
+
+    /// Segments of a round's hash chain (0: the run keeps none).
+    fn chain_segments(&self, steps: u64) -> u64 {
+        if self.trust.chain_segments(steps) == 0 {
+            0
+        } else {
+            self.round_bounds(steps).len() as u64 - 1
+        }
+    }
+
     /// Where the states a round's hash chain commits to are kept until the round is settled.
     fn proof_dir(&self, round: u64) -> PathBuf {
         self.run_dir.join("proofs").join(format!("round-{round}"))
@@ -439,7 +574,7 @@ fn send_proof(client: &Client, ctx: &RunContext, round: u64, segment: u64, summa
     };
     // The challenged segment and both links (agora_verify::binding): the states at 0, j, j + 1 and S, and
     // the residual the round started from.
-    let segments = ctx.trust.chain_segments(ctx.inner_steps);
+    let segments = ctx.chain_segments(ctx.inner_steps);
     let states: Vec<(u64, Vec<u8>)> =
         binding::proof_boundaries(segment, segments).into_iter().map(|k| Ok((k, read(k)?))).collect::<Result<_>>()?;
     let residual_path = dir.join("residual.bin");
@@ -468,36 +603,55 @@ fn send_proof(client: &Client, ctx: &RunContext, round: u64, segment: u64, summa
     }
 }
 
-/// Downloads what an assignment names, trains it and compresses the pseudo-gradient of the fragment the
-/// round synchronises.
-fn train_assignment(
-    client: &Client,
+/// Downloads what a job names, trains it and compresses the pseudo-gradient of the fragment the round
+/// synchronises. A round started early (overlap) begins from the worker's own weights and, at the merge
+/// point τ, waits for its global weights and applies the previous round's late update to its fragment
+/// (`SyncState::merge_late`); every other round of an overlap run merges at τ too, where the update is
+/// zero for a worker that started from the global weights, so that the verifier, which does not know how
+/// a worker started, re-runs every round alike. None: an early start that could not finish.
+fn train_job(
+    with: &mut TrainedWith<'_>,
     trainer: &mut Trainer,
     state: &mut WorkerState,
     ctx: &RunContext,
-    a: &Assignment,
+    job: Job,
     progress: &Arc<Mutex<Progress>>,
     summary: &mut WorkerSummary,
-) -> Result<PendingUpload> {
+) -> Result<Option<PendingUpload>> {
     let started = Instant::now();
-    let (global_bytes, fetched_global) = client.blob(&a.global_hash)?;
-    let (unit_bytes, fetched_unit) = client.blob(&a.unit_hash)?;
-    summary.bytes_received += fetched_global + fetched_unit;
-    let (global, _) = decode_tensors(&global_bytes, Some(&ctx.specs))
-        .map_err(|e| anyhow::anyhow!("global weights {}: {e}", a.global_hash))?;
-    let global = from_named(&global, ctx.device);
-    let unit = Shard::from_bytes(&unit_bytes).with_context(|| format!("data unit {}", a.unit_hash))?;
-    *progress.lock().expect("progress lock") = Progress { round: Some(a.round), step: 0, loss: None };
-    tracing::info!(round = a.round, unit = a.unit, epoch = a.epoch, steps = a.inner_steps, "training");
+    let client = with.client;
+    let (round, unit_index, unit_hash, epoch, first_step, inner_steps) = match &job {
+        Job::Open(a) => (a.round, a.unit, a.unit_hash, a.epoch, a.first_step, a.inner_steps),
+        Job::Ahead(a) => (a.round, a.unit, a.unit_hash, a.epoch, a.first_step, a.inner_steps),
+    };
+    let fetch_global = |a: &Assignment, summary: &mut WorkerSummary| -> Result<Vec<tch::Tensor>> {
+        let (bytes, fetched) = client.blob(&a.global_hash)?;
+        summary.bytes_received += fetched;
+        let (global, _) = decode_tensors(&bytes, Some(&ctx.specs))
+            .map_err(|e| anyhow::anyhow!("global weights {}: {e}", a.global_hash))?;
+        Ok(from_named(&global, ctx.device))
+    };
+    let (mut open, mut global) = match job {
+        Job::Open(a) => {
+            let global = fetch_global(&a, summary)?;
+            (Some(a), Some(global))
+        }
+        Job::Ahead(_) => (None, None),
+    };
+    let (unit_bytes, fetched_unit) = client.blob(&unit_hash)?;
+    summary.bytes_received += fetched_unit;
+    let unit = Shard::from_bytes(&unit_bytes).with_context(|| format!("data unit {unit_hash}"))?;
+    *progress.lock().expect("progress lock") = Progress { round: Some(round), step: 0, loss: None };
+    tracing::info!(round, unit = unit_index, epoch, steps = inner_steps, ahead = open.is_none(), "training");
     // With error feedback, the residual this round starts from is committed to (the spot check's start link)
     // and kept with the chain's states until the round is settled.
-    let residual_commitment = if ctx.trust.chain_segments(a.inner_steps) > 0 && ctx.compression.uses_feedback() {
-        let fragment = ctx.plan.synced_in(a.round);
+    let residual_commitment = if ctx.chain_segments(inner_steps) > 0 && ctx.compression.uses_feedback() {
+        let fragment = ctx.plan.synced_in(round);
         let indices = ctx.plan.tensors(fragment);
         let fragment_specs: Vec<TensorSpec> = indices.iter().map(|&i| ctx.specs[i].clone()).collect();
         let residual: Vec<Vec<f32>> = indices.iter().map(|&i| state.sync.residual[i].clone()).collect();
         let bytes = binding::encode_residual(&fragment_specs, &residual);
-        let dir = ctx.proof_dir(a.round);
+        let dir = ctx.proof_dir(round);
         std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
         let path = dir.join("residual.bin");
         std::fs::write(&path, &bytes).with_context(|| format!("{}: cannot write", path.display()))?;
@@ -505,15 +659,27 @@ fn train_assignment(
     } else {
         None
     };
-    let start = state.sync.start_weights(&ctx.compression, &ctx.plan, a.round, &global);
+    let start = match &global {
+        Some(global) => state.sync.start_weights(&ctx.compression, &ctx.plan, round, global),
+        None => state
+            .sync
+            .local
+            .as_ref()
+            .expect("an early start has the worker's own weights")
+            .iter()
+            .map(|t| t.copy())
+            .collect(),
+    };
     #[cfg(feature = "adversary")]
     let unit = ctx.adversary.borrow_mut().training_data(unit);
     load_weights(&trainer.model, &start);
     // With a hash chain, the round runs segment by segment and the state at every boundary is hashed
-    // (and kept on disk until the round is settled, in case that segment is challenged).
-    let segments = ctx.trust.chain_segments(a.inner_steps);
-    let bounds = if segments > 0 { segment_bounds(a.inner_steps, segments) } else { vec![0, a.inner_steps] };
-    let proofs = ctx.proof_dir(a.round);
+    // (and kept on disk until the round is settled, in case that segment is challenged). Under overlap the
+    // merge point τ is a boundary too.
+    let overlap = ctx.compression.overlap();
+    let segments = ctx.chain_segments(inner_steps);
+    let bounds = ctx.round_bounds(inner_steps);
+    let proofs = ctx.proof_dir(round);
     let mut chain_hashes: Vec<Hash32> = Vec::new();
     let mut commit = |trainer: &Trainer, k: usize| -> Result<()> {
         if segments == 0 {
@@ -531,22 +697,39 @@ fn train_assignment(
     };
     commit(trainer, 0)?;
     let (mut loss_sum, mut steps_run) = (0.0, 0u64);
-    let training = Instant::now();
+    let mut training = Instant::now();
     for (k, window) in bounds.windows(2).enumerate() {
         #[cfg(feature = "adversary")]
-        if ctx.adversary.borrow().skips_training() {
-            commit(trainer, k + 1)?;
-            continue;
+        let skip = ctx.adversary.borrow().skips_training();
+        #[cfg(not(feature = "adversary"))]
+        let skip = false;
+        if !skip {
+            let stats = train_steps(trainer, &unit, first_step, inner_steps, window[0]..window[1], |step, s| {
+                let mut p = progress.lock().expect("progress lock");
+                p.step = step;
+                p.loss = Some(s.loss);
+            })?;
+            loss_sum += stats.mean_loss * (window[1] - window[0]) as f64;
+            steps_run += window[1] - window[0];
         }
-        let stats = train_steps(trainer, &unit, a.first_step, a.inner_steps, window[0]..window[1], |step, s| {
-            let mut p = progress.lock().expect("progress lock");
-            p.step = step;
-            p.loss = Some(s.loss);
-        })?;
-        loss_sum += stats.mean_loss * (window[1] - window[0]) as f64;
-        steps_run += window[1] - window[0];
+        if overlap.is_on() && window[1] == overlap.steps {
+            if global.is_none() {
+                summary.train_seconds += training.elapsed().as_secs_f64();
+                let ahead = AheadAssignment { round, unit: unit_index, unit_hash, epoch, first_step, inner_steps };
+                let Some(a) = await_open_round(with, ctx, state, &ahead, summary)? else { return Ok(None) };
+                global = Some(fetch_global(&a, summary)?);
+                open = Some(a);
+                training = Instant::now();
+            }
+            let global = global.as_ref().expect("the round's global weights");
+            let mut weights = model_weights(&trainer.model);
+            state.sync.merge_late(&ctx.plan, round, global, &start, &mut weights, overlap.merge);
+            load_weights(&trainer.model, &weights);
+        }
         commit(trainer, k + 1)?;
     }
+    let a = open.expect("the round is open once its merge point is passed");
+    let global = global.expect("the round's global weights");
     let stats_mean_loss = loss_sum / steps_run.max(1) as f64;
     summary.train_seconds += training.elapsed().as_secs_f64();
     #[allow(unused_mut)]
@@ -593,7 +776,7 @@ fn train_assignment(
         secs = started.elapsed().as_secs_f64(),
         "inner steps done"
     );
-    Ok(PendingUpload {
+    Ok(Some(PendingUpload {
         round: a.round,
         unit: a.unit,
         base: a.global_hash,
@@ -602,7 +785,7 @@ fn train_assignment(
         payload: upload.payload,
         residual: upload.residual,
         fp32_bytes: upload.fp32_bytes,
-    })
+    }))
 }
 
 fn spawn_heartbeats(

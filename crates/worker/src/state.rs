@@ -1,7 +1,8 @@
 //! The worker's durable state for one run: AdamW moments and step after its last trained round, what it
 //! carries between rounds (error-feedback residual; with fragments, its own weights), and the upload of
 //! its last round until the coordinator has answered it (in a verifying run: until the round's verified
-//! receipt has said whether it was accepted). One file, replaced atomically (the pending
+//! receipt has said whether it was accepted; under Streaming DiLoCo's overlap, which keeps no residual, only
+//! until it is received: the verdict is read later, for the summary). One file, replaced atomically (the pending
 //! payload is written first, under its hash), so a worker killed at any point resumes either before or
 //! after a whole round, never inside one.
 
@@ -171,7 +172,7 @@ impl WorkerState {
         if !sync.residual.is_empty() && has("residual") {
             sync.residual = pick("residual", specs)?.into_iter().map(|t| t.data).collect();
         }
-        if plan.count() > 1 && has("local") {
+        if (plan.count() > 1 || sync.keeps_local) && has("local") {
             sync.local = Some(from_named(&pick("local", specs)?, device));
         }
         let loaded: Vec<Option<u64>> = serde_json::from_str(get("loaded")?)?;

@@ -31,7 +31,7 @@ pub struct CompressionArgs {
     /// Codecs to compare, comma-separated: NAME[:KEEP/CHUNK][:VALUES][:ef][:decay=D][:block=B][:fF] with
     /// NAME none|bf16|int8|int4|topk|dct, VALUES f32|bf16|2bit|sign, ef = error feedback, fF = F fragments;
     /// `:overlap=T[:merge=A]` overlaps the exchange with T inner steps (Streaming DiLoCo, merge α = A,
-    /// default 0.5). The first must be `none` (the reference).
+    /// default 0). The first must be `none` (the reference).
     #[arg(long, value_delimiter = ',')]
     pub codecs: Option<Vec<String>>,
 }
@@ -42,8 +42,9 @@ pub const DEFAULT_CODECS: &str = "none,bf16,int8,int4,topk:2/64:f32,topk:2/64:2b
                                   dct:2/64:2bit:ef:decay=1,none:f2,topk:2/64:2bit:f2";
 
 /// Parses one `--codecs` entry with Streaming DiLoCo's overlap parts: `overlap=T` (τ inner steps before
-/// the previous round's outer step is merged in) and `merge=A` (α, default 0.5).
-fn parse_entry(spec: &str) -> Result<(CompressionConfig, Overlap)> {
+/// the previous round's outer step is merged in) and `merge=A` (α, default 0.5), the run file's
+/// `[compression] overlap_steps` and `merge`.
+pub(crate) fn parse_entry(spec: &str) -> Result<CompressionConfig> {
     let mut overlap = Overlap::default();
     let mut codec_parts = Vec::new();
     for part in spec.split(':') {
@@ -56,7 +57,13 @@ fn parse_entry(spec: &str) -> Result<(CompressionConfig, Overlap)> {
         }
     }
     ensure!(overlap.is_on() || overlap.merge == Overlap::default().merge, "--codecs {spec:?}: merge=A needs overlap=T");
-    Ok((parse_codec(&codec_parts.join(":"))?, overlap))
+    let c = CompressionConfig {
+        overlap_steps: overlap.steps,
+        merge: overlap.merge,
+        ..parse_codec(&codec_parts.join(":"))?
+    };
+    c.validate().with_context(|| format!("--codecs {spec:?}"))?;
+    Ok(c)
 }
 
 /// Parses one `--codecs` entry.
@@ -120,22 +127,17 @@ pub fn compression(c: CompressionArgs) -> Result<()> {
     let h = c.inner_steps.unwrap_or(if q { 4 } else { 20 });
     let specs: Vec<String> =
         c.codecs.clone().unwrap_or_else(|| DEFAULT_CODECS.split(',').map(|s| s.trim().to_string()).collect());
-    let configs: Vec<(String, CompressionConfig, Overlap)> = specs
-        .iter()
-        .map(|s| {
-            let (c, o) = parse_entry(s)?;
-            Ok((s.clone(), c, o))
-        })
-        .collect::<Result<_>>()?;
+    let configs: Vec<(String, CompressionConfig)> =
+        specs.iter().map(|s| Ok((s.clone(), parse_entry(s)?))).collect::<Result<_>>()?;
     ensure!(
-        configs.first().is_some_and(|(_, c, o)| c.codec == Codec::None && c.fragments == 1 && !o.is_on()),
+        configs.first().is_some_and(|(_, c)| c.codec == Codec::None && c.fragments == 1 && !c.overlap().is_on()),
         "--codecs must start with `none` (fp32 DiLoCo, the reference)"
     );
     let mut round_steps = Vec::new();
-    for (spec, c, o) in &configs {
+    for (spec, c) in &configs {
         ensure!(h.is_multiple_of(c.fragments as u64), "{spec}: H = {h} is not divisible by {} fragments", c.fragments);
         let r = h / c.fragments as u64;
-        o.validate(r).with_context(|| format!("--codecs {spec:?}: a round is {r} inner steps"))?;
+        c.overlap().validate(r).with_context(|| format!("--codecs {spec:?}: a round is {r} inner steps"))?;
         if !round_steps.contains(&r) {
             round_steps.push(r);
         }
@@ -158,16 +160,16 @@ pub fn compression(c: CompressionArgs) -> Result<()> {
     let outer = p.outer;
     let per_step_sync = p.steps * setup.bytes_per_sync();
     let mut rows: Vec<Row> = Vec::new();
-    for (i, (spec, c, overlap)) in configs.iter().enumerate() {
+    for (i, (spec, c)) in configs.iter().enumerate() {
         let r = h / c.fragments as u64;
         tracing::info!("[{}/{}] {spec}: {}, k={k}, {r} inner steps per round", i + 1, configs.len(), c.describe());
-        let o: Outcome = run_diloco(&setup, k, r, ("default", outer), c, *overlap, a.seed)?;
+        let o: Outcome = run_diloco(&setup, k, r, ("default", outer), c, a.seed)?;
         let reference =
             rows.first().map_or((o.bytes_sent_per_worker, o.val_loss), |r| (r.bytes_per_worker, r.val_loss));
         let row = Row {
             codec: c.describe(),
             config: *c,
-            overlap: *overlap,
+            overlap: c.overlap(),
             fragments: c.fragments,
             round_steps: r,
             rounds: o.rounds,
@@ -256,9 +258,10 @@ mod tests {
             (Codec::TopK, 1, 64, Values::TwoBit, false, 2)
         );
         assert!(parse_codec("zip").is_err());
-        let (c, o) = parse_entry("none:f2:overlap=5:merge=0.25").unwrap();
-        assert_eq!((c.fragments, o.steps, o.merge), (2, 5, 0.25));
-        assert!(!parse_entry("int8").unwrap().1.is_on());
+        let c = parse_entry("none:f2:overlap=5:merge=0.25").unwrap();
+        assert_eq!((c.fragments, c.overlap_steps, c.merge), (2, 5, 0.25));
+        assert!(!parse_entry("int8").unwrap().overlap().is_on());
+        assert!(parse_entry("int8:ef:overlap=2").is_err(), "overlap with error feedback is refused");
         assert!(parse_entry("none:overlap=x").is_err());
         assert!(parse_entry("none:f2:merge=0.3").is_err(), "a merge without an overlap does nothing");
         assert!(parse_codec("topk:65/64").is_err());

@@ -8,7 +8,7 @@
 use super::sweep::{prepare_setup, run_baseline, run_diloco, LrScaling, Outcome, Plan, SweepArgs};
 use crate::commands::set_threads;
 use crate::format::human_bytes;
-use agora_diloco::{CompressionConfig, OuterConfig, OuterKind, Overlap};
+use agora_diloco::{CompressionConfig, OuterConfig, OuterKind};
 use agora_model::Llama;
 use anyhow::Result;
 use clap::Args;
@@ -178,7 +178,7 @@ pub fn diloco(d: DilocoArgs) -> Result<()> {
                 recipe.0,
                 recipe.1
             ));
-            let o = run_diloco(&setup, k, h, recipe, &CompressionConfig::default(), Overlap::default(), seed)?;
+            let o = run_diloco(&setup, k, h, recipe, &CompressionConfig::default(), seed)?;
             report(&o);
             runs.push(o);
         }

@@ -1,5 +1,6 @@
 //! The run file's `[compression]` section: how every pseudo-gradient of a run is encoded.
 
+use crate::overlap::Overlap;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -63,6 +64,12 @@ pub struct CompressionConfig {
     /// Streaming DiLoCo: the parameters are split into this many fragments (strided groups of layers);
     /// round r synchronises fragment r mod `fragments` only, so each upload carries 1/fragments of the model.
     pub fragments: usize,
+    /// Streaming DiLoCo's overlap, τ: a worker starts round r + 1 from its own weights as soon as it has
+    /// uploaded round r, and applies round r's outer step to them `overlap_steps` inner steps later
+    /// ([`crate::overlap`]); 0: no overlap (it waits for the close and starts from the new global weights).
+    pub overlap_steps: u64,
+    /// α of that late update: θ_f ← θ_f + (1 − α)·(g_f − s_f), in [0, 1) (0: the whole update).
+    pub merge: f64,
 }
 
 impl Default for CompressionConfig {
@@ -76,6 +83,8 @@ impl Default for CompressionConfig {
             error_feedback: false,
             feedback_decay: 0.5,
             fragments: 1,
+            overlap_steps: 0,
+            merge: 0.0,
         }
     }
 }
@@ -101,7 +110,20 @@ impl CompressionConfig {
         if self.fragments == 0 || self.fragments > 4096 {
             bail!("fragments must be between 1 and 4096, got {}", self.fragments);
         }
+        if !(0.0..1.0).contains(&self.merge) {
+            bail!("merge must be in [0, 1), got {} (1 would never take the global weights in)", self.merge);
+        }
+        if self.overlap_steps > 0 && self.uses_feedback() {
+            // The residual an overlapped round starts from would be the one of an upload whose verdict is not
+            // known yet; not supported.
+            bail!("overlap_steps needs error_feedback = false (overlap with error feedback is not supported)");
+        }
         Ok(())
+    }
+
+    /// The overlap settings as [`Overlap`] (off when `overlap_steps` is 0).
+    pub fn overlap(&self) -> Overlap {
+        Overlap { steps: self.overlap_steps, merge: self.merge }
     }
 
     pub fn is_lossless(&self) -> bool {
@@ -147,7 +169,12 @@ impl CompressionConfig {
             " no EF".to_string()
         };
         let fragments = if self.fragments > 1 { format!(", {} fragments", self.fragments) } else { String::new() };
-        format!("{base}{feedback}{fragments}")
+        let overlap = if self.overlap_steps > 0 {
+            format!(", overlap {} steps (merge {})", self.overlap_steps, self.merge)
+        } else {
+            String::new()
+        };
+        format!("{base}{feedback}{fragments}{overlap}")
     }
 
     pub(crate) fn codec_id(&self) -> u8 {

@@ -42,7 +42,7 @@ use agora_diloco::codec::{self, Accumulator, Expected};
 use agora_diloco::tensors::{from_named, load_weights, model_weights, param_specs};
 use agora_diloco::{
     cut_units, train_round, train_round_overlapped, unit_batches, unit_order, CompressionConfig, FragmentPlan,
-    OuterConfig, OuterOptimizer, Overlap, SyncState,
+    OuterConfig, OuterOptimizer, SyncState,
 };
 use agora_model::{preset, Llama, LlamaConfig};
 use agora_train::{evaluate, Trainer};
@@ -189,7 +189,7 @@ pub(crate) fn run_baseline(s: &Setup, lr: f64, seed: u64) -> Result<Outcome> {
 }
 
 /// DiLoCo with k workers and H inner steps per round, every pseudo-gradient encoded with `compression`
-/// (fp32 for the plain sweep) exactly as networked workers encode it: [`SyncState`] carries each worker's
+/// (fp32 for the plain sweep; its `overlap_steps` and `merge` the Streaming DiLoCo overlap) exactly as networked workers encode it: [`SyncState`] carries each worker's
 /// error-feedback residual and, with fragments or overlap, its own weights; the coordinator's [`Accumulator`] sums the
 /// parsed payloads; the outer step moves the round's fragment.
 pub(crate) fn run_diloco(
@@ -198,10 +198,10 @@ pub(crate) fn run_diloco(
     h: u64,
     (recipe, outer): (&str, OuterConfig),
     compression: &CompressionConfig,
-    overlap: Overlap,
     seed: u64,
 ) -> Result<Outcome> {
     let p = &s.plan;
+    let overlap = compression.overlap();
     overlap.validate(h)?;
     let started = Instant::now();
     let batch = p.global_batch / k;
@@ -217,8 +217,7 @@ pub(crate) fn run_diloco(
     let specs = param_specs(&s.model);
     let plan = FragmentPlan::new(&specs, s.model.num_hidden_layers, compression.fragments)?;
     let fragment_specs: Vec<_> = (0..plan.count()).map(|f| plan.specs(&specs, f)).collect();
-    let mut syncs: Vec<SyncState> =
-        (0..k).map(|_| SyncState { keeps_local: overlap.is_on(), ..SyncState::new(&specs, compression) }).collect();
+    let mut syncs: Vec<SyncState> = (0..k).map(|_| SyncState::new(&specs, compression)).collect();
     let rounds = p.steps / h;
     let report_every = (rounds / 10).max(1);
     let overlapped =
@@ -239,7 +238,7 @@ pub(crate) fn run_diloco(
                 // `global` already holds round − 1's outer step: the worker starts without it and blends
                 // its fragment in τ steps later, as a networked worker would when it arrives.
                 let start = sync.overlapped_start(compression, &plan, round, &global);
-                let merge = |w: &mut [Tensor]| sync.merge_late(compression, &plan, round, &global, w, overlap.merge);
+                let merge = |w: &mut [Tensor]| sync.merge_late(&plan, round, &global, &start, w, overlap.merge);
                 train_round_overlapped(worker, &start, unit, round * h, h, overlap.steps, merge)?
             } else {
                 let start = sync.start_weights(compression, &plan, round, &global);

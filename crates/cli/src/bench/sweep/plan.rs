@@ -3,7 +3,7 @@
 
 use super::super::diloco::DilocoArgs;
 use agora_diloco::{OuterConfig, OuterKind};
-use agora_train::TrainConfig;
+use agora_train::{AdamWConfig, TrainConfig};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use serde::Serialize;
@@ -41,6 +41,12 @@ pub struct SweepArgs {
     /// Warmup steps of the inner schedule (default: S/20).
     #[arg(long)]
     pub warmup: Option<u64>,
+    /// The inner AdamW's β1, every configuration's, the baseline's included (default: the run file's 0.9).
+    #[arg(long)]
+    pub adam_beta1: Option<f64>,
+    /// The inner AdamW's β2, every configuration's, the baseline's included (default: the run file's 0.95).
+    #[arg(long)]
+    pub adam_beta2: Option<f64>,
     /// The default outer recipe's peak learning rate (default: the run file's `[outer] lr`).
     #[arg(long)]
     pub outer_lr: Option<f64>,
@@ -80,6 +86,8 @@ impl Default for SweepArgs {
             lr: 3e-3,
             lr_scaling: LrScaling::Constant,
             warmup: None,
+            adam_beta1: None,
+            adam_beta2: None,
             outer_lr: None,
             outer_momentum: None,
             outer_warmup_rounds: None,
@@ -171,6 +179,8 @@ pub(crate) struct Plan {
     pub(crate) lr_scaling: LrScaling,
     pub(crate) min_lr: f64,
     pub(crate) warmup: u64,
+    /// Every configuration's inner AdamW (β1, β2 from the flags; ε and weight decay the run file's defaults).
+    pub(crate) adamw: AdamWConfig,
     /// The default outer recipe (`--outer-*` applied): the grid's first, and the codec sweep's only one.
     pub(crate) outer: OuterConfig,
     /// Every outer recipe of the grid, by its `--outer` name.
@@ -229,6 +239,10 @@ impl Plan {
             lr_scaling: a.lr_scaling,
             min_lr: a.lr / 10.0,
             warmup: a.warmup.unwrap_or((steps / 20).max(1)),
+            adamw: {
+                let d = AdamWConfig::default();
+                AdamWConfig { beta1: a.adam_beta1.unwrap_or(d.beta1), beta2: a.adam_beta2.unwrap_or(d.beta2), ..d }
+            },
             outer,
             outers,
             baseline_lrs,
@@ -247,6 +261,9 @@ impl Plan {
         ensure!(!self.inner_steps.is_empty(), "--inner-steps needs at least one value");
         ensure!(self.lr.is_finite() && self.lr > 0.0, "--lr must be positive, got {}", self.lr);
         ensure!(self.warmup <= self.steps, "--warmup {} exceeds --steps {}", self.warmup, self.steps);
+        for (flag, beta) in [("--adam-beta1", self.adamw.beta1), ("--adam-beta2", self.adamw.beta2)] {
+            ensure!((0.0..1.0).contains(&beta), "{flag} must be in [0, 1), got {beta}");
+        }
         self.outer
             .validate()
             .context("--outer-lr / --outer-momentum / --outer-warmup-rounds / --outer-final-lr-fraction")?;
@@ -323,6 +340,7 @@ impl Plan {
             lr,
             min_lr: lr / 10.0,
             warmup_steps: self.warmup,
+            adamw: self.adamw,
             ..TrainConfig::default()
         }
     }
