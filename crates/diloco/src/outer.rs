@@ -30,6 +30,9 @@ pub struct OuterConfig {
     /// The learning rate at the last planned round, as a fraction of `lr`, reached by a cosine from the
     /// end of the warmup; 1: constant.
     pub final_lr_fraction: f64,
+    /// The momentum at the last planned round, as a fraction of `momentum`, reached by the same cosine
+    /// (0: the last outer steps are plain averaging at the learning rate); 1: constant.
+    pub final_momentum_fraction: f64,
 }
 
 impl Default for OuterConfig {
@@ -43,15 +46,19 @@ impl OuterConfig {
     /// recipe at k = 4, H = 50 on tinyshakespeare it took the gap to data-parallel from +7.4% to +3.4% at
     /// 2000 inner steps (BENCHMARKS.md, "Issue 12"); momentum 0.9 overshoots with tens of outer steps.
     pub const RECOMMENDED: OuterConfig =
-        OuterConfig { kind: OuterKind::Nesterov, lr: 1.0, momentum: 0.6, warmup_rounds: 4, final_lr_fraction: 1.0 };
+        OuterConfig { final_momentum_fraction: 1.0, ..OuterConfig::CONSTANT_NESTEROV.with(1.0, 0.6, 4) };
 
     /// DiLoCo's recipe (lr 0.7, momentum 0.9, constant), agora's default before issue 12.
-    pub const CONSTANT_NESTEROV: OuterConfig =
-        OuterConfig { kind: OuterKind::Nesterov, lr: 0.7, momentum: 0.9, warmup_rounds: 0, final_lr_fraction: 1.0 };
+    pub const CONSTANT_NESTEROV: OuterConfig = OuterConfig::constant(OuterKind::Nesterov, 0.7, 0.9);
 
     /// A constant-rate optimizer of this kind.
-    pub fn constant(kind: OuterKind, lr: f64, momentum: f64) -> OuterConfig {
-        OuterConfig { kind, lr, momentum, warmup_rounds: 0, final_lr_fraction: 1.0 }
+    pub const fn constant(kind: OuterKind, lr: f64, momentum: f64) -> OuterConfig {
+        OuterConfig { kind, lr, momentum, warmup_rounds: 0, final_lr_fraction: 1.0, final_momentum_fraction: 1.0 }
+    }
+
+    /// This recipe at another peak rate, momentum and warmup.
+    const fn with(self, lr: f64, momentum: f64, warmup_rounds: u64) -> OuterConfig {
+        OuterConfig { lr, momentum, warmup_rounds, ..self }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -64,6 +71,9 @@ impl OuterConfig {
         if !(self.final_lr_fraction > 0.0 && self.final_lr_fraction <= 1.0) {
             bail!("outer.final_lr_fraction must be in (0, 1], got {}", self.final_lr_fraction);
         }
+        if !(0.0..=1.0).contains(&self.final_momentum_fraction) {
+            bail!("outer.final_momentum_fraction must be in [0, 1], got {}", self.final_momentum_fraction);
+        }
         Ok(())
     }
 
@@ -74,15 +84,26 @@ impl OuterConfig {
         if round < self.warmup_rounds {
             return self.lr * (round + 1) as f64 / self.warmup_rounds as f64;
         }
-        // The first round at the full rate: the warmup's last, or round 0 without one.
+        self.lr * self.decayed(round, rounds, self.final_lr_fraction)
+    }
+
+    /// The momentum of the outer step that closes round `round`: `momentum` through the warmup, then the
+    /// same cosine as [`OuterConfig::lr_at`] down to `final_momentum_fraction · momentum`.
+    pub fn momentum_at(&self, round: u64, rounds: u64) -> f64 {
+        self.momentum * self.decayed(round, rounds, self.final_momentum_fraction)
+    }
+
+    /// 1 up to the first round at the full rate (the warmup's last, or round 0 without one), then a cosine
+    /// down to `last` at the last planned round, and `last` after it.
+    fn decayed(&self, round: u64, rounds: u64, last: f64) -> f64 {
         let peak = self.warmup_rounds.saturating_sub(1);
         let decay_rounds = rounds.saturating_sub(peak + 1);
-        if decay_rounds == 0 || self.final_lr_fraction == 1.0 {
-            return self.lr;
+        if decay_rounds == 0 || last == 1.0 || round <= peak {
+            return 1.0;
         }
         let progress = ((round - peak) as f64 / decay_rounds as f64).min(1.0);
         let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
-        self.lr * (self.final_lr_fraction + (1.0 - self.final_lr_fraction) * cosine)
+        last + (1.0 - last) * cosine
     }
 
     /// Whether the optimizer carries a momentum buffer that must be persisted with each round.
@@ -106,9 +127,12 @@ impl std::fmt::Display for OuterConfig {
         if self.warmup_rounds > 0 {
             write!(f, ", warmup {} rounds", self.warmup_rounds)?;
         }
+        if self.final_momentum_fraction < 1.0 && self.kind != OuterKind::Average {
+            write!(f, ", momentum cosine to {} ×", self.final_momentum_fraction)?;
+        }
         if self.final_lr_fraction < 1.0 {
             write!(f, ", cosine to {} × lr", self.final_lr_fraction)
-        } else if self.warmup_rounds == 0 {
+        } else if self.warmup_rounds == 0 && self.final_momentum_fraction == 1.0 {
             write!(f, ", constant")
         } else {
             Ok(())
@@ -134,13 +158,16 @@ impl OuterOptimizer {
     }
 
     /// An outer step of some parameters only (a Streaming DiLoCo fragment): `indices` into the full
-    /// parameter list, `delta` one tensor per index. The other parameters and their momentum stay as they are.
-    pub fn step_subset(&mut self, indices: &[usize], global: &[Tensor], delta: &[Tensor], lr: f64) {
+    /// parameter list, `delta` one tensor per index, at the round's learning rate and momentum
+    /// ([`OuterConfig::lr_at`], [`OuterConfig::momentum_at`]). The other parameters and their momentum buffers
+    /// stay as they are.
+    pub fn step_subset(&mut self, indices: &[usize], global: &[Tensor], delta: &[Tensor], lr: f64, mu: f64) {
         assert_eq!(indices.len(), delta.len(), "one pseudo-gradient per stepped parameter");
         let theta: Vec<Tensor> = indices.iter().map(|&i| global[i].shallow_clone()).collect();
         let momentum: Vec<Tensor> = indices.iter().map(|&i| self.momentum[i].shallow_clone()).collect();
         // Shallow clones share storage, so the sub-optimizer's in-place updates land in `global` and `self`.
-        OuterOptimizer { config: self.config, momentum }.step(&theta, delta, lr);
+        let config = OuterConfig { momentum: mu, ..self.config };
+        OuterOptimizer { config, momentum }.step(&theta, delta, lr);
     }
 
     /// One outer step at learning rate `lr` (the config's [`OuterConfig::lr_at`] the round):
@@ -247,6 +274,32 @@ mod tests {
         OuterOptimizer::new(config, &global).step(&global, &mean(&deltas), 1.0);
         let expected = (&locals[0] + &locals[1]) / 2.0;
         assert!(global[0].allclose(&expected, 1e-6, 1e-6, false), "{global:?}");
+    }
+
+    /// Momentum cosine to 0 over 10 planned rounds after a 4-round warmup: 0.6 through round 3, then
+    /// 0.6 · ½(1 + cos(π·(r − 3)/6)), 0 at round 9; the learning rate is untouched. A step at μ = 0 is plain
+    /// averaging at the rate, with the buffer still accumulating.
+    #[test]
+    fn momentum_decays_by_the_same_cosine_and_a_step_uses_it() {
+        let c = OuterConfig { final_momentum_fraction: 0.0, ..OuterConfig::RECOMMENDED };
+        assert!((0..4).all(|r| c.momentum_at(r, 10) == 0.6));
+        let r5 = 0.6 * 0.5 * (1.0 + (std::f64::consts::PI * 2.0 / 6.0).cos());
+        assert!((c.momentum_at(5, 10) - r5).abs() < 1e-12, "{}", c.momentum_at(5, 10));
+        assert_eq!(c.momentum_at(9, 10), 0.0);
+        assert_eq!(c.momentum_at(30, 10), 0.0);
+        assert!((0..10).all(|r| c.lr_at(r, 10) == OuterConfig::RECOMMENDED.lr_at(r, 10)));
+        assert!((0..10).all(|r| OuterConfig::RECOMMENDED.momentum_at(r, 10) == 0.6), "1: constant");
+        // θ = 1, m = 0.1 from an earlier step; a step of Δ = 0.2 at lr 1, μ = 0: θ = 0.8, m = 0.2.
+        let theta = [scalar(1.0)];
+        let mut opt = OuterOptimizer::with_momentum(c, vec![scalar(0.1)]);
+        opt.step_subset(&[0], &theta, &[scalar(0.2)], 1.0, 0.0);
+        assert!((value(&theta[0]) - 0.8).abs() < 1e-6 && (value(&opt.momentum[0]) - 0.2).abs() < 1e-6);
+        // At μ = 0.5 instead: m = 0.05 + 0.2 = 0.25, θ = 0.8 − (0.2 + 0.125) = 0.475.
+        let mut opt = OuterOptimizer::with_momentum(c, vec![scalar(0.1)]);
+        opt.step_subset(&[0], &theta, &[scalar(0.2)], 1.0, 0.5);
+        assert!((value(&theta[0]) - 0.475).abs() < 1e-6, "{}", value(&theta[0]));
+        assert!(OuterConfig { final_momentum_fraction: 1.5, ..c }.validate().is_err());
+        assert!(OuterConfig { final_momentum_fraction: -0.1, ..c }.validate().is_err());
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub struct DilocoArgs {
     pub outer_compare: Option<String>,
     /// Outer recipes to sweep, comma-separated: `default` (the run file's, with the --outer-* flags), `old`
     /// (constant Nesterov 0.7/0.9, the default before issue 12) or
-    /// KIND:LR[:MOMENTUM[:WARMUP_ROUNDS[:FINAL_LR_FRACTION]]] (default: default).
+    /// KIND:LR[:MOMENTUM[:WARMUP_ROUNDS[:FINAL_LR_FRACTION[:FINAL_MOMENTUM_FRACTION]]]] (default: default).
     #[arg(long, value_delimiter = ',')]
     pub outer: Option<Vec<String>>,
     /// Peak inner learning rates of the data-parallel baseline; the best mean is the reference (default:

@@ -250,8 +250,8 @@ pub(crate) fn run_diloco(
             sync.accepted(&plan, upload.fragment, upload.residual);
             loss += stats.mean_loss / k as f64;
         }
-        let outer_lr = outer.lr_at(round, rounds);
-        outer_opt.step_subset(&plan.tensors(fragment), &global, &from_named(&sum.mean(), Device::Cpu), outer_lr);
+        let (lr, mu) = (outer.lr_at(round, rounds), outer.momentum_at(round, rounds));
+        outer_opt.step_subset(&plan.tensors(fragment), &global, &from_named(&sum.mean(), Device::Cpu), lr, mu);
         last_train_loss = loss;
         if (round + 1) % report_every == 0 || round + 1 == rounds {
             log_progress(&label, (round + 1) * h, p.steps, started, loss);

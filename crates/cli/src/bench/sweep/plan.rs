@@ -128,7 +128,8 @@ impl SweepArgs {
 
 /// One outer recipe of `--outer`: `default` (the run file's default with the `--outer-*` overrides), `old`
 /// (constant Nesterov lr 0.7, momentum 0.9: the default before issue 12), or
-/// `KIND:LR[:MOMENTUM[:WARMUP_ROUNDS[:FINAL_LR_FRACTION]]]` with KIND nesterov, sgd_momentum or average.
+/// `KIND:LR[:MOMENTUM[:WARMUP_ROUNDS[:FINAL_LR_FRACTION[:FINAL_MOMENTUM_FRACTION]]]]` with KIND nesterov,
+/// sgd_momentum or average.
 pub(crate) fn parse_outer(spec: &str, default: OuterConfig) -> Result<(String, OuterConfig)> {
     let config = match spec.trim() {
         "default" => default,
@@ -136,8 +137,9 @@ pub(crate) fn parse_outer(spec: &str, default: OuterConfig) -> Result<(String, O
         s => {
             let parts: Vec<&str> = s.split(':').map(str::trim).collect();
             ensure!(
-                (2..=5).contains(&parts.len()),
-                "--outer {s:?}: want default, old or KIND:LR[:MOMENTUM[:WARMUP_ROUNDS[:FINAL_LR_FRACTION]]]"
+                (2..=6).contains(&parts.len()),
+                "--outer {s:?}: want default, old or \
+                 KIND:LR[:MOMENTUM[:WARMUP_ROUNDS[:FINAL_LR_FRACTION[:FINAL_MOMENTUM_FRACTION]]]]"
             );
             let kind = match parts[0] {
                 "nesterov" => OuterKind::Nesterov,
@@ -160,6 +162,7 @@ pub(crate) fn parse_outer(spec: &str, default: OuterConfig) -> Result<(String, O
                 momentum: field(&parts, 2, s, "momentum")?.unwrap_or(0.0),
                 warmup_rounds: field(&parts, 3, s, "warmup rounds")?.unwrap_or(0),
                 final_lr_fraction: field(&parts, 4, s, "final learning-rate fraction")?.unwrap_or(1.0),
+                final_momentum_fraction: field(&parts, 5, s, "final momentum fraction")?.unwrap_or(1.0),
             }
         }
     };
@@ -410,8 +413,20 @@ pub(super) mod tests {
             (c.kind, c.lr, c.momentum, c.warmup_rounds, c.final_lr_fraction),
             (OuterKind::Nesterov, 1.0, 0.6, 4, 0.5)
         );
+        assert_eq!(c.final_momentum_fraction, 1.0, "constant momentum unless given");
+        let c = parse_outer("nesterov:1:0.6:4:1:0", default).unwrap().1;
+        assert_eq!((c.final_lr_fraction, c.final_momentum_fraction), (1.0, 0.0));
         assert_eq!(parse_outer("average:1", default).unwrap().1, OuterConfig::constant(OuterKind::Average, 1.0, 0.0));
-        for bad in ["adam:1", "nesterov", "nesterov:x", "nesterov:1:1.0", "nesterov:1:0.5:2:0", "nesterov:1:0:1.5"] {
+        for bad in [
+            "adam:1",
+            "nesterov",
+            "nesterov:x",
+            "nesterov:1:1.0",
+            "nesterov:1:0.5:2:0",
+            "nesterov:1:0:1.5",
+            "nesterov:1:0.6:4:1:1.5",
+            "nesterov:1:0.6:4:1:0:7",
+        ] {
             assert!(parse_outer(bad, default).is_err(), "{bad} parsed");
         }
         // The --outer-* flags override the default recipe only.
