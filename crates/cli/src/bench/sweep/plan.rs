@@ -457,4 +457,22 @@ pub(super) mod tests {
         // The baseline's rates still centre on --lr: half, once and twice it.
         assert_eq!(sqrt.baseline_lrs, vec![3e-3, 6e-3, 1.2e-2]);
     }
+
+    /// --adam-beta1/2 set every configuration's inner AdamW, the baseline's included; out of range is refused.
+    #[test]
+    fn adam_betas_reach_every_configuration() {
+        let sweep = SweepArgs { adam_beta1: Some(0.95), adam_beta2: Some(0.99), ..SweepArgs::default() };
+        let plan = Plan::from_args(&DilocoArgs { sweep, ..args() }).unwrap();
+        for batch in [16, 4] {
+            let c = plan.train_config(batch, 3e-3, 0).adamw;
+            assert_eq!((c.beta1, c.beta2, c.weight_decay), (0.95, 0.99, AdamWConfig::default().weight_decay));
+        }
+        assert_eq!(Plan::from_args(&args()).unwrap().train_config(16, 3e-3, 0).adamw, AdamWConfig::default());
+        for bad in [
+            SweepArgs { adam_beta2: Some(1.0), ..SweepArgs::default() },
+            SweepArgs { adam_beta1: Some(-0.1), ..SweepArgs::default() },
+        ] {
+            assert!(Plan::from_args(&DilocoArgs { sweep: bad, ..args() }).is_err());
+        }
+    }
 }
