@@ -31,7 +31,8 @@ pub struct OuterConfig {
     /// end of the warmup; 1: constant.
     pub final_lr_fraction: f64,
     /// The momentum at the last planned round, as a fraction of `momentum`, reached by the same cosine
-    /// (0: the last outer steps are plain averaging at the learning rate); 1: constant.
+    /// (0: the last outer steps are plain averaging at the learning rate; above 1 it rises, up to a final
+    /// momentum below 1); 1: constant.
     pub final_momentum_fraction: f64,
 }
 
@@ -71,8 +72,13 @@ impl OuterConfig {
         if !(self.final_lr_fraction > 0.0 && self.final_lr_fraction <= 1.0) {
             bail!("outer.final_lr_fraction must be in (0, 1], got {}", self.final_lr_fraction);
         }
-        if !(0.0..=1.0).contains(&self.final_momentum_fraction) {
-            bail!("outer.final_momentum_fraction must be in [0, 1], got {}", self.final_momentum_fraction);
+        if !(self.final_momentum_fraction >= 0.0 && self.momentum * self.final_momentum_fraction < 1.0) {
+            bail!(
+                "outer.final_momentum_fraction must be at least 0 and keep the final momentum below 1, got {} \
+                 (momentum {})",
+                self.final_momentum_fraction,
+                self.momentum
+            );
         }
         Ok(())
     }
@@ -127,7 +133,7 @@ impl std::fmt::Display for OuterConfig {
         if self.warmup_rounds > 0 {
             write!(f, ", warmup {} rounds", self.warmup_rounds)?;
         }
-        if self.final_momentum_fraction < 1.0 && self.kind != OuterKind::Average {
+        if self.final_momentum_fraction != 1.0 && self.kind != OuterKind::Average {
             write!(f, ", momentum cosine to {} ×", self.final_momentum_fraction)?;
         }
         if self.final_lr_fraction < 1.0 {
@@ -298,7 +304,8 @@ mod tests {
         let mut opt = OuterOptimizer::with_momentum(c, vec![scalar(0.1)]);
         opt.step_subset(&[0], &theta, &[scalar(0.2)], 1.0, 0.5);
         assert!((value(&theta[0]) - 0.475).abs() < 1e-6, "{}", value(&theta[0]));
-        assert!(OuterConfig { final_momentum_fraction: 1.5, ..c }.validate().is_err());
+        assert!(OuterConfig { final_momentum_fraction: 1.5, ..c }.validate().is_ok(), "0.6 rising to 0.9");
+        assert!(OuterConfig { final_momentum_fraction: 1.7, ..c }.validate().is_err(), "a final momentum of 1.02");
         assert!(OuterConfig { final_momentum_fraction: -0.1, ..c }.validate().is_err());
     }
 

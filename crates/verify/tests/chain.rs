@@ -34,6 +34,19 @@ fn chain_of(config: &agora_model::LlamaConfig, train: &TrainConfig, data: &Shard
     states
 }
 
+/// Segment `k` of `bounds` of the round `setup` describes (its schedule position 10, STEPS steps).
+fn segment_of<'a>(
+    model: &'a agora_model::LlamaConfig,
+    train: &'a TrainConfig,
+    specs: &'a [agora_protocol::TensorSpec],
+    unit: &'a Shard,
+    bounds: &[u64],
+    k: usize,
+    merge: Option<chain::Merge<'a>>,
+) -> Segment<'a> {
+    Segment { model, train, specs, unit, first_step: 10, steps: STEPS, from: bounds[k], to: bounds[k + 1], merge }
+}
+
 #[test]
 fn spot_checks_reproduce_honest_segments_and_catch_the_rest() {
     tch::set_num_threads(1);
@@ -47,17 +60,7 @@ fn spot_checks_reproduce_honest_segments_and_catch_the_rest() {
     assert!(chain::parse_chain(&meta, SEGMENTS + 1).is_err());
 
     let bounds = segment_bounds(STEPS, SEGMENTS);
-    let segment = |k: usize| Segment {
-        model: &config,
-        train: &train,
-        specs: &specs,
-        unit: &unit,
-        first_step: 10,
-        steps: STEPS,
-        from: bounds[k],
-        to: bounds[k + 1],
-        merge: None,
-    };
+    let segment = |k: usize| segment_of(&config, &train, &specs, &unit, &bounds, k, None);
     for k in 0..SEGMENTS as usize {
         let check = chain::recompute(&segment(k), &states[k], &states[k + 1], 0.01).unwrap();
         assert!(check.passed && check.exact, "segment {k}: {check:?}");
@@ -129,16 +132,9 @@ fn overlap_segments_re_run_the_late_merge() {
     };
     let (g, s, t) = (&global, &start, &tensors);
     let late = |a: f64| move |w: &mut Vec<tch::Tensor>| agora_diloco::overlap::apply_late(w, g, s, t, a);
-    let segment = |k: usize| Segment {
-        model: &config,
-        train: &train,
-        specs: &specs,
-        unit: &unit,
-        first_step: 10,
-        steps: STEPS,
-        from: bounds[k],
-        to: bounds[k + 1],
-        merge: Some(chain::Merge { at: tau, alpha, global: &global, start: &start, tensors: tensors.clone() }),
+    let segment = |k: usize| {
+        let merge = chain::Merge { at: tau, alpha, global: &global, start: &start, tensors: tensors.clone() };
+        segment_of(&config, &train, &specs, &unit, &bounds, k, Some(merge))
     };
     let honest = run(&late(alpha));
     for k in 0..bounds.len() - 1 {

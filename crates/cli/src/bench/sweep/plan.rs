@@ -424,7 +424,7 @@ pub(super) mod tests {
             "nesterov:1:1.0",
             "nesterov:1:0.5:2:0",
             "nesterov:1:0:1.5",
-            "nesterov:1:0.6:4:1:1.5",
+            "nesterov:1:0.6:4:1:1.7",
             "nesterov:1:0.6:4:1:0:7",
         ] {
             assert!(parse_outer(bad, default).is_err(), "{bad} parsed");
