@@ -126,6 +126,7 @@ impl Coordinator {
             return Ok(wait);
         };
         tracing::info!(worker = worker.short(), round = next, unit = row.unit, epoch = row.epoch, "assigned ahead");
+        self.notify();
         Ok(ahead(&row))
     }
 

@@ -76,10 +76,11 @@ impl OuterConfig {
         }
         if !(self.final_momentum_fraction >= 0.0 && self.momentum * self.final_momentum_fraction < 1.0) {
             bail!(
-                "outer.final_momentum_fraction must be at least 0 and keep the final momentum below 1, got {} \
-                 (momentum {})",
+                "outer.final_momentum_fraction must be at least 0 and keep the final momentum below 1: {} × \
+                 momentum {} = {}; set final_momentum_fraction (1 keeps the momentum constant)",
                 self.final_momentum_fraction,
-                self.momentum
+                self.momentum,
+                self.final_momentum_fraction * self.momentum
             );
         }
         Ok(())
@@ -323,6 +324,12 @@ mod tests {
         assert!(OuterConfig { final_lr_fraction: 1.5, ..OuterConfig::default() }.validate().is_err());
         assert!(OuterConfig::default().validate().is_ok());
         assert!(OuterConfig::CONSTANT_NESTEROV.validate().is_ok());
+        // DiLoCo's momentum 0.9 with the default's rise (× 1.25) would end above 1: refused, naming the field.
+        let err = OuterConfig { momentum: 0.9, ..OuterConfig::default() }.validate().unwrap_err();
+        assert!(err.to_string().contains("final_momentum_fraction"), "{err}");
+        assert!(OuterConfig { momentum: 0.9, final_momentum_fraction: 1.0, ..OuterConfig::default() }
+            .validate()
+            .is_ok());
     }
 
     /// Warmup 4 of 10 planned rounds, cosine to a fifth: lr/4, lr/2, 3lr/4, lr, then cosine over rounds 3..9

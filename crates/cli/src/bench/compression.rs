@@ -42,7 +42,7 @@ pub const DEFAULT_CODECS: &str = "none,bf16,int8,int4,topk:2/64:f32,topk:2/64:2b
                                   dct:2/64:2bit:ef:decay=1,none:f2,topk:2/64:2bit:f2";
 
 /// Parses one `--codecs` entry with Streaming DiLoCo's overlap parts: `overlap=T` (τ inner steps before
-/// the previous round's outer step is merged in) and `merge=A` (α, default 0.5), the run file's
+/// the previous round's outer step is merged in) and `merge=A` (α, default 0), the run file's
 /// `[compression] overlap_steps` and `merge`.
 pub(crate) fn parse_entry(spec: &str) -> Result<CompressionConfig> {
     let mut overlap = Overlap::default();

@@ -60,6 +60,10 @@ pub struct SweepArgs {
     /// run file's).
     #[arg(long)]
     pub outer_final_lr_fraction: Option<f64>,
+    /// The default outer recipe's momentum at the last round, as a fraction of --outer-momentum (default: the
+    /// run file's; the final momentum must stay below 1).
+    #[arg(long)]
+    pub outer_final_momentum_fraction: Option<f64>,
     /// Model initialisation and data order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -92,6 +96,7 @@ impl Default for SweepArgs {
             outer_momentum: None,
             outer_warmup_rounds: None,
             outer_final_lr_fraction: None,
+            outer_final_momentum_fraction: None,
             seed: 0,
             threads: None,
             quick: false,
@@ -121,6 +126,7 @@ impl SweepArgs {
             momentum: self.outer_momentum.unwrap_or(d.momentum),
             warmup_rounds: self.outer_warmup_rounds.unwrap_or(d.warmup_rounds),
             final_lr_fraction: self.outer_final_lr_fraction.unwrap_or(d.final_lr_fraction),
+            final_momentum_fraction: self.outer_final_momentum_fraction.unwrap_or(d.final_momentum_fraction),
             ..d
         }
     }
@@ -267,9 +273,10 @@ impl Plan {
         for (flag, beta) in [("--adam-beta1", self.adamw.beta1), ("--adam-beta2", self.adamw.beta2)] {
             ensure!((0.0..1.0).contains(&beta), "{flag} must be in [0, 1), got {beta}");
         }
-        self.outer
-            .validate()
-            .context("--outer-lr / --outer-momentum / --outer-warmup-rounds / --outer-final-lr-fraction")?;
+        self.outer.validate().context(
+            "--outer-lr / --outer-momentum / --outer-warmup-rounds / --outer-final-lr-fraction / \
+                 --outer-final-momentum-fraction",
+        )?;
         ensure!(!self.outers.is_empty(), "--outer needs at least one recipe");
         ensure!(!self.baseline_lrs.is_empty(), "--baseline-lr needs at least one value");
         for &lr in &self.baseline_lrs {
