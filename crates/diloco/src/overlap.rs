@@ -86,8 +86,8 @@ impl SyncState {
         round: u64,
         global: &[Tensor],
     ) -> Vec<Tensor> {
-        // Overlap needs the worker's own weights every round, whatever the number of fragments.
-        self.keeps_local = true;
+        // `SyncState::new` keeps the worker's own weights under overlap, whatever the number of fragments.
+        debug_assert!(self.keeps_local, "an overlapped round needs the worker's own weights");
         match &self.local {
             Some(local) => local.iter().map(|t| t.copy()).collect(),
             None => self.start_weights(config, plan, round, global),
