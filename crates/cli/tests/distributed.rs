@@ -252,8 +252,13 @@ fn compressed_fragments_over_http_postgres() {
 
 /// (e) Streaming DiLoCo's overlap over HTTP, with two fragments and every upload challenged: workers start
 /// each round ahead from their own weights, apply the previous round's late update to its fragment at τ,
-/// and every spot check (whichever segment, the one ending at τ included) re-runs bit for bit; every round
-/// applies every worker's upload (none is judged off consensus) and the loss falls.
+/// and every spot check (whichever segment, the one ending at τ included) re-runs bit for bit; no upload is
+/// judged off consensus or otherwise refused by a rule, and the loss falls.
+///
+/// An upload of the second fragment (odd rounds) may still score 0 (`zero_score`, not a fault): its Δ lowers
+/// the held-out loss by only 1e-4 to 3e-3 here, with or without overlap (measured over four runs), so its
+/// sign on the held-out batches is sometimes negative. Asking for 15 positive scores failed about one run
+/// in five.
 #[test]
 fn overlapped_rounds_over_http_pass_every_spot_check() {
     let _serial = serial();
@@ -274,8 +279,20 @@ fn overlapped_rounds_over_http_pass_every_spot_check() {
     let summaries = cluster.finish_workers(Duration::from_secs(60));
 
     assert_eq!(report.codec, "fp32, 2 fragments, overlap 3 steps (merge 0)");
+    let judgements = cluster.judgements();
+    assert_eq!(judgements.len(), 15, "every upload was judged: {judgements:?}");
+    for j in &judgements {
+        assert!(
+            j.verdict == "accepted" || j.verdict == "zero_score",
+            "round {}: only a zero score may keep an honest overlapped upload out: {j:?}\n{}",
+            j.round,
+            cluster.logs()
+        );
+    }
     for h in &report.history[..5] {
-        assert_eq!(h.contributions, 3, "round {}: {h:?}\n{}", h.round, cluster.logs());
+        // Rounds 0, 2, 4 carry the first fragment, whose Δs lower the held-out loss by 0.7–17%: all count.
+        let all = if h.round % 2 == 0 { 3 } else { 1 };
+        assert!(h.contributions >= all, "round {}: {h:?}\n{judgements:?}\n{}", h.round, cluster.logs());
     }
     let first = report.history[0].val_loss.unwrap();
     let last = report.history[5].val_loss.unwrap();
@@ -283,7 +300,7 @@ fn overlapped_rounds_over_http_pass_every_spot_check() {
     check_contributions(&cluster.contributions(), 5);
     let mut ahead = 0;
     for (name, s) in &summaries {
-        assert_eq!(s["rounds_accepted"], 5, "{name}: {s}\n{}", cluster.logs());
+        assert_eq!(s["rounds_received"], 5, "{name}: {s}\n{}", cluster.logs());
         assert_eq!(s["spot_checks"], 5, "{name}: every upload is challenged: {s}");
         assert_eq!(s["spot_checks_failed"], 0, "{name}: {s}\n{}", cluster.logs());
         ahead += std::fs::read_to_string(cluster.log(name)).unwrap().matches("ahead=true").count();
