@@ -41,6 +41,10 @@ pub struct SweepArgs {
     /// Warmup steps of the inner schedule (default: S/20).
     #[arg(long)]
     pub warmup: Option<u64>,
+    /// Where every inner cosine ends, as a fraction of its peak (the run file's `train.min_lr` / `train.lr`;
+    /// default 0.1, theirs).
+    #[arg(long, default_value_t = 0.1)]
+    pub min_lr_fraction: f64,
     /// The inner AdamW's β1, every configuration's, the baseline's included (default: the run file's 0.9).
     #[arg(long)]
     pub adam_beta1: Option<f64>,
@@ -90,6 +94,7 @@ impl Default for SweepArgs {
             lr: 3e-3,
             lr_scaling: LrScaling::Constant,
             warmup: None,
+            min_lr_fraction: 0.1,
             adam_beta1: None,
             adam_beta2: None,
             outer_lr: None,
@@ -186,7 +191,8 @@ pub(crate) struct Plan {
     pub(crate) inner_steps: Vec<u64>,
     pub(crate) lr: f64,
     pub(crate) lr_scaling: LrScaling,
-    pub(crate) min_lr: f64,
+    /// Every inner cosine's floor, as a fraction of its peak.
+    pub(crate) min_lr_fraction: f64,
     pub(crate) warmup: u64,
     /// Every configuration's inner AdamW (β1, β2 from the flags; ε and weight decay the run file's defaults).
     pub(crate) adamw: AdamWConfig,
@@ -246,7 +252,7 @@ impl Plan {
             inner_steps,
             lr: a.lr,
             lr_scaling: a.lr_scaling,
-            min_lr: a.lr / 10.0,
+            min_lr_fraction: a.min_lr_fraction,
             warmup: a.warmup.unwrap_or((steps / 20).max(1)),
             adamw: {
                 let d = AdamWConfig::default();
@@ -270,6 +276,11 @@ impl Plan {
         ensure!(!self.inner_steps.is_empty(), "--inner-steps needs at least one value");
         ensure!(self.lr.is_finite() && self.lr > 0.0, "--lr must be positive, got {}", self.lr);
         ensure!(self.warmup <= self.steps, "--warmup {} exceeds --steps {}", self.warmup, self.steps);
+        ensure!(
+            (0.0..=1.0).contains(&self.min_lr_fraction),
+            "--min-lr-fraction must be in [0, 1], got {}",
+            self.min_lr_fraction
+        );
         for (flag, beta) in [("--adam-beta1", self.adamw.beta1), ("--adam-beta2", self.adamw.beta2)] {
             ensure!((0.0..1.0).contains(&beta), "{flag} must be in [0, 1), got {beta}");
         }
@@ -340,7 +351,7 @@ impl Plan {
         }
     }
 
-    /// The inner loop of a run at peak learning rate `lr` (cosine to a tenth of it).
+    /// The inner loop of a run at peak learning rate `lr` (cosine to `min_lr_fraction` of it).
     pub(super) fn train_config(&self, batch_size: usize, lr: f64, seed: u64) -> TrainConfig {
         TrainConfig {
             seed,
@@ -348,7 +359,7 @@ impl Plan {
             batch_size,
             seq_len: self.seq_len,
             lr,
-            min_lr: lr / 10.0,
+            min_lr: lr * self.min_lr_fraction,
             warmup_steps: self.warmup,
             adamw: self.adamw,
             ..TrainConfig::default()
@@ -463,6 +474,20 @@ pub(super) mod tests {
         assert!((sqrt.inner_lr(8) - 6e-3 / 8f64.sqrt()).abs() < 1e-12);
         // The baseline's rates still centre on --lr: half, once and twice it.
         assert_eq!(sqrt.baseline_lrs, vec![3e-3, 6e-3, 1.2e-2]);
+    }
+
+    /// --min-lr-fraction sets where every inner cosine ends, the baseline's included; outside [0, 1] is refused.
+    #[test]
+    fn the_inner_floor_follows_the_peak() {
+        let default = Plan::from_args(&args()).unwrap().train_config(16, 3e-3, 0);
+        assert!((default.min_lr - 3e-4).abs() < 1e-12, "a tenth of the peak, as the run file's 3e-4 of 3e-3");
+        let sweep = SweepArgs { min_lr_fraction: 0.3, ..SweepArgs::default() };
+        let plan = Plan::from_args(&DilocoArgs { sweep, ..args() }).unwrap();
+        assert!((plan.train_config(4, 2e-3, 0).min_lr - 6e-4).abs() < 1e-12);
+        for bad in [-0.1, 1.5, f64::NAN] {
+            let sweep = SweepArgs { min_lr_fraction: bad, ..SweepArgs::default() };
+            assert!(Plan::from_args(&DilocoArgs { sweep, ..args() }).is_err(), "{bad} accepted");
+        }
     }
 
     /// --adam-beta1/2 set every configuration's inner AdamW, the baseline's included; out of range is refused.
