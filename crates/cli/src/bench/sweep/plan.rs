@@ -51,6 +51,10 @@ pub struct SweepArgs {
     /// The inner AdamW's β2, every configuration's, the baseline's included (default: the run file's 0.95).
     #[arg(long)]
     pub adam_beta2: Option<f64>,
+    /// The inner AdamW's decoupled weight decay, every configuration's, the baseline's included (default:
+    /// the run file's 0.1).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
     /// The default outer recipe's peak learning rate (default: the run file's `[outer] lr`).
     #[arg(long)]
     pub outer_lr: Option<f64>,
@@ -97,6 +101,7 @@ impl Default for SweepArgs {
             min_lr_fraction: 0.1,
             adam_beta1: None,
             adam_beta2: None,
+            weight_decay: None,
             outer_lr: None,
             outer_momentum: None,
             outer_warmup_rounds: None,
@@ -194,7 +199,7 @@ pub(crate) struct Plan {
     /// Every inner cosine's floor, as a fraction of its peak.
     pub(crate) min_lr_fraction: f64,
     pub(crate) warmup: u64,
-    /// Every configuration's inner AdamW (β1, β2 from the flags; ε and weight decay the run file's defaults).
+    /// Every configuration's inner AdamW (β1, β2 and weight decay from the flags; ε the run file's default).
     pub(crate) adamw: AdamWConfig,
     /// The default outer recipe (`--outer-*` applied): the grid's first, and the codec sweep's only one.
     pub(crate) outer: OuterConfig,
@@ -256,7 +261,12 @@ impl Plan {
             warmup: a.warmup.unwrap_or((steps / 20).max(1)),
             adamw: {
                 let d = AdamWConfig::default();
-                AdamWConfig { beta1: a.adam_beta1.unwrap_or(d.beta1), beta2: a.adam_beta2.unwrap_or(d.beta2), ..d }
+                AdamWConfig {
+                    beta1: a.adam_beta1.unwrap_or(d.beta1),
+                    beta2: a.adam_beta2.unwrap_or(d.beta2),
+                    weight_decay: a.weight_decay.unwrap_or(d.weight_decay),
+                    ..d
+                }
             },
             outer,
             outers,
@@ -284,6 +294,8 @@ impl Plan {
         for (flag, beta) in [("--adam-beta1", self.adamw.beta1), ("--adam-beta2", self.adamw.beta2)] {
             ensure!((0.0..1.0).contains(&beta), "{flag} must be in [0, 1), got {beta}");
         }
+        let wd = self.adamw.weight_decay;
+        ensure!(wd.is_finite() && wd >= 0.0, "--weight-decay must be at least 0, got {wd}");
         self.outer.validate().context(
             "--outer-lr / --outer-momentum / --outer-warmup-rounds / --outer-final-lr-fraction / \
                  --outer-final-momentum-fraction",
@@ -490,7 +502,8 @@ pub(super) mod tests {
         }
     }
 
-    /// --adam-beta1/2 set every configuration's inner AdamW, the baseline's included; out of range is refused.
+    /// --adam-beta1/2 and --weight-decay set every configuration's inner AdamW, the baseline's included; out of
+    /// range is refused.
     #[test]
     fn adam_betas_reach_every_configuration() {
         let sweep = SweepArgs { adam_beta1: Some(0.95), adam_beta2: Some(0.99), ..SweepArgs::default() };
@@ -499,10 +512,14 @@ pub(super) mod tests {
             let c = plan.train_config(batch, 3e-3, 0).adamw;
             assert_eq!((c.beta1, c.beta2, c.weight_decay), (0.95, 0.99, AdamWConfig::default().weight_decay));
         }
+        let sweep = SweepArgs { weight_decay: Some(0.05), ..SweepArgs::default() };
+        let plan = Plan::from_args(&DilocoArgs { sweep, ..args() }).unwrap();
+        assert_eq!(plan.train_config(2, 3e-3, 0).adamw.weight_decay, 0.05);
         assert_eq!(Plan::from_args(&args()).unwrap().train_config(16, 3e-3, 0).adamw, AdamWConfig::default());
         for bad in [
             SweepArgs { adam_beta2: Some(1.0), ..SweepArgs::default() },
             SweepArgs { adam_beta1: Some(-0.1), ..SweepArgs::default() },
+            SweepArgs { weight_decay: Some(-0.1), ..SweepArgs::default() },
         ] {
             assert!(Plan::from_args(&DilocoArgs { sweep: bad, ..args() }).is_err());
         }
