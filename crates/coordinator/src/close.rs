@@ -260,8 +260,7 @@ impl Coordinator {
             (self.specs.clone(), self.run.outer, self.model_config.clone(), self.val.clone());
         let stepped = self.plan.tensors(self.plan.synced_in(round));
         // The outer schedule spans the planned rounds (a token budget's at `min_workers` units a round).
-        let (outer_lr, outer_momentum) =
-            (outer.lr_at(round, self.run.planned_rounds()), outer.momentum_at(round, self.run.planned_rounds()));
+        let (outer_lr, outer_momentum) = outer.step_at(round, self.run.planned_rounds(), accepted.len(), finished);
         let (seq, batch, eval_batches) = (self.run.inner.seq_len, self.run.inner.batch_size, self.run.eval.batches);
         let OuterStepOutput { global_bytes, momentum_bytes, val_loss } =
             tokio::task::spawn_blocking(move || -> Result<OuterStepOutput> {

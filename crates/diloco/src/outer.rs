@@ -34,6 +34,13 @@ pub struct OuterConfig {
     /// (0: the last outer steps are plain averaging at the learning rate; above 1 it rises, up to a final
     /// momentum below 1); 1: constant.
     pub final_momentum_fraction: f64,
+    /// A round whose mean holds n accepted pseudo-gradients, fewer than this, steps at lr · √(n / this): the
+    /// noise of a mean of n falls as 1/√n, and one worker's Δ alone is the noisiest. 1: every round at the
+    /// full rate. It never raises the rate, so extra identities cannot enlarge a step.
+    pub full_lr_contributions: u64,
+    /// The run's last outer step takes no momentum (θ − lr·Δ̄; at lr 1 the mean of the workers' weights):
+    /// the finished model is where the workers went, not Nesterov's look-ahead past it.
+    pub average_last_step: bool,
 }
 
 impl Default for OuterConfig {
@@ -48,15 +55,28 @@ impl OuterConfig {
     /// on tinyshakespeare the constant 0.6 took the gap to data-parallel from +7.4% to +3.4% at 2000 inner
     /// steps (momentum 0.9 overshoots with tens of outer steps); the rise to 0.75 took it from +3.42% to
     /// +2.67% over two seeds (BENCHMARKS.md, "Issue 12" and "The outer momentum over the run").
-    pub const RECOMMENDED: OuterConfig =
-        OuterConfig { final_momentum_fraction: 1.25, ..OuterConfig::CONSTANT_NESTEROV.with(1.0, 0.6, 4) };
+    pub const RECOMMENDED: OuterConfig = OuterConfig {
+        final_momentum_fraction: 1.25,
+        full_lr_contributions: 2,
+        average_last_step: true,
+        ..OuterConfig::CONSTANT_NESTEROV.with(1.0, 0.6, 4)
+    };
 
     /// DiLoCo's recipe (lr 0.7, momentum 0.9, constant), agora's default before issue 12.
     pub const CONSTANT_NESTEROV: OuterConfig = OuterConfig::constant(OuterKind::Nesterov, 0.7, 0.9);
 
     /// A constant-rate optimizer of this kind.
     pub const fn constant(kind: OuterKind, lr: f64, momentum: f64) -> OuterConfig {
-        OuterConfig { kind, lr, momentum, warmup_rounds: 0, final_lr_fraction: 1.0, final_momentum_fraction: 1.0 }
+        OuterConfig {
+            kind,
+            lr,
+            momentum,
+            warmup_rounds: 0,
+            final_lr_fraction: 1.0,
+            final_momentum_fraction: 1.0,
+            full_lr_contributions: 1,
+            average_last_step: false,
+        }
     }
 
     /// This recipe at another peak rate, momentum and warmup.
@@ -83,7 +103,21 @@ impl OuterConfig {
                 self.final_momentum_fraction * self.momentum
             );
         }
+        if self.full_lr_contributions == 0 {
+            bail!("outer.full_lr_contributions must be at least 1 (1: every round at the full rate)");
+        }
         Ok(())
+    }
+
+    /// The learning rate and momentum of the outer step that closes round `round` of a run planned for
+    /// `rounds`, whose mean holds `contributions` pseudo-gradients; `last`: it is the run's final outer step.
+    /// [`OuterConfig::lr_at`] scaled by `full_lr_contributions`, and [`OuterConfig::momentum_at`] or, for the
+    /// last step under `average_last_step`, 0. The coordinator and the bench both take their steps from here.
+    pub fn step_at(&self, round: u64, rounds: u64, contributions: usize, last: bool) -> (f64, f64) {
+        let full = self.full_lr_contributions.max(1) as f64;
+        let scale = ((contributions.max(1) as f64).min(full) / full).sqrt();
+        let momentum = if last && self.average_last_step { 0.0 } else { self.momentum_at(round, rounds) };
+        (self.lr_at(round, rounds) * scale, momentum)
     }
 
     /// The learning rate of the outer step that closes round `round` (0-based) of a run planned to last
@@ -140,12 +174,17 @@ impl std::fmt::Display for OuterConfig {
             write!(f, ", momentum cosine to {} ×", self.final_momentum_fraction)?;
         }
         if self.final_lr_fraction < 1.0 {
-            write!(f, ", cosine to {} × lr", self.final_lr_fraction)
+            write!(f, ", cosine to {} × lr", self.final_lr_fraction)?;
         } else if self.warmup_rounds == 0 && self.final_momentum_fraction == 1.0 {
-            write!(f, ", constant")
-        } else {
-            Ok(())
+            write!(f, ", constant")?;
         }
+        if self.full_lr_contributions > 1 {
+            write!(f, ", full lr from {} uploads", self.full_lr_contributions)?;
+        }
+        if self.average_last_step && self.kind != OuterKind::Average {
+            write!(f, ", last step averages")?;
+        }
+        Ok(())
     }
 }
 
@@ -350,6 +389,46 @@ mod tests {
         let constant = OuterConfig::CONSTANT_NESTEROV;
         assert!((0..20).all(|r| constant.lr_at(r, 10) == 0.7));
         assert!((c.lr_at(1, 2) - 1.0).abs() < 1e-12);
+    }
+
+    /// A round with fewer pseudo-gradients than `full_lr_contributions` steps at lr · √(n / full); more never
+    /// raises the rate (extra identities cannot enlarge a step); 1 turns the rule off.
+    #[test]
+    fn fewer_contributions_take_a_smaller_step_and_more_never_a_larger_one() {
+        assert_eq!(OuterConfig::RECOMMENDED.full_lr_contributions, 2, "one upload alone steps at lr/√2");
+        let c = OuterConfig { warmup_rounds: 0, full_lr_contributions: 4, ..OuterConfig::RECOMMENDED };
+        let lr = |n: usize| c.step_at(5, 40, n, false).0;
+        assert!((lr(1) - 0.5).abs() < 1e-12 && (lr(2) - 0.5f64.sqrt()).abs() < 1e-12, "{} {}", lr(1), lr(2));
+        assert!((lr(3) - 0.75f64.sqrt()).abs() < 1e-12);
+        assert!([4, 5, 8, 1000].iter().all(|&n| lr(n) == c.lr_at(5, 40)), "capped at the full rate");
+        assert_eq!(lr(0), lr(1), "an empty mean never steps, but the rate stays positive");
+        let off = OuterConfig { full_lr_contributions: 1, ..c };
+        assert!([1, 2, 7].iter().all(|&n| off.step_at(5, 40, n, false).0 == c.lr_at(5, 40)));
+        // The warmup and the contributions multiply: round 0 of a 4-round warmup with 1 upload of a full 2.
+        let d = OuterConfig::RECOMMENDED;
+        assert!((d.step_at(0, 40, 1, false).0 - 0.25 * 0.5f64.sqrt()).abs() < 1e-12);
+        assert!((d.step_at(5, 40, 1, false).0 - 0.5f64.sqrt()).abs() < 1e-12 && d.step_at(5, 40, 2, false).0 == 1.0);
+        assert!(OuterConfig { full_lr_contributions: 0, ..c }.validate().is_err());
+    }
+
+    /// Only the run's last step drops the momentum under `average_last_step`: θ − lr·Δ̄, which at lr 1 lands
+    /// on the mean of the workers' weights whatever the buffer holds.
+    #[test]
+    fn the_last_step_averages() {
+        let c = OuterConfig::RECOMMENDED;
+        assert!(c.average_last_step);
+        assert_eq!(c.step_at(39, 40, 4, false).1, c.momentum_at(39, 40));
+        assert_eq!(c.step_at(39, 40, 4, true), (1.0, 0.0));
+        let keep = OuterConfig { average_last_step: false, ..c };
+        assert_eq!(keep.step_at(39, 40, 4, true).1, c.momentum_at(39, 40));
+        // θ = 1 with a buffer of 0.3; workers at 0.9 and 0.7 (Δ̄ = 0.2): the last step lands on 0.8.
+        let (lr, mu) = OuterConfig { full_lr_contributions: 4, ..c }.step_at(39, 40, 2, true);
+        assert!((lr - 0.5f64.sqrt()).abs() < 1e-12 && mu == 0.0, "two uploads of a full four, no momentum");
+        let (lr, mu) = OuterConfig { full_lr_contributions: 1, ..c }.step_at(39, 40, 2, true);
+        let theta = [scalar(1.0)];
+        OuterOptimizer::with_momentum(c, vec![scalar(0.3)]).step_subset(&[0], &theta, &[scalar(0.2)], lr, mu);
+        assert!((value(&theta[0]) - 0.8).abs() < 1e-6, "{}", value(&theta[0]));
+        assert!(c.to_string().ends_with("full lr from 2 uploads, last step averages"), "{c}");
     }
 
     /// The learning rate passed to a step is the one used: a step at 0.35 moves half as far as at 0.7 from

@@ -250,7 +250,7 @@ pub(crate) fn run_diloco(
             sync.accepted(&plan, upload.fragment, upload.residual);
             loss += stats.mean_loss / k as f64;
         }
-        let (lr, mu) = (outer.lr_at(round, rounds), outer.momentum_at(round, rounds));
+        let (lr, mu) = outer.step_at(round, rounds, k, round + 1 == rounds);
         outer_opt.step_subset(&plan.tensors(fragment), &global, &from_named(&sum.mean(), Device::Cpu), lr, mu);
         last_train_loss = loss;
         if (round + 1) % report_every == 0 || round + 1 == rounds {

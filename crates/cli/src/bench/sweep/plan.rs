@@ -72,6 +72,13 @@ pub struct SweepArgs {
     /// run file's; the final momentum must stay below 1).
     #[arg(long)]
     pub outer_final_momentum_fraction: Option<f64>,
+    /// Rounds with fewer pseudo-gradients than this step at lr · √(n / this), every recipe's but `old`
+    /// (default: the run file's).
+    #[arg(long)]
+    pub outer_full_lr_contributions: Option<u64>,
+    /// Whether the last outer step takes no momentum, every recipe's but `old` (default: the run file's).
+    #[arg(long)]
+    pub outer_average_last_step: Option<bool>,
     /// Model initialisation and data order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -107,6 +114,8 @@ impl Default for SweepArgs {
             outer_warmup_rounds: None,
             outer_final_lr_fraction: None,
             outer_final_momentum_fraction: None,
+            outer_full_lr_contributions: None,
+            outer_average_last_step: None,
             seed: 0,
             threads: None,
             quick: false,
@@ -137,6 +146,8 @@ impl SweepArgs {
             warmup_rounds: self.outer_warmup_rounds.unwrap_or(d.warmup_rounds),
             final_lr_fraction: self.outer_final_lr_fraction.unwrap_or(d.final_lr_fraction),
             final_momentum_fraction: self.outer_final_momentum_fraction.unwrap_or(d.final_momentum_fraction),
+            full_lr_contributions: self.outer_full_lr_contributions.unwrap_or(d.full_lr_contributions),
+            average_last_step: self.outer_average_last_step.unwrap_or(d.average_last_step),
             ..d
         }
     }
@@ -145,7 +156,7 @@ impl SweepArgs {
 /// One outer recipe of `--outer`: `default` (the run file's default with the `--outer-*` overrides), `old`
 /// (constant Nesterov lr 0.7, momentum 0.9: the default before issue 12), or
 /// `KIND:LR[:MOMENTUM[:WARMUP_ROUNDS[:FINAL_LR_FRACTION[:FINAL_MOMENTUM_FRACTION]]]]` with KIND nesterov,
-/// sgd_momentum or average.
+/// sgd_momentum or average, which takes `full_lr_contributions` and `average_last_step` from the default.
 pub(crate) fn parse_outer(spec: &str, default: OuterConfig) -> Result<(String, OuterConfig)> {
     let config = match spec.trim() {
         "default" => default,
@@ -179,6 +190,8 @@ pub(crate) fn parse_outer(spec: &str, default: OuterConfig) -> Result<(String, O
                 warmup_rounds: field(&parts, 3, s, "warmup rounds")?.unwrap_or(0),
                 final_lr_fraction: field(&parts, 4, s, "final learning-rate fraction")?.unwrap_or(1.0),
                 final_momentum_fraction: field(&parts, 5, s, "final momentum fraction")?.unwrap_or(1.0),
+                full_lr_contributions: default.full_lr_contributions,
+                average_last_step: default.average_last_step,
             }
         }
     };
@@ -446,7 +459,14 @@ pub(super) mod tests {
         assert_eq!(c.final_momentum_fraction, 1.0, "constant momentum unless given");
         let c = parse_outer("nesterov:1:0.6:4:1:0", default).unwrap().1;
         assert_eq!((c.final_lr_fraction, c.final_momentum_fraction), (1.0, 0.0));
-        assert_eq!(parse_outer("average:1", default).unwrap().1, OuterConfig::constant(OuterKind::Average, 1.0, 0.0));
+        assert_eq!(
+            parse_outer("average:1", default).unwrap().1,
+            OuterConfig {
+                full_lr_contributions: 2,
+                average_last_step: true,
+                ..OuterConfig::constant(OuterKind::Average, 1.0, 0.0)
+            }
+        );
         for bad in [
             "adam:1",
             "nesterov",
@@ -459,6 +479,18 @@ pub(super) mod tests {
         ] {
             assert!(parse_outer(bad, default).is_err(), "{bad} parsed");
         }
+        // An explicit recipe takes the default's contributions rule and last step; `old` has neither.
+        assert_eq!(parse_outer("nesterov:1:0.6:4:1:1.25", default).unwrap().1, default);
+        let old = parse_outer("old", default).unwrap().1;
+        assert_eq!((old.full_lr_contributions, old.average_last_step), (1, false));
+        let a = SweepArgs {
+            outer_full_lr_contributions: Some(1),
+            outer_average_last_step: Some(false),
+            ..SweepArgs::default()
+        };
+        let plain = parse_outer("nesterov:1:0.4", a.outer()).unwrap().1;
+        assert_eq!((plain.full_lr_contributions, plain.average_last_step, plain.momentum), (1, false, 0.4));
+        assert!(parse_outer("default", SweepArgs { outer_full_lr_contributions: Some(0), ..a }.outer()).is_err());
         // The --outer-* flags override the default recipe only.
         let a = SweepArgs { outer_lr: Some(1.0), outer_warmup_rounds: Some(3), ..SweepArgs::default() };
         assert_eq!((a.outer().lr, a.outer().warmup_rounds, a.outer().momentum), (1.0, 3, default.momentum));
