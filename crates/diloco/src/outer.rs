@@ -54,7 +54,9 @@ impl OuterConfig {
     /// then rising by the cosine to 0.75 at the last planned round. Against the old recipe at k = 4, H = 50
     /// on tinyshakespeare the constant 0.6 took the gap to data-parallel from +7.4% to +3.4% at 2000 inner
     /// steps (momentum 0.9 overshoots with tens of outer steps); the rise to 0.75 took it from +3.42% to
-    /// +2.67% over two seeds (BENCHMARKS.md, "Issue 12" and "The outer momentum over the run").
+    /// +2.67% over two seeds (BENCHMARKS.md, "Issue 12" and "The outer momentum over the run"). A round
+    /// with one applied upload steps at lr/√2, and the run's last step takes no momentum (BENCHMARKS.md,
+    /// "The recipe around the default, and the last outer step").
     pub const RECOMMENDED: OuterConfig = OuterConfig {
         final_momentum_fraction: 1.25,
         full_lr_contributions: 2,
