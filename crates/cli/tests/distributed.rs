@@ -283,7 +283,7 @@ fn overlapped_rounds_over_http_pass_every_spot_check() {
     assert_eq!(judgements.len(), 15, "every upload was judged: {judgements:?}");
     for j in &judgements {
         assert!(
-            j.verdict == "accepted" || j.verdict == "zero_score",
+            j.verdict == "accepted" || (j.verdict == "zero_score" && j.round % 2 == 1),
             "round {}: only a zero score may keep an honest overlapped upload out: {j:?}\n{}",
             j.round,
             cluster.logs()

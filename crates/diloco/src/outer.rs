@@ -34,12 +34,14 @@ pub struct OuterConfig {
     /// (0: the last outer steps are plain averaging at the learning rate; above 1 it rises, up to a final
     /// momentum below 1); 1: constant.
     pub final_momentum_fraction: f64,
-    /// A round whose mean holds n accepted pseudo-gradients, fewer than this, steps at lr · √(n / this): the
-    /// noise of a mean of n falls as 1/√n, and one worker's Δ alone is the noisiest. 1: every round at the
-    /// full rate. It never raises the rate, so extra identities cannot enlarge a step.
+    /// A round that accepted n uploads, fewer than this, steps at lr · √(n / this): the noise of a mean of n
+    /// falls as 1/√n, and one worker's Δ alone is the noisiest. 1: every round at the full rate. n counts
+    /// the accepted uploads whatever the aggregation rule combines of them. The rate never exceeds the
+    /// schedule's lr: added uploads can raise a step from lr · √(n / this) up to lr, not beyond.
     pub full_lr_contributions: u64,
-    /// The run's last outer step takes no momentum (θ − lr·Δ̄; at lr 1 the mean of the workers' weights):
-    /// the finished model is where the workers went, not Nesterov's look-ahead past it.
+    /// The run's last outer step takes no momentum (θ − lr·Δ̄; at lr 1 and the full rate the mean of the
+    /// workers' weights), not Nesterov's look-ahead past them. With fragments it covers the fragment the last
+    /// round synchronises; a last round that accepts nothing takes no step at all.
     pub average_last_step: bool,
 }
 
@@ -112,7 +114,7 @@ impl OuterConfig {
     }
 
     /// The learning rate and momentum of the outer step that closes round `round` of a run planned for
-    /// `rounds`, whose mean holds `contributions` pseudo-gradients; `last`: it is the run's final outer step.
+    /// `rounds`, which accepted `contributions` uploads; `last`: it is the run's final outer step.
     /// [`OuterConfig::lr_at`] scaled by `full_lr_contributions`, and [`OuterConfig::momentum_at`] or, for the
     /// last step under `average_last_step`, 0. The coordinator and the bench both take their steps from here.
     pub fn step_at(&self, round: u64, rounds: u64, contributions: usize, last: bool) -> (f64, f64) {
@@ -394,7 +396,7 @@ mod tests {
     }
 
     /// A round with fewer pseudo-gradients than `full_lr_contributions` steps at lr · √(n / full); more never
-    /// raises the rate (extra identities cannot enlarge a step); 1 turns the rule off.
+    /// raises the rate above lr (added uploads lift a step at most to lr); 1 turns the rule off.
     #[test]
     fn fewer_contributions_take_a_smaller_step_and_more_never_a_larger_one() {
         assert_eq!(OuterConfig::RECOMMENDED.full_lr_contributions, 2, "one upload alone steps at lr/√2");

@@ -311,7 +311,7 @@ impl Plan {
         ensure!(wd.is_finite() && wd >= 0.0, "--weight-decay must be at least 0, got {wd}");
         self.outer.validate().context(
             "--outer-lr / --outer-momentum / --outer-warmup-rounds / --outer-final-lr-fraction / \
-                 --outer-final-momentum-fraction",
+                 --outer-final-momentum-fraction / --outer-full-lr-contributions",
         )?;
         ensure!(!self.outers.is_empty(), "--outer needs at least one recipe");
         ensure!(!self.baseline_lrs.is_empty(), "--baseline-lr needs at least one value");
