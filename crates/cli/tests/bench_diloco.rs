@@ -121,3 +121,38 @@ fn overlapped_fragments_learn_and_a_tau_beyond_the_round_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("overlap τ = 2 must be fewer than the round's 2 inner steps"), "{err}");
 }
+
+/// Rounds whose lengths follow the inner rate (--round-lr-power) keep the run's steps and rounds, learn, and
+/// train differently from equal rounds; a power with an inner rate that decays to 0 is refused.
+#[test]
+fn round_lengths_that_follow_the_rate_learn() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    let made =
+        agora().args(["data", "synthetic", "--words", "20000", "--out"]).arg(&corpus).output().expect("agora runs");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let run = |extra: &[&str]| {
+        agora()
+            .args(["bench", "diloco", "--quick", "--data"])
+            .arg(&corpus)
+            .args(["--steps", "24", "--global-batch", "4", "--seq-len", "16", "--workers", "2", "--inner-steps", "4"])
+            .args(["--outer-compare", "none", "--threads", "1", "--json"])
+            .args(extra)
+            .output()
+            .expect("agora runs")
+    };
+    let loss = |out: &std::process::Output| {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let row = &r["grid"][0];
+        assert_eq!(row["rounds"], 6, "the same number of rounds whatever their lengths");
+        (r["initial_val_loss"].as_f64().unwrap(), row["mean_val_loss"].as_f64().unwrap())
+    };
+    let (initial, equal) = loss(&run(&[]));
+    let (_, following) = loss(&run(&["--round-lr-power", "2"]));
+    assert!(following.is_finite() && following < initial - 0.3, "{following} from {initial}");
+    assert_ne!(equal, following, "other round lengths, another trajectory");
+    let out = run(&["--round-lr-power", "1", "--min-lr-fraction", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--min-lr-fraction > 0"));
+}

@@ -5,8 +5,9 @@
 //! steps on its data unit), how a corpus is cut into data units, conversion between libtorch parameters and
 //! protocol tensor payloads; how Δ is compressed on the wire (`codec`: quantisation, top-k and DCT top-k,
 //! error feedback, the payload format and the coordinator's running sum), Streaming DiLoCo's fragments and
-//! its overlap of communication with computation (`overlap`), and what a worker carries between rounds
-//! (`sync`).
+//! its overlap of communication with computation (`overlap`), what a worker carries between rounds
+//! (`sync`), and where rounds start when their lengths follow the learning rate (`rounds`; measured in
+//! `agora bench diloco` only so far: the coordinator's rounds are all `[inner] steps` long).
 //! Must not know about: HTTP, storage, identities or clocks. The coordinator and worker crates move bytes
 //! around; the in-process simulation in `agora bench diloco` calls exactly the same functions.
 
@@ -15,6 +16,7 @@ pub mod fragments;
 pub mod inner;
 pub mod outer;
 pub mod overlap;
+pub mod rounds;
 pub mod sync;
 pub mod tensors;
 pub mod units;
@@ -24,5 +26,6 @@ pub use fragments::FragmentPlan;
 pub use inner::{train_round, train_steps, RoundStats};
 pub use outer::{mean, pseudo_gradient, OuterConfig, OuterKind, OuterOptimizer};
 pub use overlap::{train_round_overlapped, Overlap};
+pub use rounds::round_bounds;
 pub use sync::{SyncState, Upload};
 pub use units::{cut_units, unit_batches, unit_order};

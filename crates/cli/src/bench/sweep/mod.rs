@@ -41,8 +41,8 @@ use agora_data::{prepare, train_bpe, Shard};
 use agora_diloco::codec::{self, Accumulator, Expected};
 use agora_diloco::tensors::{from_named, load_weights, model_weights, param_specs};
 use agora_diloco::{
-    cut_units, train_round, train_round_overlapped, unit_batches, unit_order, CompressionConfig, FragmentPlan,
-    OuterConfig, OuterOptimizer, SyncState,
+    cut_units, round_bounds, train_round, train_round_overlapped, unit_batches, unit_order, CompressionConfig,
+    FragmentPlan, OuterConfig, OuterOptimizer, SyncState,
 };
 use agora_model::{preset, Llama, LlamaConfig};
 use agora_train::{evaluate, Trainer};
@@ -137,6 +137,39 @@ impl UnitCursor {
     }
 }
 
+/// The windows a DiLoCo run visits: unit after unit in [`UnitCursor`] order, each unit's windows in order. A
+/// worker's round takes the next `steps · batch` of them, so with rounds of H steps it takes exactly the next
+/// unit (`r·k + i` for worker i of round r, as ever), and with rounds of other lengths the same stream cut at
+/// other places.
+struct WindowStream<'a> {
+    units: &'a [Shard],
+    cursor: UnitCursor,
+    /// The unit being read and how many of its windows were taken.
+    current: Option<(usize, usize)>,
+    /// Tokens per window (seq_len + 1).
+    window: usize,
+}
+
+impl<'a> WindowStream<'a> {
+    fn new(units: &'a [Shard], cursor: UnitCursor, window: usize) -> Self {
+        WindowStream { units, cursor, current: None, window }
+    }
+
+    fn take(&mut self, windows: usize, s: &Setup) -> Result<Shard> {
+        let mut tokens = Vec::with_capacity(windows * self.window);
+        let mut needed = windows;
+        while needed > 0 {
+            let (unit, used) = self.current.unwrap_or_else(|| (self.cursor.next(), 0));
+            let unit_windows = self.units[unit].len() / self.window;
+            let n = needed.min(unit_windows - used);
+            tokens.extend_from_slice(&self.units[unit].tokens()[used * self.window..(used + n) * self.window]);
+            needed -= n;
+            self.current = if used + n == unit_windows { None } else { Some((unit, used + n)) };
+        }
+        Shard::from_tokens(tokens, s.tokenizer_hash, s.model.vocab_size)
+    }
+}
+
 fn log_progress(label: &str, done: u64, total: u64, started: Instant, loss: f64) {
     tracing::info!("{label}: {done}/{total} steps, train loss {loss:.3}, {:.0}s", started.elapsed().as_secs_f64());
 }
@@ -202,12 +235,11 @@ pub(crate) fn run_diloco(
 ) -> Result<Outcome> {
     let p = &s.plan;
     let overlap = compression.overlap();
-    overlap.validate(h)?;
     let started = Instant::now();
     let batch = p.global_batch / k;
     let lr = p.inner_lr(k);
     let units = s.units(h as usize * batch, seed)?;
-    let mut cursor = UnitCursor::new(seed, units.len());
+    let mut windows = WindowStream::new(&units, UnitCursor::new(seed, units.len()), p.seq_len + 1);
     let global_model = Llama::new(&s.model, Device::Cpu, seed);
     let global = model_weights(&global_model);
     let mut workers: Vec<Trainer> = (0..k)
@@ -219,11 +251,25 @@ pub(crate) fn run_diloco(
     let fragment_specs: Vec<_> = (0..plan.count()).map(|f| plan.specs(&specs, f)).collect();
     let mut syncs: Vec<SyncState> = (0..k).map(|_| SyncState::new(&specs, compression)).collect();
     let rounds = p.steps / h;
+    let bounds = round_bounds(&p.train_config(batch, lr, seed).schedule(), p.steps, rounds, p.round_lr_power)?;
+    let shortest = bounds.windows(2).map(|b| b[1] - b[0]).min().expect("at least one round");
+    overlap.validate(shortest)?;
     let report_every = (rounds / 10).max(1);
     let overlapped =
         if overlap.is_on() { format!(" overlap {} merge {}", overlap.steps, overlap.merge) } else { String::new() };
-    let label =
-        format!("DiLoCo k={k} H={h} lr {lr:.1e} outer {recipe} {}{overlapped} seed {seed}", compression.describe());
+    let lengths = if p.round_lr_power > 0.0 {
+        format!(
+            " rounds following lr^{}: {shortest}..{} steps",
+            p.round_lr_power,
+            bounds[rounds as usize] - bounds[rounds as usize - 1]
+        )
+    } else {
+        String::new()
+    };
+    let label = format!(
+        "DiLoCo k={k} H={h}{lengths} lr {lr:.1e} outer {recipe} {}{overlapped} seed {seed}",
+        compression.describe()
+    );
     let mut last_train_loss = f64::NAN;
     let mut payload_bytes = 0u64;
     let no_metadata = std::collections::BTreeMap::new();
@@ -232,17 +278,18 @@ pub(crate) fn run_diloco(
         let expected = Expected { config: compression, fragment, specs: &fragment_specs[fragment] };
         let mut sum = Accumulator::new(*compression, fragment_specs[fragment].clone());
         let mut loss = 0.0;
+        let (first, steps) = (bounds[round as usize], bounds[round as usize + 1] - bounds[round as usize]);
         for (worker, sync) in workers.iter_mut().zip(syncs.iter_mut()) {
-            let unit = &units[cursor.next()];
+            let unit = &windows.take(steps as usize * batch, s)?;
             let (local, stats) = if overlap.is_on() {
                 // `global` already holds round − 1's outer step: the worker starts without it and blends
                 // its fragment in τ steps later, as a networked worker would when it arrives.
                 let start = sync.overlapped_start(compression, &plan, round, &global);
                 let merge = |w: &mut [Tensor]| sync.merge_late(&plan, round, &global, &start, w, overlap.merge);
-                train_round_overlapped(worker, &start, unit, round * h, h, overlap.steps, merge)?
+                train_round_overlapped(worker, &start, unit, first, steps, overlap.steps, merge)?
             } else {
                 let start = sync.start_weights(compression, &plan, round, &global);
-                train_round(worker, &start, unit, round * h, h, |_, _| {})?
+                train_round(worker, &start, unit, first, steps, |_, _| {})?
             };
             let upload = sync.prepare_upload(compression, &plan, &specs, round, &global, local, &no_metadata);
             payload_bytes += upload.payload.len() as u64;
@@ -254,7 +301,7 @@ pub(crate) fn run_diloco(
         outer_opt.step_subset(&plan.tensors(fragment), &global, &from_named(&sum.mean(), Device::Cpu), lr, mu);
         last_train_loss = loss;
         if (round + 1) % report_every == 0 || round + 1 == rounds {
-            log_progress(&label, (round + 1) * h, p.steps, started, loss);
+            log_progress(&label, bounds[round as usize + 1], p.steps, started, loss);
         }
     }
     load_weights(&global_model, &global);
@@ -357,6 +404,44 @@ mod tests {
         assert_eq!(pool, windows(24));
         assert!(pool.windows(2).all(|w| w[0] != w[1]), "no window twice");
         assert!(*pool.last().unwrap() as usize > 990 * seq_len, "drawn from the whole split, not a prefix");
+    }
+
+    /// Rounds of H steps take exactly the next unit each, as before round lengths could vary; rounds of other
+    /// lengths cut the same stream of windows elsewhere, every window taken once per epoch.
+    #[test]
+    fn rounds_of_any_length_read_the_same_window_stream() {
+        let (window, per_unit) = (5, 4);
+        let tokens = |u: usize| (0..window * per_unit).map(|t| (u * 100 + t) as u32).collect::<Vec<u32>>();
+        let units: Vec<Shard> = (0..6).map(|u| Shard::from_tokens(tokens(u), [0; 32], 1000).unwrap()).collect();
+        let plan = Plan { workers: vec![1], inner_steps: vec![4], compare: None, ..Plan::from_args(&args()).unwrap() };
+        let model = preset("tiny", Some(1000)).unwrap();
+        let flat = Shard::from_tokens(vec![0; 64], [0; 32], 1000).unwrap();
+        let setup = Setup {
+            plan,
+            model,
+            parameters: 0,
+            train: flat.clone(),
+            pool_windows: 24,
+            tokenizer_hash: [0; 32],
+            val: flat,
+        };
+        let mut cursor = UnitCursor::new(7, units.len());
+        let order: Vec<usize> = (0..12).map(|_| cursor.next()).collect();
+        let mut equal = WindowStream::new(&units, UnitCursor::new(7, units.len()), window);
+        for &u in &order {
+            assert_eq!(equal.take(per_unit, &setup).unwrap().tokens(), units[u].tokens(), "one round, one unit");
+        }
+        let mut uneven = WindowStream::new(&units, UnitCursor::new(7, units.len()), window);
+        let taken: Vec<u32> = [1, 3, 6, 2, 10, 2, 24]
+            .iter()
+            .flat_map(|&w| {
+                let shard = uneven.take(w, &setup).unwrap();
+                assert_eq!(shard.len(), w * window);
+                shard.tokens().to_vec()
+            })
+            .collect();
+        let stream: Vec<u32> = order.iter().flat_map(|&u| units[u].tokens().to_vec()).collect();
+        assert_eq!(taken, stream, "the same windows in the same order, cut at other places");
     }
 
     #[test]
