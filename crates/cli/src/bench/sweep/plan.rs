@@ -55,6 +55,10 @@ pub struct SweepArgs {
     /// the run file's 0.1).
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// The bound on every inner step's global gradient norm, every configuration's, the baseline's included
+    /// (0: no clipping; default: the run file's 1).
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
     /// The default outer recipe's peak learning rate (default: the run file's `[outer] lr`).
     #[arg(long)]
     pub outer_lr: Option<f64>,
@@ -114,6 +118,7 @@ impl Default for SweepArgs {
             adam_beta1: None,
             adam_beta2: None,
             weight_decay: None,
+            grad_clip: None,
             outer_lr: None,
             outer_momentum: None,
             outer_warmup_rounds: None,
@@ -222,6 +227,8 @@ pub(crate) struct Plan {
     pub(crate) round_lr_power: f64,
     /// Every configuration's inner AdamW (β1, β2 and weight decay from the flags; ε the run file's default).
     pub(crate) adamw: AdamWConfig,
+    /// Every configuration's gradient-norm bound (0: none).
+    pub(crate) grad_clip: f64,
     /// The default outer recipe (`--outer-*` applied): the grid's first, and the codec sweep's only one.
     pub(crate) outer: OuterConfig,
     /// Every outer recipe of the grid, by its `--outer` name.
@@ -290,6 +297,7 @@ impl Plan {
                     ..d
                 }
             },
+            grad_clip: a.grad_clip.unwrap_or(TrainConfig::default().grad_clip),
             outer,
             outers,
             baseline_lrs,
@@ -323,6 +331,8 @@ impl Plan {
         for (flag, beta) in [("--adam-beta1", self.adamw.beta1), ("--adam-beta2", self.adamw.beta2)] {
             ensure!((0.0..1.0).contains(&beta), "{flag} must be in [0, 1), got {beta}");
         }
+        let clip = self.grad_clip;
+        ensure!(clip.is_finite() && clip >= 0.0, "--grad-clip must be at least 0 (0: no clipping), got {clip}");
         let wd = self.adamw.weight_decay;
         ensure!(wd.is_finite() && wd >= 0.0, "--weight-decay must be at least 0, got {wd}");
         self.outer.validate().context(
@@ -403,6 +413,7 @@ impl Plan {
             min_lr: lr * self.min_lr_fraction,
             warmup_steps: self.warmup,
             adamw: self.adamw,
+            grad_clip: self.grad_clip,
             ..TrainConfig::default()
         }
     }
@@ -584,8 +595,21 @@ pub(super) mod tests {
             SweepArgs { adam_beta2: Some(1.0), ..SweepArgs::default() },
             SweepArgs { adam_beta1: Some(-0.1), ..SweepArgs::default() },
             SweepArgs { weight_decay: Some(-0.1), ..SweepArgs::default() },
+            SweepArgs { grad_clip: Some(-1.0), ..SweepArgs::default() },
+            SweepArgs { grad_clip: Some(f64::NAN), ..SweepArgs::default() },
         ] {
             assert!(Plan::from_args(&DilocoArgs { sweep: bad, ..args() }).is_err());
+        }
+    }
+
+    /// --grad-clip bounds every configuration's gradient norm, the baseline's included; 0 turns clipping off.
+    #[test]
+    fn the_gradient_bound_reaches_every_configuration() {
+        assert_eq!(Plan::from_args(&args()).unwrap().train_config(16, 3e-3, 0).grad_clip, 1.0, "the run file's");
+        let sweep = SweepArgs { grad_clip: Some(0.0), ..SweepArgs::default() };
+        let plan = Plan::from_args(&DilocoArgs { sweep, ..args() }).unwrap();
+        for batch in [16, 2] {
+            assert_eq!(plan.train_config(batch, 3e-3, 0).grad_clip, 0.0);
         }
     }
 }
