@@ -122,8 +122,9 @@ fn overlapped_fragments_learn_and_a_tau_beyond_the_round_is_refused() {
     assert!(err.contains("overlap τ = 2 must be fewer than the round's 2 inner steps"), "{err}");
 }
 
-/// Rounds whose lengths follow the inner rate (--round-lr-power) keep the run's steps and rounds, learn, and
-/// train differently from equal rounds; a power with an inner rate that decays to 0 is refused.
+/// Rounds whose lengths follow the inner rate (--round-lr-power) keep the run's steps and rounds, are short
+/// at the peak rate and long at the end, learn, and train differently from equal rounds; bench compression
+/// refuses the flag.
 #[test]
 fn round_lengths_that_follow_the_rate_learn() {
     let dir = tempfile::tempdir().unwrap();
@@ -131,28 +132,34 @@ fn round_lengths_that_follow_the_rate_learn() {
     let made =
         agora().args(["data", "synthetic", "--words", "20000", "--out"]).arg(&corpus).output().expect("agora runs");
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    let run = |extra: &[&str]| {
+    let run = |bench: &str, extra: &[&str]| {
         agora()
-            .args(["bench", "diloco", "--quick", "--data"])
+            .args(["bench", bench, "--quick", "--data"])
             .arg(&corpus)
             .args(["--steps", "24", "--global-batch", "4", "--seq-len", "16", "--workers", "2", "--inner-steps", "4"])
-            .args(["--outer-compare", "none", "--threads", "1", "--json"])
+            .args(["--threads", "1", "--json"])
             .args(extra)
             .output()
             .expect("agora runs")
     };
-    let loss = |out: &std::process::Output| {
+    let sweep = |extra: &[&str]| {
+        let out = run("diloco", &[&["--outer-compare", "none"], extra].concat());
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let r: Value = serde_json::from_slice(&out.stdout).unwrap();
         let row = &r["grid"][0];
         assert_eq!(row["rounds"], 6, "the same number of rounds whatever their lengths");
-        (r["initial_val_loss"].as_f64().unwrap(), row["mean_val_loss"].as_f64().unwrap())
+        let lengths: Vec<u64> =
+            row["runs"][0]["round_lengths"].as_array().unwrap().iter().map(|l| l.as_u64().unwrap()).collect();
+        assert_eq!((lengths.len(), lengths.iter().sum::<u64>()), (6, 24), "6 rounds, every one of the 24 steps");
+        (r["initial_val_loss"].as_f64().unwrap(), row["mean_val_loss"].as_f64().unwrap(), lengths)
     };
-    let (initial, equal) = loss(&run(&[]));
-    let (_, following) = loss(&run(&["--round-lr-power", "2"]));
+    let (initial, equal, equal_lengths) = sweep(&[]);
+    assert_eq!(equal_lengths, [4; 6]);
+    let (_, following, lengths) = sweep(&["--round-lr-power", "2"]);
+    assert!(lengths[0] < 4 && lengths[5] > 4, "short rounds first, long ones last: {lengths:?}");
     assert!(following.is_finite() && following < initial - 0.3, "{following} from {initial}");
     assert_ne!(equal, following, "other round lengths, another trajectory");
-    let out = run(&["--round-lr-power", "1", "--min-lr-fraction", "0"]);
+    let out = run("compression", &["--round-lr-power", "1"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--min-lr-fraction > 0"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("keeps equal rounds"));
 }

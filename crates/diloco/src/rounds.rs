@@ -7,7 +7,7 @@
 //! `lr_power` p the rounds are placed so that each holds an equal share of Σ_t (lr_t / peak)^p over the
 //! run's inner steps: p = 0 gives equal rounds, p = 1 rounds about inversely proportional to the rate (the
 //! "quadratic synchronisation rule" of Gu et al., arXiv 2310.14423, is p = 2 with a floor). The warmup
-//! counts as the peak rate: its steps are the ones that move the weights fastest.
+//! counts as the peak rate: counted at its lower, rising rate it would all fall into the first round.
 
 use agora_train::Schedule;
 use anyhow::{ensure, Result};
@@ -15,14 +15,13 @@ use anyhow::{ensure, Result};
 /// The first inner step of every round and, last, the run's step count: `rounds + 1` strictly increasing
 /// values from 0 to `steps`, round r covering steps `bounds[r] .. bounds[r + 1]`. `lr_power` 0 gives rounds
 /// of `steps / rounds` each (when it divides); otherwise see the module doc.
-pub fn round_bounds(schedule: &Schedule, steps: u64, rounds: u64, lr_power: f64) -> Result<Vec<u64>> {
+pub fn round_starts(schedule: &Schedule, steps: u64, rounds: u64, lr_power: f64) -> Result<Vec<u64>> {
     ensure!(rounds > 0 && rounds <= steps, "{rounds} rounds cannot split {steps} inner steps");
     ensure!(lr_power.is_finite() && lr_power >= 0.0, "the round lengths' lr power must be ≥ 0, got {lr_power}");
     if lr_power == 0.0 {
         return Ok((0..=rounds).map(|r| r * steps / rounds).collect());
     }
     let peak = schedule.peak;
-    ensure!(schedule.min > 0.0, "round lengths that follow the learning rate need a final rate above 0");
     // cumulative[t]: the weight of steps 0 .. t.
     let mut cumulative = Vec::with_capacity(steps as usize + 1);
     cumulative.push(0.0);
@@ -40,7 +39,7 @@ pub fn round_bounds(schedule: &Schedule, steps: u64, rounds: u64, lr_power: f64)
         bounds.push(reached.clamp(lowest, steps - (rounds - r)));
     }
     bounds.push(steps);
-    debug_assert!(bounds.windows(2).all(|w| w[0] < w[1]), "every round holds at least one step");
+    assert!(bounds.windows(2).all(|w| w[0] < w[1]), "every round holds at least one step: {bounds:?}");
     Ok(bounds)
 }
 
@@ -58,7 +57,7 @@ mod tests {
 
     #[test]
     fn power_zero_gives_equal_rounds() {
-        assert_eq!(round_bounds(&cosine(2000), 2000, 40, 0.0).unwrap(), (0..=40).map(|r| r * 50).collect::<Vec<_>>());
+        assert_eq!(round_starts(&cosine(2000), 2000, 40, 0.0).unwrap(), (0..=40).map(|r| r * 50).collect::<Vec<_>>());
     }
 
     /// With p = 1 the rounds lengthen as the rate decays, keep the run's steps, and each holds the same sum
@@ -66,7 +65,7 @@ mod tests {
     #[test]
     fn rounds_lengthen_as_the_rate_decays() {
         let s = cosine(2000);
-        let b = round_bounds(&s, 2000, 40, 1.0).unwrap();
+        let b = round_starts(&s, 2000, 40, 1.0).unwrap();
         assert_eq!((b.len(), b[0], b[40]), (41, 0, 2000));
         let len = lengths(&b);
         assert!(len[0] < 35 && len[39] > 150, "short rounds at the peak, long ones at the end: {len:?}");
@@ -79,24 +78,42 @@ mod tests {
         }
     }
 
-    /// However steep the power, every round keeps at least one step and the bounds stay in order.
+    /// However steep the power or odd the schedule (a rate decaying to 0, no decay, no warmup, a warmup
+    /// longer than the run, weights that underflow to 0), every round keeps at least one step, the bounds
+    /// stay strictly in order from 0 to the run's steps.
     #[test]
     fn every_round_keeps_a_step() {
-        for (steps, rounds, p) in [(50, 50, 4.0), (100, 60, 8.0), (7, 3, 1.0), (2000, 40, 2.0)] {
-            let b = round_bounds(&cosine(steps), steps, rounds, p).unwrap();
-            assert_eq!(b.len() as u64, rounds + 1);
-            assert_eq!(*b.last().unwrap(), steps);
-            assert!(lengths(&b).iter().all(|&l| l >= 1), "{steps}/{rounds} at p {p}: {b:?}");
+        let odd = [
+            cosine(100),
+            Schedule { min: 0.0, ..cosine(100) },
+            Schedule { min: 3e-3, ..cosine(100) },
+            Schedule { warmup: 0, ..cosine(100) },
+            Schedule { warmup: 500, ..cosine(100) },
+        ];
+        for schedule in odd {
+            for (steps, rounds) in [(100, 100), (100, 60), (100, 7), (100, 1), (7, 3)] {
+                for p in [0.0, 0.5, 1.0, 2.0, 8.0, 1e300] {
+                    let b = round_starts(&schedule, steps, rounds, p).unwrap();
+                    assert_eq!(b.len() as u64, rounds + 1);
+                    assert_eq!((b[0], b[rounds as usize]), (0, steps));
+                    assert!(b.windows(2).all(|w| w[0] < w[1]), "{schedule:?} {steps}/{rounds} at p {p}: {b:?}");
+                }
+            }
         }
+    }
+
+    /// A rate that never decays gives equal rounds at any power.
+    #[test]
+    fn a_constant_rate_gives_equal_rounds() {
+        let flat = Schedule { min: 3e-3, warmup: 0, ..cosine(2000) };
+        assert_eq!(round_starts(&flat, 2000, 40, 1.0).unwrap(), round_starts(&flat, 2000, 40, 0.0).unwrap());
     }
 
     #[test]
     fn impossible_plans_are_refused() {
-        assert!(round_bounds(&cosine(10), 10, 11, 1.0).is_err(), "more rounds than steps");
-        assert!(round_bounds(&cosine(10), 10, 0, 1.0).is_err());
-        assert!(round_bounds(&cosine(10), 10, 2, -1.0).is_err());
-        let to_zero = Schedule { min: 0.0, ..cosine(100) };
-        assert!(round_bounds(&to_zero, 100, 4, 1.0).is_err(), "a rate that reaches 0 would leave no last round");
-        assert!(round_bounds(&to_zero, 100, 4, 0.0).is_ok());
+        assert!(round_starts(&cosine(10), 10, 11, 1.0).is_err(), "more rounds than steps");
+        assert!(round_starts(&cosine(10), 10, 0, 1.0).is_err());
+        assert!(round_starts(&cosine(10), 10, 2, -1.0).is_err());
+        assert!(round_starts(&cosine(10), 10, 2, f64::NAN).is_err());
     }
 }

@@ -12,7 +12,8 @@
 //!   the workers' per-shard mean gradients is the mean gradient of the global batch), so one process stands
 //!   in for all of them. Each worker would send one fp32 gradient per step: `S · 4 · parameters` bytes.
 //! - *DiLoCo with k workers and H inner steps*: `S/H` rounds; in each, every worker starts from the global
-//!   weights, takes `H` AdamW steps with batch `G/k` on its own data unit ([`train_round`]; each worker keeps
+//!   weights, takes `H` AdamW steps (with `--round-lr-power` P > 0 its round's own length, from
+//!   [`round_starts`]) with batch `G/k` on its own data ([`train_round`]; each worker keeps
 //!   its own AdamW moments across rounds, as real workers do), then the pseudo-gradients are averaged
 //!   ([`mean`]) and the outer optimizer moves the global weights ([`OuterOptimizer::step`]). Each worker sends
 //!   one fp32 pseudo-gradient per round: `S/H · 4 · parameters` bytes, H× fewer than data-parallel.
@@ -27,7 +28,8 @@
 //! configuration keeps only its first `P/unit` units, `P` the largest multiple of every unit size that the
 //! split holds, so all of them train on the same `P` windows — a random subset spread over the whole split,
 //! not a prefix of it. Units are visited in [`unit_order`] epoch order, worker `i` of round `r` taking the
-//! `(r·k + i)`-th unit of that sequence. Validation loss is [`evaluate`] over every window of the held-out
+//! `(r·k + i)`-th unit of that sequence; rounds of other lengths cut the same stream of windows at other
+//! places ([`WindowStream`]). Validation loss is [`evaluate`] over every window of the held-out
 //! split.
 //!
 //! [`mean`]: agora_diloco::mean
@@ -41,7 +43,7 @@ use agora_data::{prepare, train_bpe, Shard};
 use agora_diloco::codec::{self, Accumulator, Expected};
 use agora_diloco::tensors::{from_named, load_weights, model_weights, param_specs};
 use agora_diloco::{
-    cut_units, round_bounds, train_round, train_round_overlapped, unit_batches, unit_order, CompressionConfig,
+    cut_units, round_starts, train_round, train_round_overlapped, unit_batches, unit_order, CompressionConfig,
     FragmentPlan, OuterConfig, OuterOptimizer, SyncState,
 };
 use agora_model::{preset, Llama, LlamaConfig};
@@ -61,6 +63,9 @@ pub(crate) struct Outcome {
     pub(crate) workers: Option<usize>,
     pub(crate) inner_steps: u64,
     pub(crate) rounds: u64,
+    /// Inner steps of each round, in order (None for the baseline): all `inner_steps` unless
+    /// `--round-lr-power` made them follow the learning rate.
+    pub(crate) round_lengths: Option<Vec<u64>>,
     pub(crate) outer: Option<OuterConfig>,
     /// The `--outer` recipe's name (None for the baseline).
     pub(crate) recipe: Option<String>,
@@ -208,6 +213,7 @@ pub(crate) fn run_baseline(s: &Setup, lr: f64, seed: u64) -> Result<Outcome> {
         workers: None,
         inner_steps: 1,
         rounds: p.steps,
+        round_lengths: None,
         outer: None,
         recipe: None,
         lr,
@@ -251,18 +257,16 @@ pub(crate) fn run_diloco(
     let fragment_specs: Vec<_> = (0..plan.count()).map(|f| plan.specs(&specs, f)).collect();
     let mut syncs: Vec<SyncState> = (0..k).map(|_| SyncState::new(&specs, compression)).collect();
     let rounds = p.steps / h;
-    let bounds = round_bounds(&p.train_config(batch, lr, seed).schedule(), p.steps, rounds, p.round_lr_power)?;
+    let bounds = round_starts(&p.train_config(batch, lr, seed).schedule(), p.steps, rounds, p.round_lr_power)?;
     let shortest = bounds.windows(2).map(|b| b[1] - b[0]).min().expect("at least one round");
     overlap.validate(shortest)?;
     let report_every = (rounds / 10).max(1);
     let overlapped =
         if overlap.is_on() { format!(" overlap {} merge {}", overlap.steps, overlap.merge) } else { String::new() };
+    let round_lengths: Vec<u64> = bounds.windows(2).map(|b| b[1] - b[0]).collect();
+    let longest = round_lengths.iter().max().expect("at least one round");
     let lengths = if p.round_lr_power > 0.0 {
-        format!(
-            " rounds following lr^{}: {shortest}..{} steps",
-            p.round_lr_power,
-            bounds[rounds as usize] - bounds[rounds as usize - 1]
-        )
+        format!(" rounds following lr^{}: {shortest}..{longest} steps", p.round_lr_power)
     } else {
         String::new()
     };
@@ -312,6 +316,7 @@ pub(crate) fn run_diloco(
         workers: Some(k),
         inner_steps: h,
         rounds,
+        round_lengths: Some(round_lengths),
         outer: Some(outer),
         recipe: Some(recipe.to_string()),
         lr,
