@@ -90,24 +90,31 @@ pub fn load_pretrained(dir: &Path, device: Device) -> Result<Llama> {
         bail!("{}: not a checkpoint: {CONFIG_FILE} is missing", dir.display());
     }
     let config = LlamaConfig::from_file(&config_path)?;
-    let mut tensors = read_weights(dir)?;
-    let model = Llama::zeros(&config, device);
-    let weights_name = dir.join(WEIGHTS_FILE);
+    let tensors = read_weights(dir)?;
+    from_weights(&config, tensors, device, &dir.join(WEIGHTS_FILE).display().to_string())
+}
+
+/// A model of `config` holding exactly `tensors` (HF names; any float dtype, widened to fp32). `source`
+/// names where they came from in errors. A tensor missing, of the wrong shape or not part of the model is
+/// an error, except a tied model's `lm_head.weight` equal to its embedding and HF's rotary buffers.
+pub fn from_weights(
+    config: &LlamaConfig,
+    mut tensors: BTreeMap<String, Tensor>,
+    device: Device,
+    source: &str,
+) -> Result<Llama> {
+    config.validate()?;
+    let model = Llama::zeros(config, device);
     tch::no_grad(|| -> Result<()> {
-        for (name, shape) in parameter_shapes(&config) {
-            let source = tensors.remove(&name).with_context(|| {
-                format!("{}: tensor {name} is missing (config.json expects it)", weights_name.display())
-            })?;
-            if source.size() != shape {
-                bail!(
-                    "{}: tensor {name} has shape {:?} but {CONFIG_FILE} implies {:?}",
-                    weights_name.display(),
-                    source.size(),
-                    shape
-                );
+        for (name, shape) in parameter_shapes(config) {
+            let tensor = tensors
+                .remove(&name)
+                .with_context(|| format!("{source}: tensor {name} is missing (config.json expects it)"))?;
+            if tensor.size() != shape {
+                bail!("{source}: tensor {name} has shape {:?} but {CONFIG_FILE} implies {:?}", tensor.size(), shape);
             }
             let (_, target) = model.parameters().iter().find(|(n, _)| *n == name).expect("same shapes list");
-            target.shallow_clone().copy_(&source.to_kind(Kind::Float).to_device(device));
+            target.shallow_clone().copy_(&tensor.to_kind(Kind::Float).to_device(device));
         }
         Ok(())
     })?;
@@ -116,18 +123,23 @@ pub fn load_pretrained(dir: &Path, device: Device) -> Result<Llama> {
         if let Some(head) = tensors.remove("lm_head.weight") {
             let embed = &model.parameters()[0].1;
             if head.size() != embed.size() || !head.to_kind(Kind::Float).to_device(device).equal(embed) {
-                bail!("{}: tie_word_embeddings is true but lm_head.weight differs from the embedding", dir.display());
+                bail!("{source}: tie_word_embeddings is true but lm_head.weight differs from the embedding");
             }
         }
     }
     // Buffers HF may save (rotary inv_freq) are recomputed; anything else is a model we would misread.
     tensors.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
     if let Some(name) = tensors.keys().next() {
-        bail!(
-            "{}: unexpected tensor {name} ({} unexpected in all); is this a Llama checkpoint?",
-            weights_name.display(),
-            tensors.len()
-        );
+        bail!("{source}: unexpected tensor {name} ({} unexpected in all); is this a Llama checkpoint?", tensors.len());
     }
     Ok(model)
+}
+
+/// Detached fp32 CPU copies of a model's weights, by HF name.
+pub fn weights_of(model: &Llama) -> BTreeMap<String, Tensor> {
+    model
+        .parameters()
+        .iter()
+        .map(|(name, t)| (name.clone(), t.detach().to_device(Device::Cpu).to_kind(Kind::Float).copy()))
+        .collect()
 }

@@ -330,10 +330,13 @@ pub fn preset(name: &str, vocab_size: Option<usize>) -> Result<LlamaConfig, Conf
         "phase1" => (1536, 4096, 12, 12, 4, 4096, false),
         "phase2" => (2560, 6912, 22, 20, 4, 4096, false),
         "phase3" => (4096, 11008, 36, 32, 8, 8192, false),
-        "phase4" => (6656, 17920, 54, 52, 4, 8192, false),
-        "phase5" => (9216, 28672, 100, 72, 8, 8192, false),
-        "phase6" => (16384, 53248, 115, 128, 16, 8192, false),
-        "phase7" => (24576, 86016, 183, 192, 16, 8192, false),
+        // From phase 3 on, groups of 4 query heads per key/value head: a phase's kv heads are at least the
+        // previous phase's, so every step only grows (`grow::plan`; the head count must not shrink a group's
+        // kv heads below what its old query heads need).
+        "phase4" => (6656, 17920, 54, 52, 13, 8192, false),
+        "phase5" => (9216, 28160, 100, 72, 18, 8192, false),
+        "phase6" => (16384, 52224, 115, 128, 32, 8192, false),
+        "phase7" => (24576, 83456, 183, 192, 48, 8192, false),
         _ => return Err(unknown()),
     };
     let mut config = LlamaConfig::new(v, h, i, l, nh, kv, ctx, tied);

@@ -79,3 +79,37 @@ fn agora_loads_transformers_checkpoints_with_equal_logits() {
         assert!(diff <= 1e-4, "tied={tied}: logits differ by {diff}");
     }
 }
+
+#[test]
+fn transformers_loads_a_grown_model_with_the_original_logits() {
+    use agora_model::grow::{grow, GrowthOptions, HiddenGrowth, Weights};
+    tch::set_num_threads(2);
+    for (tied, hidden) in [(true, HiddenGrowth::Pad), (false, HiddenGrowth::Pad), (false, HiddenGrowth::Tile)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = preset("tiny", Some(320)).unwrap();
+        config.tie_word_embeddings = tied;
+        config.num_hidden_layers = 2;
+        let model = Llama::new(&config, Device::Cpu, 8);
+        tch::no_grad(|| {
+            for (name, p) in model.parameters() {
+                if name.ends_with("norm.weight") {
+                    let _ = p.shallow_clone().g_add_(&(p.randn_like() * 0.1));
+                }
+            }
+        });
+        // tiny (128 hidden, 4 heads / 2 kv, 384 units, 4 layers) → every dimension grown, untied.
+        let mut to = config.clone();
+        (to.hidden_size, to.num_attention_heads, to.num_key_value_heads) = (256, 8, Some(4));
+        (to.intermediate_size, to.num_hidden_layers, to.tie_word_embeddings) = (768, 3, false);
+        let options = GrowthOptions { hidden, seed: 5, ..Default::default() };
+        let grown = grow(&Weights::of(&model), &to, &options).unwrap().into_model(Device::Cpu).unwrap();
+        let (original_dir, grown_dir) = (dir.path().join("original"), dir.path().join("grown"));
+        save_pretrained(&model, &original_dir).unwrap();
+        save_pretrained(&grown, &grown_dir).unwrap();
+        let ids = Tensor::randint(320, [2, 33], (Kind::Int64, Device::Cpu));
+        let inputs = dir.path().join("inputs.safetensors");
+        Tensor::write_safetensors(&[("ids", &ids)], &inputs).unwrap();
+        let (a, b, i) = (original_dir.to_str().unwrap(), grown_dir.to_str().unwrap(), inputs.to_str().unwrap());
+        run_python(&["same", "--checkpoint", a, "--other", b, "--inputs", i, "--tolerance", "1e-5"]);
+    }
+}
