@@ -230,6 +230,10 @@ pub struct InfoArgs {
     /// Vocabulary size for --hf-config (default: the preset's).
     #[arg(long, requires = "hf_config")]
     pub vocab_size: Option<usize>,
+    /// The seven-phase ladder: each phase, its factor over the previous one and the growth operators
+    /// that reach it.
+    #[arg(long, conflicts_with_all = ["preset", "config", "hf_config"])]
+    pub ladder: bool,
 }
 
 fn info_row(name: &str, c: &LlamaConfig, seq_len: Option<usize>, batch: usize) -> serde_json::Value {
@@ -247,6 +251,9 @@ fn info_row(name: &str, c: &LlamaConfig, seq_len: Option<usize>, batch: usize) -
 }
 
 pub fn info(args: InfoArgs) -> Result<()> {
+    if args.ladder {
+        return crate::grow::ladder(args.json);
+    }
     if args.hf_config {
         let name = args.preset.as_deref().expect("clap requires --preset");
         println!("{}", serde_json::to_string_pretty(&preset(name, args.vocab_size)?.to_hf_json())?);
@@ -295,7 +302,7 @@ pub fn info(args: InfoArgs) -> Result<()> {
     Ok(())
 }
 
-fn human(n: f64) -> String {
+pub(crate) fn human(n: f64) -> String {
     match n {
         n if n >= 1e12 => format!("{:.2}T", n / 1e12),
         n if n >= 1e9 => format!("{:.2}B", n / 1e9),

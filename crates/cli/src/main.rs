@@ -7,6 +7,7 @@ mod children;
 mod commands;
 mod demo;
 mod format;
+mod grow;
 mod ledger_verify;
 mod net;
 mod run;
@@ -35,8 +36,10 @@ enum Command {
     /// Corpus tools: tokenize into shards, generate a synthetic corpus.
     #[command(subcommand)]
     Data(DataCommand),
-    /// Parameters, FLOPs per token and training memory of a preset or config.
+    /// Parameters, FLOPs per token and training memory of a preset or config; `--ladder`: the seven phases.
     Info(commands::InfoArgs),
+    /// Grow a checkpoint into a larger model that computes the same function (a Hugging Face directory).
+    Grow(grow::GrowArgs),
     /// The main job: a coordinator and N worker processes train one model over loopback (DiLoCo).
     Demo(demo::DemoArgs),
     /// Time optimizer steps (ms/step, tokens/s, MFU) for the benchmark table; `bench diloco`: DiLoCo vs
@@ -134,6 +137,7 @@ fn main() {
         }
         Command::Data(DataCommand::Synthetic { out, words, seed }) => commands::data_synthetic(&out, words, seed),
         Command::Info(args) => commands::info(args),
+        Command::Grow(args) => grow::grow_command(args),
         Command::Demo(args) => demo::demo(args),
         Command::Bench(args) => bench::bench(*args),
         Command::Coordinator(args) => net::coordinator(args),

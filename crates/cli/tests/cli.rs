@@ -259,3 +259,91 @@ fn ledger_verify_needs_a_trusted_key() {
     let err = fails(agora().args(["ledger", "verify"]).arg(&file));
     assert!(err.contains("proves nothing") && err.contains("--coordinator-key") && err.contains("--pinned"), "{err}");
 }
+
+#[test]
+fn a_grown_checkpoint_evaluates_and_decodes_as_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    run(agora().args(train_args(&run_dir, 12)));
+    let grown = dir.path().join("grown");
+    // tiny (4 layers, 128 wide, 4/2 heads of 32, 384 units, tied) → small's shape with heads of 32 (6 layers,
+    // 384 wide, 12/4 heads, 1024 units, tied): 3× wider by tiling.
+    let mut target: Value = serde_json::from_slice(
+        &run(agora().args(["info", "--preset", "small", "--hf-config", "--vocab-size", "512"])).stdout,
+    )
+    .unwrap();
+    (target["num_attention_heads"], target["num_key_value_heads"]) = (12.into(), 4.into());
+    let target_file = dir.path().join("target.json");
+    std::fs::write(&target_file, target.to_string()).unwrap();
+    let out = run(agora()
+        .args(["grow", "--json", "--hidden", "tile", "--ffn", "split", "--from"])
+        .arg(&run_dir)
+        .arg("--to")
+        .arg(&target_file)
+        .arg("--out")
+        .arg(&grown));
+    let report = json_lines(&out).remove(0);
+    assert_eq!(report["exact"], true, "{report}");
+    assert!(report["factor"].as_f64().unwrap() > 5.0, "{report}");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(grown.join(f).is_file(), "{f} missing from the grown directory");
+    }
+    let eval = |checkpoint: &Path| {
+        let out = run(agora()
+            .args(["eval", "--json", "--threads", "2", "--seq-len", "64", "--checkpoint"])
+            .arg(checkpoint)
+            .arg("--data")
+            .arg(run_dir.join("data")));
+        json_lines(&out)[0]["loss"].as_f64().unwrap()
+    };
+    let (before, after) = (eval(&run_dir), eval(&grown));
+    assert!((before - after).abs() < 1e-4, "validation loss {before} before growth, {after} after");
+    let greedy = |checkpoint: &Path| {
+        let out = run(agora()
+            .args([
+                "generate",
+                "--json",
+                "--prompt",
+                "ROMEO:",
+                "--max-tokens",
+                "16",
+                "--temperature",
+                "0",
+                "--checkpoint",
+            ])
+            .arg(checkpoint));
+        json_lines(&out).remove(0)["completion_ids"].clone()
+    };
+    assert_eq!(greedy(&run_dir), greedy(&grown), "greedy decoding changed with growth");
+
+    // Refusals, one line each.
+    let err = fails(
+        agora()
+            .args(["grow", "--method", "depth", "--from"])
+            .arg(&run_dir)
+            .arg("--to")
+            .arg(&target_file)
+            .arg("--out")
+            .arg(dir.path().join("x")),
+    );
+    assert!(err.contains("--method depth") && err.contains("hidden 128 → 384"), "{err}");
+    let err =
+        fails(agora().args(["grow", "--to", "phase1", "--from"]).arg(&run_dir).arg("--out").arg(dir.path().join("y")));
+    assert!(err.contains("head size differs (32 → 128)"), "{err}");
+    let err =
+        fails(agora().args(["grow", "--from"]).arg(&run_dir).arg("--to").arg(&target_file).arg("--out").arg(&grown));
+    assert!(err.contains("not empty"), "{err}");
+    let err =
+        fails(agora().args(["grow", "--to", "small", "--from"]).arg(&run_dir).arg("--out").arg(dir.path().join("z")));
+    assert!(err.contains("head size differs (32 → 64)"), "{err}");
+
+    // The ladder: seven phases, each about 3.75× the one before, every step exact.
+    let ladder: Value = serde_json::from_slice(&run(agora().args(["info", "--ladder", "--json"])).stdout).unwrap();
+    let rows = ladder.as_array().unwrap();
+    assert_eq!(rows.len(), 7);
+    for row in &rows[1..] {
+        let factor = row["factor"].as_f64().unwrap();
+        assert!((3.5..4.0).contains(&factor), "{row}");
+        assert!(!row["grown_by"].as_array().unwrap().is_empty(), "{row}");
+    }
+}

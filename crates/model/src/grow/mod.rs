@@ -228,6 +228,72 @@ impl fmt::Display for GrowthStep {
     }
 }
 
+/// Which dimensions a growth may change (`agora grow --method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GrowthMethod {
+    /// Only the number of layers (identity blocks).
+    Depth,
+    /// Only the widths: hidden size, heads, FFN units (and the head untied).
+    Width,
+    /// Any dimension, by the exact operators.
+    #[default]
+    Both,
+    /// Depth by G_stack (not exact), widths by the exact operators.
+    Stack,
+}
+
+impl std::str::FromStr for GrowthMethod {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "depth" => GrowthMethod::Depth,
+            "width" => GrowthMethod::Width,
+            "both" => GrowthMethod::Both,
+            "stack" => GrowthMethod::Stack,
+            _ => bail!("unknown growth method {s:?}: depth, width, both or stack"),
+        })
+    }
+}
+
+impl GrowthMethod {
+    /// Refuses a plan that changes a dimension the method leaves alone (the context may always grow).
+    pub fn check(self, steps: &[GrowthStep]) -> Result<()> {
+        for step in steps {
+            let allowed = match (self, step) {
+                (_, GrowthStep::Context { .. }) => true,
+                (GrowthMethod::Depth, GrowthStep::Depth { .. }) => true,
+                (GrowthMethod::Depth, _) => false,
+                (GrowthMethod::Width, GrowthStep::Depth { .. }) => false,
+                _ => true,
+            };
+            ensure!(
+                allowed,
+                "--method {} does not change this, but the target needs it: {step} (use --method both)",
+                self.name()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GrowthMethod::Depth => "depth",
+            GrowthMethod::Width => "width",
+            GrowthMethod::Both => "both",
+            GrowthMethod::Stack => "stack",
+        }
+    }
+
+    /// The depth operator the method uses.
+    pub fn depth(self) -> DepthGrowth {
+        if self == GrowthMethod::Stack {
+            DepthGrowth::Stack
+        } else {
+            DepthGrowth::Insert
+        }
+    }
+}
+
 /// The operators that take `from` to `to`, in the order [`grow`] applies them; an error names the first
 /// dimension no operator can reach (a shrink, a changed vocabulary, head size or RoPE base, an untied model
 /// made tied, too few key/value heads for the new groups).
