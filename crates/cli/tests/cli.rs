@@ -347,3 +347,47 @@ fn a_grown_checkpoint_evaluates_and_decodes_as_the_original() {
         assert!(!row["grown_by"].as_array().unwrap().is_empty(), "{row}");
     }
 }
+
+#[test]
+fn bench_grow_starts_exact_growth_at_the_small_models_loss() {
+    let out = run(agora()
+        .args([
+            "bench",
+            "grow",
+            "--json",
+            "--small-steps",
+            "6",
+            "--steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--eval-batches",
+            "4",
+        ])
+        .args([
+            "--factors",
+            "2",
+            "--methods",
+            "depth,width,stack",
+            "--state",
+            "carry,reset",
+            "--threads",
+            "2",
+            "--data",
+        ])
+        .arg(shakespeare()));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let curves = report["curves"].as_array().unwrap();
+    let first = |label: &str| -> f64 {
+        let c = curves.iter().find(|c| c["label"].as_str().unwrap().starts_with(label)).unwrap();
+        c["evals"][0][1].as_f64().unwrap()
+    };
+    let small = curves[0]["evals"].as_array().unwrap().last().unwrap()[1].as_f64().unwrap();
+    for exact in ["grown 2× by depth, state carry", "grown 2× by width, state reset"] {
+        assert!((first(exact) - small).abs() < 1e-4, "{exact}: {} after growth, {small} before", first(exact));
+    }
+    assert!((first("grown 2× by stack") - small).abs() > 1e-3, "G_stack is not exact");
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 6, "3 methods × 2 states");
+    assert!(rows.iter().all(|r| r["scratch_loss"].as_f64().unwrap().is_finite()));
+}

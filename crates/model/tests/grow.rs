@@ -2,9 +2,13 @@
 //! copies' symmetry, and refuses what no exact operator can do.
 
 use agora_model::grow::{
-    add_heads, grow, insert_layers, plan, spread_positions, stack_layers, untie_head, widen_ffn, widen_hidden,
-    DepthGrowth, FfnGrowth, GrowthOptions, HiddenGrowth, Weights,
+    add_heads, grow, grow_companion, insert_layers, plan, spread_positions, stack_layers, untie_head, widen_ffn,
+    widen_hidden, DepthGrowth, FfnGrowth, Fill, GrowthOptions, HiddenGrowth, Weights,
 };
+
+fn w_seed(seed: u64) -> Fill {
+    Fill::Weights { seed }
+}
 use agora_model::{load_pretrained, preset, save_pretrained, Llama, LlamaConfig};
 use tch::{Device, Kind, Tensor};
 
@@ -56,21 +60,21 @@ fn inserted_blocks_are_the_identity_at_any_position() {
     for tied in [true, false] {
         let w = source(tied, 1);
         for positions in [vec![0], vec![3], vec![1, 1, 2], spread_positions(3, 5)] {
-            let grown = insert_layers(&w, &positions, 9).unwrap();
+            let grown = insert_layers(&w, &positions, w_seed(9)).unwrap();
             assert_eq!(grown.config.num_hidden_layers, 3 + positions.len());
             assert_exact(&w, &grown, &format!("depth at {positions:?}, tied {tied}"));
         }
     }
     assert_eq!(spread_positions(12, 10), vec![2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
     assert_eq!(spread_positions(2, 3), vec![1, 1, 2]);
-    assert!(insert_layers(&source(false, 1), &[4], 0).unwrap_err().to_string().contains("past the 3 layers"));
+    assert!(insert_layers(&source(false, 1), &[4], w_seed(0)).unwrap_err().to_string().contains("past the 3 layers"));
 }
 
 #[test]
 fn the_test_notices_a_block_that_writes() {
     // A new block with a nonzero o_proj is not the identity: the comparison above would fail on it.
     let w = source(false, 2);
-    let mut grown = insert_layers(&w, &[1], 9).unwrap();
+    let mut grown = insert_layers(&w, &[1], w_seed(9)).unwrap();
     let o = grown.tensors.get_mut("model.layers.1.self_attn.o_proj.weight").unwrap();
     *o = Tensor::ones(o.size().as_slice(), (Kind::Float, Device::Cpu)) * 0.05;
     assert!(max_diff(&w, &grown) > 1e-3);
@@ -81,7 +85,7 @@ fn wider_ffns_are_exact_fresh_or_split() {
     for tied in [true, false] {
         let w = source(tied, 3);
         for (units, how) in [(80, FfnGrowth::Fresh), (80, FfnGrowth::Split), (130, FfnGrowth::Split)] {
-            let grown = widen_ffn(&w, units, how, 4).unwrap();
+            let grown = widen_ffn(&w, units, how, w_seed(4)).unwrap();
             assert_eq!(grown.tensors["model.layers.0.mlp.down_proj.weight"].size(), [32, units as i64]);
             assert_exact(&w, &grown, &format!("ffn → {units} {how:?}, tied {tied}"));
         }
@@ -94,7 +98,7 @@ fn more_heads_keep_every_gqa_group_exact() {
         let w = source(tied, 5);
         // (4, 2): groups of 2. Same group size; larger groups; groups of 1 (each kv head copied twice).
         for (heads, kv) in [(6, 3), (8, 2), (6, 6), (10, 5)] {
-            let grown = add_heads(&w, heads, kv, 6).unwrap();
+            let grown = add_heads(&w, heads, kv, w_seed(6)).unwrap();
             assert_eq!((grown.config.num_attention_heads, grown.config.kv_heads()), (heads, kv));
             assert_eq!(grown.config.head_size(), 8, "the head size is kept");
             assert_exact(&w, &grown, &format!("heads → {heads}/{kv}, tied {tied}"));
@@ -104,9 +108,9 @@ fn more_heads_keep_every_gqa_group_exact() {
     let mut c = LlamaConfig::new(VOCAB, 64, 48, 2, 8, 2, 64, false);
     c.initializer_range = 0.2;
     let w = Weights::of(&Llama::new(&c, Device::Cpu, 7));
-    let err = add_heads(&w, 9, 3, 0).unwrap_err().to_string();
+    let err = add_heads(&w, 9, 3, w_seed(0)).unwrap_err().to_string();
     assert!(err.contains("copied 2×") && err.contains("target has 3"), "{err}");
-    let grown = add_heads(&w, 12, 4, 0).unwrap();
+    let grown = add_heads(&w, 12, 4, w_seed(0)).unwrap();
     assert_exact(&w, &grown, "heads 8/2 → 12/4");
 }
 
@@ -117,13 +121,13 @@ fn a_wider_residual_stream_is_exact_padded_or_tiled() {
         for (hidden, how) in
             [(48, HiddenGrowth::Pad), (40, HiddenGrowth::Pad), (64, HiddenGrowth::Tile), (96, HiddenGrowth::Tile)]
         {
-            let grown = widen_hidden(&w, hidden, how, 2).unwrap();
+            let grown = widen_hidden(&w, hidden, how, w_seed(2)).unwrap();
             assert_eq!(grown.config.hidden_size, hidden);
             assert_eq!(grown.config.head_size(), 8);
             assert_eq!(grown.config.rms_norm_eps, w.config.rms_norm_eps, "ε is unchanged");
             assert_exact(&w, &grown, &format!("hidden → {hidden} {how:?}, tied {tied}"));
         }
-        let err = widen_hidden(&w, 48, HiddenGrowth::Tile, 0).unwrap_err().to_string();
+        let err = widen_hidden(&w, 48, HiddenGrowth::Tile, w_seed(0)).unwrap_err().to_string();
         assert!(err.contains("multiple of the hidden size 32"), "{err}");
     }
 }
@@ -220,27 +224,27 @@ fn grad_of<'a>(g: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
 fn copies_get_their_own_gradients() {
     // Split FFN units: unit 48 + j copies unit j; their gate rows must not move together.
     let w = source(false, 14);
-    let g = gradients(&widen_ffn(&w, 80, FfnGrowth::Split, 1).unwrap());
+    let g = gradients(&widen_ffn(&w, 80, FfnGrowth::Split, w_seed(1)).unwrap());
     let gate = grad_of(&g, "model.layers.1.mlp.gate_proj.weight");
     let (original, copy) = (gate.get(5), gate.get(48 + 5));
     assert!((&original - &copy).abs().max().double_value(&[]) > 1e-6, "split units share a gradient");
     // Tiled residual stream: the copies of an embedding row get different gradients.
-    let g = gradients(&widen_hidden(&w, 64, HiddenGrowth::Tile, 1).unwrap());
+    let g = gradients(&widen_hidden(&w, 64, HiddenGrowth::Tile, w_seed(1)).unwrap());
     let embed = grad_of(&g, "model.embed_tokens.weight");
     let diff = (embed.narrow(1, 0, 32) - embed.narrow(1, 32, 32)).abs().max().double_value(&[]);
     assert!(diff > 1e-6, "tiled copies share a gradient");
     // Zero padding: the new residual dimensions get a gradient through the writers' zero rows.
-    let g = gradients(&widen_hidden(&w, 48, HiddenGrowth::Pad, 1).unwrap());
+    let g = gradients(&widen_hidden(&w, 48, HiddenGrowth::Pad, w_seed(1)).unwrap());
     let down = grad_of(&g, "model.layers.0.mlp.down_proj.weight");
     assert!(down.narrow(0, 32, 16).abs().max().double_value(&[]) > 1e-6, "padded dimensions are dead");
     // An inserted block's output projections learn at once.
-    let g = gradients(&insert_layers(&w, &[1], 1).unwrap());
+    let g = gradients(&insert_layers(&w, &[1], w_seed(1)).unwrap());
     for part in ["self_attn.o_proj", "mlp.down_proj"] {
         let grad = grad_of(&g, &format!("model.layers.1.{part}.weight"));
         assert!(grad.abs().max().double_value(&[]) > 1e-6, "the new block's {part} gets no gradient");
     }
     // New heads: their o_proj columns (zero) get a gradient.
-    let g = gradients(&add_heads(&w, 6, 3, 1).unwrap());
+    let g = gradients(&add_heads(&w, 6, 3, w_seed(1)).unwrap());
     let o = grad_of(&g, "model.layers.0.self_attn.o_proj.weight");
     assert!(o.narrow(1, 4 * 8, 8).abs().max().double_value(&[]) > 1e-6, "a new head is dead");
 }
@@ -254,5 +258,39 @@ fn every_step_of_the_preset_ladder_is_reachable() {
             plan(&from, &to, &GrowthOptions::default()).unwrap_or_else(|e| panic!("{} → {}: {e:#}", pair[0], pair[1]));
         assert!(steps.iter().all(|s| s.is_exact()), "{} → {}: {steps:?}", pair[0], pair[1]);
         assert!(!steps.is_empty());
+    }
+}
+
+#[test]
+fn companions_carry_old_entries_and_start_new_ones_at_zero() {
+    use std::collections::HashSet;
+    let w = source(false, 15);
+    // A companion whose every entry is distinct from zero (as optimizer moments are, after a few steps).
+    let companion =
+        Weights::new(w.config.clone(), w.tensors.iter().map(|(n, t)| (n.clone(), t.abs() + 1.0)).collect()).unwrap();
+    let values = |w: &Weights| -> Vec<u32> {
+        w.tensors.values().flat_map(|t| Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()).map(f32::to_bits).collect()
+    };
+    let old: HashSet<u32> = values(&companion).into_iter().collect();
+    let mut tiled = bigger(false);
+    (tiled.hidden_size, tiled.head_dim) = (64, Some(8));
+    for (to, ffn, hidden) in
+        [(bigger(false), FfnGrowth::Fresh, HiddenGrowth::Pad), (tiled, FfnGrowth::Split, HiddenGrowth::Tile)]
+    {
+        let options = GrowthOptions { ffn, hidden, ..Default::default() };
+        let grown = grow_companion(&companion, &to, &options).unwrap();
+        let grown_weights = grow(&w, &to, &options).unwrap();
+        for (name, t) in &grown.tensors {
+            assert_eq!(t.size(), grown_weights.tensors[name].size(), "{name}");
+        }
+        let new: Vec<u32> = values(&grown);
+        let zeros = new.iter().filter(|&&v| v == 0).count();
+        assert!(zeros > 0, "{ffn:?}/{hidden:?}: no new entry");
+        assert!(
+            new.iter().all(|v| *v == 0 || old.contains(v)),
+            "{ffn:?}/{hidden:?}: an entry neither carried nor zero"
+        );
+        let carried: HashSet<u32> = new.into_iter().filter(|&v| v != 0).collect();
+        assert_eq!(carried.len(), old.len(), "{ffn:?}/{hidden:?}: an old entry was lost");
     }
 }

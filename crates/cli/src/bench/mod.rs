@@ -6,6 +6,7 @@
 mod aggregate;
 pub mod compression;
 mod diloco;
+mod grow;
 mod liveness;
 mod speed;
 mod sweep;
@@ -41,6 +42,9 @@ pub enum BenchSubcommand {
     /// binary built with `--features adversary`): detection, credits, loss against the honest-only run,
     /// false positives, verification cost.
     Trust(trust::TrustArgs),
+    /// Growth: a trained small model grown (depth, width, both, G_stack; optimizer state carried or reset)
+    /// and trained on, against the larger model trained from scratch: tokens to reach its final loss.
+    Grow(grow::GrowArgs),
     /// Rounds per minute with two honest workers, with and without an identity that takes work and never
     /// uploads (real processes; needs a binary built with `--features adversary`).
     Liveness(liveness::LivenessArgs),
@@ -54,6 +58,7 @@ pub fn bench(cmd: BenchCommand) -> Result<()> {
         Some(BenchSubcommand::Aggregate(args)) => aggregate::aggregate(args),
         Some(BenchSubcommand::Trust(args)) => trust::trust(args),
         Some(BenchSubcommand::Liveness(args)) => liveness::liveness(args),
+        Some(BenchSubcommand::Grow(args)) => grow::grow_bench(args),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Deeper models: identity blocks inserted (exact), or the stack repeated (G_stack, not exact).
 
-use super::{edited, fresh, layer_name, Weights, NORMS, READERS, WRITERS};
+use super::{edited, layer_name, Fill, Weights, NORMS, READERS, WRITERS};
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
@@ -16,7 +16,7 @@ pub fn spread_positions(layers: usize, added: usize) -> Vec<usize> {
 /// `down_proj`: both sublayers add zero to the residual stream, so the block is the identity (LLaMA Pro,
 /// arXiv 2401.02415) until training moves its two output projections, which get gradients at once because
 /// the fresh readers give them nonzero inputs.
-pub fn insert_layers(w: &Weights, positions: &[usize], seed: u64) -> Result<Weights> {
+pub fn insert_layers(w: &Weights, positions: &[usize], fill: Fill) -> Result<Weights> {
     let c = &w.config;
     let layers = c.num_hidden_layers;
     ensure!(positions.iter().all(|&p| p <= layers), "a position past the {layers} layers: {positions:?}");
@@ -33,14 +33,11 @@ pub fn insert_layers(w: &Weights, positions: &[usize], seed: u64) -> Result<Weig
     for old in 0..=layers {
         while sorted.get(new_blocks) == Some(&old) {
             for part in NORMS {
-                tensors.insert(
-                    layer_name(next, part),
-                    Tensor::ones(shape_of(part).as_slice(), (Kind::Float, tch::Device::Cpu)),
-                );
+                tensors.insert(layer_name(next, part), fill.unit_gains(&shape_of(part)));
             }
             for part in READERS {
                 let what = format!("inserted{new_blocks}/{part}");
-                tensors.insert(layer_name(next, part), fresh(seed, &what, &shape_of(part), c.initializer_range));
+                tensors.insert(layer_name(next, part), fill.fresh(&what, &shape_of(part), c.initializer_range));
             }
             for part in WRITERS {
                 tensors.insert(

@@ -7,7 +7,7 @@
 //! query rows and **zero** `o_proj` columns, so it writes nothing; the key/value heads past kv·r are fresh.
 //! Hence: old outputs unchanged, new heads silent, and exact for any g' as long as kv' ≥ kv·r.
 
-use super::{edited, fresh, keep_head_size, layer_name, Weights};
+use super::{edited, keep_head_size, layer_name, Fill, Weights};
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
@@ -26,8 +26,8 @@ pub(super) fn check(from: (usize, usize), to: (usize, usize)) -> Result<()> {
     Ok(())
 }
 
-/// Grows to `heads` query heads and `kv_heads` key/value heads (module docs). `seed` draws the new rows.
-pub fn add_heads(w: &Weights, heads: usize, kv_heads: usize, seed: u64) -> Result<Weights> {
+/// Grows to `heads` query heads and `kv_heads` key/value heads (module docs); `fill` draws the new rows.
+pub fn add_heads(w: &Weights, heads: usize, kv_heads: usize, fill: Fill) -> Result<Weights> {
     let c = &w.config;
     let (old_heads, old_kv) = (c.num_attention_heads, c.kv_heads());
     check((old_heads, old_kv), (heads, kv_heads))?;
@@ -58,7 +58,7 @@ pub fn add_heads(w: &Weights, heads: usize, kv_heads: usize, seed: u64) -> Resul
                 .enumerate()
                 .map(|(new, source)| match source {
                     Some(j) => old.narrow(0, *j as i64 * hd, hd),
-                    None => fresh(seed, &format!("{}/head{new}", layer_name(l, part)), &[hd, h], std),
+                    None => fill.fresh(&format!("{}/head{new}", layer_name(l, part)), &[hd, h], std),
                 })
                 .collect();
             Tensor::cat(&blocks, 0)

@@ -116,19 +116,54 @@ const WRITERS: [&str; 2] = ["self_attn.o_proj", "mlp.down_proj"];
 /// The RMSNorm gains of a block.
 const NORMS: [&str; 2] = ["input_layernorm", "post_attention_layernorm"];
 
-/// Fresh N(0, std²) weights for a grown tensor, reproducible from (seed, what): independent of libtorch's
-/// generator, as initialisation is.
-fn fresh(seed: u64, what: &str, shape: &[i64], std: f64) -> Tensor {
-    let n = shape.iter().product::<i64>() as usize;
-    Tensor::from_slice(&crate::init::normal(seed, &format!("grow/{what}"), n, std)).view(shape)
+/// What the operators fill new entries with.
+///
+/// [`Fill::Weights`]: the model's weights, as the module docs describe (fresh draws, cancelling noise, the
+/// rescalings that keep the function). [`Fill::Companion`]: a per-parameter statistic that travels with the
+/// weights, such as an optimizer's moments: every entry derived from an old entry carries that entry's value
+/// unscaled (Adam's update m/√v does not change when a gradient is scaled), and every new entry is zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    Weights { seed: u64 },
+    Companion,
 }
 
-/// `n` noise tensors of `shape` whose sum is zero (each draw minus the draws' mean): added to copies whose
-/// inputs are equal, they change no output but give every copy its own gradient.
-fn cancelling_noise(seed: u64, what: &str, n: usize, shape: &[i64], std: f64) -> Vec<Tensor> {
-    let draws: Vec<Tensor> = (0..n).map(|c| fresh(seed, &format!("{what}/{c}"), shape, std)).collect();
-    let mean = Tensor::stack(&draws, 0).mean_dim(0, false, Kind::Float);
-    draws.iter().map(|d| d - &mean).collect()
+impl Fill {
+    /// Fresh N(0, std²) entries, reproducible from (seed, what) and independent of libtorch's generator, as
+    /// initialisation is; zeros for a companion.
+    fn fresh(self, what: &str, shape: &[i64], std: f64) -> Tensor {
+        match self {
+            Fill::Weights { seed } => {
+                let n = shape.iter().product::<i64>() as usize;
+                Tensor::from_slice(&crate::init::normal(seed, &format!("grow/{what}"), n, std)).view(shape)
+            }
+            Fill::Companion => Tensor::zeros(shape, (Kind::Float, Device::Cpu)),
+        }
+    }
+
+    /// `n` noise tensors whose sum is zero (each draw minus the draws' mean): added to copies whose inputs are
+    /// equal, they change no output but give every copy its own gradient. Zeros for a companion.
+    fn cancelling_noise(self, what: &str, n: usize, shape: &[i64], std: f64) -> Vec<Tensor> {
+        let draws: Vec<Tensor> = (0..n).map(|c| self.fresh(&format!("{what}/{c}"), shape, std)).collect();
+        let mean = Tensor::stack(&draws, 0).mean_dim(0, false, Kind::Float);
+        draws.iter().map(|d| d - &mean).collect()
+    }
+
+    /// A rescaling that keeps the function: `factor` for weights, 1 for a companion.
+    fn scale(self, factor: f64) -> f64 {
+        match self {
+            Fill::Weights { .. } => factor,
+            Fill::Companion => 1.0,
+        }
+    }
+
+    /// New RMSNorm gains: ones for weights, zeros for a companion.
+    fn unit_gains(self, shape: &[i64]) -> Tensor {
+        match self {
+            Fill::Weights { .. } => Tensor::ones(shape, (Kind::Float, Device::Cpu)),
+            Fill::Companion => Tensor::zeros(shape, (Kind::Float, Device::Cpu)),
+        }
+    }
 }
 
 /// The standard deviation of a tensor's entries (0 for a constant one).
@@ -354,16 +389,27 @@ pub fn plan(from: &LlamaConfig, to: &LlamaConfig, options: &GrowthOptions) -> Re
 /// Grows `from` to the shape of `to` by [`plan`]'s steps. The result's config is `to`, keeping the source's
 /// token ids (bos, eos, pad) where `to` names none.
 pub fn grow(from: &Weights, to: &LlamaConfig, options: &GrowthOptions) -> Result<Weights> {
+    grow_with(from, to, options, Fill::Weights { seed: options.seed })
+}
+
+/// The same steps as [`grow`] on a companion of the weights (`from.tensors` shaped as the parameters of
+/// `from.config`, e.g. an optimizer's moments): entries that move with a weight keep their value, new
+/// entries are zero ([`Fill::Companion`]).
+pub fn grow_companion(from: &Weights, to: &LlamaConfig, options: &GrowthOptions) -> Result<Weights> {
+    grow_with(from, to, options, Fill::Companion)
+}
+
+fn grow_with(from: &Weights, to: &LlamaConfig, options: &GrowthOptions, fill: Fill) -> Result<Weights> {
     let steps = plan(&from.config, to, options)?;
     let mut w = Weights { config: from.config.clone(), tensors: from.shallow_tensors() };
     for step in &steps {
         w = match *step {
             GrowthStep::UntieHead => untie_head(&w)?,
-            GrowthStep::Hidden { to, how, .. } => widen_hidden(&w, to, how, options.seed)?,
-            GrowthStep::Heads { to: (heads, kv), .. } => add_heads(&w, heads, kv, options.seed)?,
-            GrowthStep::Ffn { to, how, .. } => widen_ffn(&w, to, how, options.seed)?,
+            GrowthStep::Hidden { to, how, .. } => widen_hidden(&w, to, how, fill)?,
+            GrowthStep::Heads { to: (heads, kv), .. } => add_heads(&w, heads, kv, fill)?,
+            GrowthStep::Ffn { to, how, .. } => widen_ffn(&w, to, how, fill)?,
             GrowthStep::Depth { to, how: DepthGrowth::Insert, from } => {
-                insert_layers(&w, &spread_positions(from, to - from), options.seed)?
+                insert_layers(&w, &spread_positions(from, to - from), fill)?
             }
             GrowthStep::Depth { to, how: DepthGrowth::Stack, .. } => stack_layers(&w, to)?,
             GrowthStep::Context { to, .. } => {

@@ -1,8 +1,7 @@
 //! Wider models: more SwiGLU units, a wider residual stream, an untied head.
 
 use super::{
-    cancelling_noise, edited, fresh, keep_head_size, layer_name, std_of, FfnGrowth, HiddenGrowth, Weights, NORMS,
-    READERS, WRITERS,
+    edited, keep_head_size, layer_name, std_of, FfnGrowth, Fill, HiddenGrowth, Weights, NORMS, READERS, WRITERS,
 };
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
@@ -18,7 +17,7 @@ const COPY_NOISE: f64 = 0.1;
 /// - [`FfnGrowth::Split`]: new unit u copies old unit (u − i) mod i (so each old unit is split as evenly as
 ///   the sizes allow). A unit with m copies in all (itself included) gives each the down column d/m + ε_c,
 ///   Σ ε_c = 0: the copies compute the same activation a, so Σ (d/m + ε_c)·a = d·a.
-pub fn widen_ffn(w: &Weights, intermediate: usize, how: FfnGrowth, seed: u64) -> Result<Weights> {
+pub fn widen_ffn(w: &Weights, intermediate: usize, how: FfnGrowth, fill: Fill) -> Result<Weights> {
     let c = &w.config;
     let old = c.intermediate_size;
     ensure!(intermediate >= old, "intermediate_size shrinks ({old} → {intermediate})");
@@ -31,7 +30,7 @@ pub fn widen_ffn(w: &Weights, intermediate: usize, how: FfnGrowth, seed: u64) ->
         let (gate, up, down) = match how {
             FfnGrowth::Fresh => {
                 let std = c.initializer_range;
-                let new_rows = |part: &str| fresh(seed, &format!("{}/units", layer_name(l, part)), &[added, h], std);
+                let new_rows = |part: &str| fill.fresh(&format!("{}/units", layer_name(l, part)), &[added, h], std);
                 (
                     Tensor::cat(&[gate, &new_rows("mlp.gate_proj")], 0),
                     Tensor::cat(&[up, &new_rows("mlp.up_proj")], 0),
@@ -52,11 +51,11 @@ pub fn widen_ffn(w: &Weights, intermediate: usize, how: FfnGrowth, seed: u64) ->
                             return Vec::new();
                         }
                         let what = format!("{}/split{j}", layer_name(l, "mlp.down_proj"));
-                        cancelling_noise(seed, &what, copies[j], &[h], std)
+                        fill.cancelling_noise(&what, copies[j], &[h], std)
                     })
                     .collect();
                 for &s in &source {
-                    let d = down.select(1, s) / copies[s as usize] as f64;
+                    let d = down.select(1, s) / fill.scale(copies[s as usize] as f64);
                     columns.push(match noise[s as usize].pop() {
                         Some(eps) => d + eps,
                         None => d,
@@ -85,7 +84,7 @@ pub fn widen_ffn(w: &Weights, intermediate: usize, how: FfnGrowth, seed: u64) ->
 /// itself (root mean square unchanged), gains are tiled, writers are tiled by rows, readers become
 /// [W/n + ε_1 … W/n + ε_n] with Σ ε_c = 0 (the copies they read are equal). A tied head reads n copies:
 /// the final gain is divided by n.
-pub fn widen_hidden(w: &Weights, hidden: usize, how: HiddenGrowth, seed: u64) -> Result<Weights> {
+pub fn widen_hidden(w: &Weights, hidden: usize, how: HiddenGrowth, fill: Fill) -> Result<Weights> {
     let c = &w.config;
     let h = c.hidden_size;
     ensure!(hidden >= h, "hidden_size shrinks ({h} → {hidden})");
@@ -105,14 +104,12 @@ pub fn widen_hidden(w: &Weights, hidden: usize, how: HiddenGrowth, seed: u64) ->
     };
     match how {
         HiddenGrowth::Pad => {
-            let scale = (hidden as f64 / h as f64).sqrt();
+            let scale = fill.scale((hidden as f64 / h as f64).sqrt());
             let zeros = |rows: i64, cols: i64| Tensor::zeros([rows, cols], (Kind::Float, tch::Device::Cpu));
-            let gain = |g: &Tensor, by: f64| {
-                Tensor::cat(&[g / by, &Tensor::ones([wide - h], (Kind::Float, g.device())) / by], 0)
-            };
+            let gain = |g: &Tensor, by: f64| Tensor::cat(&[g / by, fill.unit_gains(&[wide - h]) / by], 0);
             let reader = |name: &str, t: &Tensor| {
                 let rows = t.size()[0];
-                Tensor::cat(&[t, &fresh(seed, &format!("{name}/columns"), &[rows, wide - h], std)], 1)
+                Tensor::cat(&[t, &fill.fresh(&format!("{name}/columns"), &[rows, wide - h], std)], 1)
             };
             let writer = |t: &Tensor| Tensor::cat(&[t * scale, zeros(wide - h, t.size()[1])], 0);
             let embed = w.get("model.embed_tokens.weight");
@@ -138,8 +135,8 @@ pub fn widen_hidden(w: &Weights, hidden: usize, how: HiddenGrowth, seed: u64) ->
             let n = (wide / h) as usize;
             let reader = |name: &str, t: &Tensor| {
                 let noise =
-                    cancelling_noise(seed, &format!("{name}/tiles"), n, &t.size(), COPY_NOISE * std_of(t) / n as f64);
-                let tiles: Vec<Tensor> = noise.iter().map(|eps| t / n as f64 + eps).collect();
+                    fill.cancelling_noise(&format!("{name}/tiles"), n, &t.size(), COPY_NOISE * std_of(t) / n as f64);
+                let tiles: Vec<Tensor> = noise.iter().map(|eps| t / fill.scale(n as f64) + eps).collect();
                 Tensor::cat(&tiles, 1)
             };
             let tile = |t: &Tensor, dim: i64| Tensor::cat(&vec![t; n], dim);
@@ -156,7 +153,7 @@ pub fn widen_hidden(w: &Weights, hidden: usize, how: HiddenGrowth, seed: u64) ->
                 }
             }
             let final_gain = tile(w.get("model.norm.weight"), 0);
-            set("model.norm.weight".into(), if tied { final_gain / n as f64 } else { final_gain });
+            set("model.norm.weight".into(), if tied { final_gain / fill.scale(n as f64) } else { final_gain });
             if !tied {
                 set("lm_head.weight".into(), reader("lm_head.weight", w.get("lm_head.weight")));
             }
