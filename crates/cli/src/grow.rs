@@ -36,21 +36,30 @@ pub struct GrowArgs {
     pub json: bool,
 }
 
-/// The tokenizer files a checkpoint directory may carry; the grown model reads the same tokens.
-const TOKENIZER_FILES: [&str; 2] = ["tokenizer.json", "tokenizer_config.json"];
+/// The tokenizer files a checkpoint directory may carry (agora's and Hugging Face's); the grown model reads
+/// the same tokens, so they are copied as they are.
+const TOKENIZER_FILES: [&str; 5] =
+    ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json"];
 
-/// A preset name, or a path to a config.json; a preset takes the checkpoint's vocabulary.
+/// A preset name, a config.json, or a model directory holding one; a preset takes the checkpoint's vocabulary.
 fn target_config(to: &str, vocab_size: usize) -> Result<LlamaConfig> {
     let path = Path::new(to);
     if path.is_file() {
         return LlamaConfig::from_file(path);
     }
-    preset(to, Some(vocab_size)).with_context(|| format!("--to {to}: neither a preset nor a config.json file"))
+    if path.join("config.json").is_file() {
+        return LlamaConfig::from_file(&path.join("config.json"));
+    }
+    preset(to, Some(vocab_size))
+        .with_context(|| format!("--to {to}: neither a preset nor a config.json (or a directory with one)"))
 }
 
 pub fn grow_command(args: GrowArgs) -> Result<()> {
     let dir = resolve_checkpoint(&args.from);
-    if args.out.exists() && args.out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(true) {
+    if args.out.is_file() {
+        bail!("{}: is a file; --out names a directory to create", args.out.display());
+    }
+    if args.out.read_dir().is_ok_and(|mut d| d.next().is_some()) {
         bail!("{}: exists and is not empty; choose a new --out", args.out.display());
     }
     let source = Weights::of(&load_pretrained(&dir, Device::Cpu)?);
@@ -66,11 +75,23 @@ pub fn grow_command(args: GrowArgs) -> Result<()> {
     let grown = grow(&source, &to, &options)?;
     let (before, after) = (source.config.num_parameters(), grown.config.num_parameters());
     save_pretrained(&grown.into_model(Device::Cpu)?, &args.out)?;
+    let mut copied = Vec::new();
     for file in TOKENIZER_FILES {
         if dir.join(file).is_file() {
             std::fs::copy(dir.join(file), args.out.join(file))
                 .with_context(|| format!("{}: cannot copy {file}", args.out.display()))?;
+            copied.push(file);
         }
+    }
+    if copied.is_empty() {
+        tracing::warn!("{}: no tokenizer files to copy; the grown directory has none", dir.display());
+    }
+    if dir.join(agora_train::checkpoint::STATE_FILE).is_file() {
+        tracing::info!(
+            "the optimizer state of {} is not carried: the grown directory holds weights only \
+             (agora_train::grow::grow_trainer carries or resets it in process)",
+            dir.display()
+        );
     }
     let exact = steps.iter().all(|s| s.is_exact());
     if args.json {

@@ -49,7 +49,8 @@ fn max_diff(a: &Weights, b: &Weights) -> f64 {
 
 fn assert_exact(original: &Weights, grown: &Weights, what: &str) {
     let diff = max_diff(original, grown);
-    println!("{what}: max |Δ logits| {diff:.2e}");
+    let scale = logits(original).abs().max().double_value(&[]);
+    println!("{what}: max |Δ logits| {diff:.2e}, max |logit| {scale:.2}");
     assert!(diff <= 1e-5, "{what}: logits differ by {diff}");
     // The test can fail: the original's logits are far from zero and from each other.
     assert!(logits(original).abs().max().double_value(&[]) > 0.5, "{what}: a degenerate source model");
@@ -243,6 +244,11 @@ fn copies_get_their_own_gradients() {
         let grad = grad_of(&g, &format!("model.layers.1.{part}.weight"));
         assert!(grad.abs().max().double_value(&[]) > 1e-6, "the new block's {part} gets no gradient");
     }
+    // Copied key/value heads (groups of 2 → 1: each kv head twice) serve different query heads.
+    let g = gradients(&add_heads(&w, 6, 6, w_seed(1)).unwrap());
+    let k = grad_of(&g, "model.layers.0.self_attn.k_proj.weight");
+    let diff = (k.narrow(0, 0, 8) - k.narrow(0, 8, 8)).abs().max().double_value(&[]);
+    assert!(diff > 1e-6, "copied kv heads share a gradient");
     // New heads: their o_proj columns (zero) get a gradient.
     let g = gradients(&add_heads(&w, 6, 3, w_seed(1)).unwrap());
     let o = grad_of(&g, "model.layers.0.self_attn.o_proj.weight");
@@ -292,5 +298,53 @@ fn companions_carry_old_entries_and_start_new_ones_at_zero() {
         );
         let carried: HashSet<u32> = new.into_iter().filter(|&v| v != 0).collect();
         assert_eq!(carried.len(), old.len(), "{ffn:?}/{hidden:?}: an old entry was lost");
+    }
+}
+
+#[test]
+fn companions_sit_where_their_weights_went() {
+    // For operators that move entries without rescaling them, the companion of a tensor set equals the
+    // grown tensor set wherever the companion is nonzero (new entries: zero in the companion, fresh in weights).
+    let w = source(true, 16);
+    let c =
+        Weights::new(w.config.clone(), w.tensors.iter().map(|(n, t)| (n.clone(), t.abs() + 1.0)).collect()).unwrap();
+    type Op = Box<dyn Fn(&Weights, Fill) -> Weights>;
+    let ops: Vec<(&str, Op)> = vec![
+        ("depth", Box::new(|w, f| insert_layers(w, &[0, 2, 3], f).unwrap())),
+        ("heads", Box::new(|w, f| add_heads(w, 6, 6, f).unwrap())),
+        ("ffn", Box::new(|w, f| widen_ffn(w, 70, FfnGrowth::Fresh, f).unwrap())),
+        ("untie", Box::new(|w, _| untie_head(w).unwrap())),
+    ];
+    for (what, op) in ops {
+        let (moved, grown) = (op(&c, Fill::Companion), op(&c, w_seed(1)));
+        for (name, m) in &moved.tensors {
+            let g = &grown.tensors[name];
+            let mask = m.ne(0.0);
+            assert!(
+                m.masked_select(&mask).equal(&g.masked_select(&mask)),
+                "{what}: {name} moved elsewhere than its weights"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_scaled_down_ladder_grows_exactly_phase_by_phase() {
+    // The presets' head and key/value head counts (12/4 → 20/4 → 32/8 → 52/13 → 72/18), heads of 8 instead
+    // of 128 and a handful of layers, grown weights and all.
+    let shape = [(12, 4, 2, 64), (20, 4, 3, 112), (32, 8, 4, 176), (52, 13, 5, 288), (72, 18, 6, 448)];
+    let config = |&(heads, kv, layers, ffn): &(usize, usize, usize, usize)| {
+        let mut c = LlamaConfig::new(VOCAB, heads * 8, ffn, layers, heads, kv, 64, false);
+        // Logits of a few units, as the other tests' (the bound is absolute; fp32 rounding scales with them).
+        c.initializer_range = 0.12;
+        c
+    };
+    let mut w = Weights::of(&Llama::new(&config(&shape[0]), Device::Cpu, 17));
+    let original = w.deep_copy();
+    for (k, phase) in shape.iter().enumerate().skip(1) {
+        let to = config(phase);
+        w = grow(&w, &to, &GrowthOptions { seed: k as u64, ..Default::default() }).unwrap();
+        assert_eq!(w.config.num_parameters(), to.num_parameters());
+        assert_exact(&original, &w, &format!("scaled-down phase {} → {}", k, k + 1));
     }
 }

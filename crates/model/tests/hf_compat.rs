@@ -97,9 +97,10 @@ fn transformers_loads_a_grown_model_with_the_original_logits() {
                 }
             }
         });
-        // tiny (128 hidden, 4 heads / 2 kv, 384 units, 4 layers) → every dimension grown, untied.
+        // tiny cut to 2 layers (128 hidden, 4 heads / 2 kv, 384 units) → every dimension grown, untied; groups
+        // of 2 → 1, so each kv head is copied (8 kv heads for 8 query heads).
         let mut to = config.clone();
-        (to.hidden_size, to.num_attention_heads, to.num_key_value_heads) = (256, 8, Some(4));
+        (to.hidden_size, to.num_attention_heads, to.num_key_value_heads) = (256, 8, Some(8));
         (to.intermediate_size, to.num_hidden_layers, to.tie_word_embeddings) = (768, 3, false);
         let options = GrowthOptions { hidden, seed: 5, ..Default::default() };
         let grown = grow(&Weights::of(&model), &to, &options).unwrap().into_model(Device::Cpu).unwrap();

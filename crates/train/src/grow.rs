@@ -29,8 +29,13 @@ impl std::str::FromStr for StateGrowth {
 }
 
 /// The trainer for `to`: weights grown from `trainer`'s by `options`, optimizer state per `state`, and the
-/// new phase's `config` (its schedule re-warms the learning rate from its own step 0: callers drive the
-/// schedule by their own step count, as [`Trainer::update_on`] lets them).
+/// new phase's `config`, whose schedule re-warms the learning rate from its own step 0.
+///
+/// Drive it with [`Trainer::update_on`] and the new phase's own step count (the learning rate from
+/// `config.schedule().lr(phase_step)`), as DiLoCo workers and `agora bench grow` do. With
+/// [`StateGrowth::Carry`] the trainer's [`Trainer::step`] continues the old count, because Adam's bias
+/// corrections need it; [`Trainer::train_step`] takes its schedule position and data from that count too,
+/// so it would continue the old schedule instead of re-warming.
 pub fn grow_trainer(
     trainer: &Trainer,
     to: &LlamaConfig,
@@ -87,6 +92,10 @@ mod tests {
         (trainer, shard)
     }
 
+    fn config_lr0(t: &Trainer) -> f64 {
+        t.config.schedule().lr(0)
+    }
+
     #[test]
     fn carried_state_keeps_moments_and_step_reset_starts_over() {
         let (trainer, shard) = trained();
@@ -107,7 +116,10 @@ mod tests {
         let reset = grow_trainer(&trainer, &to, &options, StateGrowth::Reset, config).unwrap();
         assert_eq!(reset.optimizer.step, 0);
         assert!(reset.optimizer.exp_avg.iter().all(|m| m.abs().sum(tch::Kind::Float).double_value(&[]) == 0.0));
-        // Both train on.
-        carried.train_step(&shard).unwrap();
+        // Both train on, the schedule driven from the new phase's step 0.
+        let lr = config_lr0(&carried);
+        let offsets = vec![vec![0, 40]];
+        let stats = carried.update_on(&shard, &offsets, lr).unwrap();
+        assert_eq!((stats.step, stats.lr), (4, carried.config.schedule().lr(0)));
     }
 }

@@ -20,7 +20,9 @@ pub(super) fn check(from: (usize, usize), to: (usize, usize)) -> Result<()> {
     ensure!(
         new_kv >= kv * copies,
         "heads {heads}/{kv} kv → {new_heads}/{new_kv} kv: groups of {new_group} need each of the {kv} key/value \
-         heads copied {copies}× ({} key/value heads), but the target has {new_kv}",
+         heads copied {copies}× ({} key/value heads), but the target has {new_kv}; give it at least {} key/value \
+         heads, or groups of {group} or more",
+        kv * copies,
         kv * copies
     );
     Ok(())

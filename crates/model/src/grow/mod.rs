@@ -121,7 +121,10 @@ const NORMS: [&str; 2] = ["input_layernorm", "post_attention_layernorm"];
 /// [`Fill::Weights`]: the model's weights, as the module docs describe (fresh draws, cancelling noise, the
 /// rescalings that keep the function). [`Fill::Companion`]: a per-parameter statistic that travels with the
 /// weights, such as an optimizer's moments: every entry derived from an old entry carries that entry's value
-/// unscaled (Adam's update m/√v does not change when a gradient is scaled), and every new entry is zero.
+/// unscaled, and every new entry is zero. Where a growth rescales a weight (padding: the stream's writers,
+/// the embedding and the gains by √(h'/h); tiling: the readers by 1/n; a split: the down column by 1/m) its
+/// gradient changes scale as well, so carried moments start at the old scale and adapt over about
+/// 1/(1 − β2) steps; Adam's first update from them has the old size, since m/√v is what it takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fill {
     Weights { seed: u64 },
@@ -335,15 +338,41 @@ impl GrowthMethod {
 pub fn plan(from: &LlamaConfig, to: &LlamaConfig, options: &GrowthOptions) -> Result<Vec<GrowthStep>> {
     from.validate().context("the source config")?;
     to.validate().context("the target config")?;
-    let same = |what: &str, a: String, b: String| -> Result<()> {
-        ensure!(a == b, "{what} differs ({a} → {b}): no growth operator changes it");
+    let same = |what: &str, a: String, b: String, fix: String| -> Result<()> {
+        ensure!(a == b, "{what} differs ({a} → {b}): no growth operator changes it; {fix}");
         Ok(())
     };
-    same("vocab_size", from.vocab_size.to_string(), to.vocab_size.to_string())?;
-    same("head size", from.head_size().to_string(), to.head_size().to_string())?;
-    same("rope_theta", from.rope_theta.to_string(), to.rope_theta.to_string())?;
-    same("rms_norm_eps", from.rms_norm_eps.to_string(), to.rms_norm_eps.to_string())?;
-    same("rope_scaling", format!("{:?}", from.rope_scaling), format!("{:?}", to.rope_scaling))?;
+    let keep = |field: &str, value: String| format!("set the target's {field} to {value}");
+    same(
+        "vocab_size",
+        from.vocab_size.to_string(),
+        to.vocab_size.to_string(),
+        keep("vocab_size", from.vocab_size.to_string()),
+    )?;
+    same(
+        "head size",
+        from.head_size().to_string(),
+        to.head_size().to_string(),
+        format!("give the target num_attention_heads = hidden_size / {0} or \"head_dim\": {0}", from.head_size()),
+    )?;
+    same(
+        "rope_theta",
+        from.rope_theta.to_string(),
+        to.rope_theta.to_string(),
+        keep("rope_theta", from.rope_theta.to_string()),
+    )?;
+    same(
+        "rms_norm_eps",
+        from.rms_norm_eps.to_string(),
+        to.rms_norm_eps.to_string(),
+        keep("rms_norm_eps", from.rms_norm_eps.to_string()),
+    )?;
+    same(
+        "rope_scaling",
+        format!("{:?}", from.rope_scaling),
+        format!("{:?}", to.rope_scaling),
+        "give the target the source's rope_scaling".into(),
+    )?;
     let grows = |what: &str, a: usize, b: usize| -> Result<bool> {
         ensure!(b >= a, "{what} shrinks ({a} → {b}): growth only adds");
         Ok(b > a)
@@ -360,7 +389,7 @@ pub fn plan(from: &LlamaConfig, to: &LlamaConfig, options: &GrowthOptions) -> Re
         if options.hidden == HiddenGrowth::Tile {
             ensure!(
                 to.hidden_size.is_multiple_of(from.hidden_size),
-                "tiling needs a hidden size that is a multiple of {}, not {} (zero padding takes any size)",
+                "tiling needs a hidden size that is a multiple of {}, not {} (--hidden pad takes any size)",
                 from.hidden_size,
                 to.hidden_size
             );

@@ -6,7 +6,8 @@ use super::{
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
-/// Noise added to copies, as a fraction of the copied matrix's standard deviation: enough to give each copy
+/// Noise added to copies, as a fraction of the copied matrix's standard deviation (at least of the
+/// initialisation's, so that copies of an untrained all-zero matrix still part): enough to give each copy
 /// its own gradient, small beside the weights themselves.
 const COPY_NOISE: f64 = 0.1;
 
@@ -14,7 +15,7 @@ const COPY_NOISE: f64 = 0.1;
 ///
 /// - [`FfnGrowth::Fresh`]: the new units' gate and up rows are drawn fresh, their `down_proj` columns are
 ///   zero: they compute something and write nothing until training moves their down columns.
-/// - [`FfnGrowth::Split`]: new unit u copies old unit (u − i) mod i (so each old unit is split as evenly as
+/// - [`FfnGrowth::Split`]: unit u of the new width copies old unit u mod i, i the old width (so each old unit is split as evenly as
 ///   the sizes allow). A unit with m copies in all (itself included) gives each the down column d/m + ε_c,
 ///   Σ ε_c = 0: the copies compute the same activation a, so Σ (d/m + ε_c)·a = d·a.
 pub fn widen_ffn(w: &Weights, intermediate: usize, how: FfnGrowth, fill: Fill) -> Result<Weights> {
@@ -43,7 +44,7 @@ pub fn widen_ffn(w: &Weights, intermediate: usize, how: FfnGrowth, fill: Fill) -
                 let index = Tensor::from_slice(&source);
                 let mut copies = vec![0usize; old];
                 source.iter().for_each(|&s| copies[s as usize] += 1);
-                let std = COPY_NOISE * std_of(down);
+                let std = COPY_NOISE * std_of(down).max(c.initializer_range);
                 let mut columns: Vec<Tensor> = Vec::with_capacity(intermediate);
                 let mut noise: Vec<Vec<Tensor>> = (0..old)
                     .map(|j| {
@@ -134,8 +135,12 @@ pub fn widen_hidden(w: &Weights, hidden: usize, how: HiddenGrowth, fill: Fill) -
         HiddenGrowth::Tile => {
             let n = (wide / h) as usize;
             let reader = |name: &str, t: &Tensor| {
-                let noise =
-                    fill.cancelling_noise(&format!("{name}/tiles"), n, &t.size(), COPY_NOISE * std_of(t) / n as f64);
+                let noise = fill.cancelling_noise(
+                    &format!("{name}/tiles"),
+                    n,
+                    &t.size(),
+                    COPY_NOISE * std_of(t).max(std) / n as f64,
+                );
                 let tiles: Vec<Tensor> = noise.iter().map(|eps| t / fill.scale(n as f64) + eps).collect();
                 Tensor::cat(&tiles, 1)
             };
