@@ -24,8 +24,9 @@ pub struct GrowArgs {
     /// Steps of the small model (`tiny`) before growth.
     #[arg(long, default_value_t = 1000)]
     pub small_steps: u64,
-    /// Steps of every larger model, grown or from scratch (the same data, in the same order).
-    #[arg(long, default_value_t = 1000)]
+    /// Steps of the larger model from scratch; a grown model follows the same schedule and data and stops
+    /// at the first evaluation that reaches the from-scratch run's final loss (or after as many steps).
+    #[arg(long, default_value_t = 2000)]
     pub steps: u64,
     /// Growth factors in parameters: 2 and/or 3.75 (each has its own target configs, below).
     #[arg(long, value_delimiter = ',', default_value = "2,3.75")]
@@ -130,18 +131,22 @@ impl Bench<'_> {
     }
 
     /// Trains `trainer` for its config's steps on the batches of `data_seed` (the same for every run of a
-    /// phase, whatever the optimizer's own step count), the learning rate from step 0 of its schedule.
-    fn train(&self, label: String, trainer: &mut Trainer, data_seed: u64) -> Result<Curve> {
+    /// phase, whatever the optimizer's own step count), the learning rate from step 0 of its schedule;
+    /// stops early at the first evaluation at or below `stop_at`.
+    fn train(&self, label: String, trainer: &mut Trainer, data_seed: u64, stop_at: Option<f64>) -> Result<Curve> {
         let started = Instant::now();
         let c = trainer.config.clone();
         let schedule = c.schedule();
         let mut evals = vec![(0, self.val_loss(&trainer.model)?)];
-        for step in 0..c.steps {
+        let reached = |evals: &[(u64, f64)]| stop_at.is_some_and(|target| evals.last().is_some_and(|e| e.1 <= target));
+        let mut step = 0;
+        while step < c.steps && !reached(&evals) {
             let offsets =
                 batch_offsets(data_seed, &self.train.content_hash, step, 0, c.batch_size, c.seq_len, self.train.len());
             trainer.update_on(&self.train, &[offsets], schedule.lr(step))?;
-            if (step + 1) % self.args.eval_every == 0 || step + 1 == c.steps {
-                evals.push((step + 1, self.val_loss(&trainer.model)?));
+            step += 1;
+            if step % self.args.eval_every == 0 || step == c.steps {
+                evals.push((step, self.val_loss(&trainer.model)?));
             }
         }
         let curve = Curve {
@@ -150,7 +155,12 @@ impl Bench<'_> {
             evals,
             seconds: started.elapsed().as_secs_f64(),
         };
-        tracing::info!("{}: final validation loss {:.4} ({:.0}s)", curve.label, curve.final_loss(), curve.seconds);
+        tracing::info!(
+            "{}: validation loss {:.4} after {step} steps ({:.0}s)",
+            curve.label,
+            curve.final_loss(),
+            curve.seconds
+        );
         Ok(curve)
     }
 }
@@ -162,10 +172,11 @@ struct Row {
     state: &'static str,
     parameters: u64,
     scratch_loss: f64,
+    /// The grown run's last evaluation: where it reached the target, or after --steps.
     grown_loss: f64,
     /// Steps (of --steps) the grown model took to reach the from-scratch run's final loss.
     steps_to_scratch_loss: Option<u64>,
-    /// 100 · (1 − steps_to / steps): the share of the larger model's tokens saved.
+    /// 100 · (1 − steps_to / steps): the share of the from-scratch run's tokens saved.
     tokens_saved_percent: Option<f64>,
     /// The same, counting the small model's tokens against the grown run.
     tokens_saved_with_small_percent: Option<f64>,
@@ -197,7 +208,7 @@ pub fn grow_bench(args: GrowArgs) -> Result<()> {
         }
     }
     let mut small = Trainer::new(Llama::new(&small_config, Device::Cpu, args.seed), bench.config(args.small_steps))?;
-    let small_curve = bench.train(format!("small (tiny) {} steps", args.small_steps), &mut small, args.seed)?;
+    let small_curve = bench.train(format!("small (tiny) {} steps", args.small_steps), &mut small, args.seed, None)?;
     // The larger models' data: another sample than the small model's, the same for grown and scratch runs.
     let data_seed = args.seed + 1;
     let mut rows = Vec::new();
@@ -209,7 +220,7 @@ pub fn grow_bench(args: GrowArgs) -> Result<()> {
             if !scratch_runs.iter().any(|(c, _)| *c == to) {
                 let mut t = Trainer::new(Llama::new(&to, Device::Cpu, args.seed), bench.config(args.steps))?;
                 let label = format!("scratch {:.2}M ({factor}×, {})", to.num_parameters() as f64 / 1e6, method.name());
-                let curve = bench.train(label, &mut t, data_seed)?;
+                let curve = bench.train(label, &mut t, data_seed, None)?;
                 scratch_runs.push((to.clone(), curve));
             }
             let scratch_loss = scratch_runs.iter().find(|(c, _)| *c == to).expect("just trained").1.final_loss();
@@ -217,7 +228,7 @@ pub fn grow_bench(args: GrowArgs) -> Result<()> {
                 let state_name = if state == StateGrowth::Carry { "carry" } else { "reset" };
                 let mut t = grow_trainer(&small, &to, &options(method), state, bench.config(args.steps))?;
                 let label = format!("grown {factor}× by {}, state {state_name}", method.name());
-                let curve = bench.train(label, &mut t, data_seed)?;
+                let curve = bench.train(label, &mut t, data_seed, Some(scratch_loss))?;
                 let steps_to = curve.steps_to(scratch_loss);
                 let saved = |extra: u64| steps_to.map(|s| 100.0 * (1.0 - (s + extra) as f64 / args.steps as f64));
                 rows.push(Row {
@@ -242,7 +253,7 @@ pub fn grow_bench(args: GrowArgs) -> Result<()> {
     }
     let tokens = |steps: u64| steps * (args.batch_size * args.seq_len) as u64;
     println!(
-        "small: tiny ({:.2}M) trained {} steps ({} tokens); every larger run {} steps × {} × {} tokens",
+        "small: tiny ({:.2}M) trained {} steps ({} tokens); larger models from scratch {} steps × {} × {} tokens; grown ones on the same schedule until they reach its final loss",
         small_config.num_parameters() as f64 / 1e6,
         args.small_steps,
         tokens(args.small_steps),
