@@ -26,6 +26,19 @@ fn run_python(args: &[&str]) {
     assert!(out.status.success(), "hf_logits.py {args:?} failed:\n{text}");
 }
 
+/// A fresh model whose RMSNorm gains are not all 1: gains of exactly 1 would hide a misplaced norm weight.
+fn model_with_uneven_gains(config: &agora_model::LlamaConfig, seed: u64) -> Llama {
+    let model = Llama::new(config, Device::Cpu, seed);
+    tch::no_grad(|| {
+        for (name, p) in model.parameters() {
+            if name.ends_with("norm.weight") {
+                let _ = p.shallow_clone().g_add_(&(p.randn_like() * 0.1));
+            }
+        }
+    });
+    model
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
@@ -39,15 +52,7 @@ fn transformers_loads_agora_checkpoints_with_equal_logits() {
         config.tie_word_embeddings = tied;
         config.num_hidden_layers = 2;
         config.rope_theta = 30000.0;
-        let model = Llama::new(&config, Device::Cpu, 7);
-        // Gains of exactly 1 would hide a misplaced norm weight.
-        tch::no_grad(|| {
-            for (name, p) in model.parameters() {
-                if name.ends_with("norm.weight") {
-                    let _ = p.shallow_clone().g_add_(&(p.randn_like() * 0.1));
-                }
-            }
-        });
+        let model = model_with_uneven_gains(&config, 7);
         save_pretrained(&model, dir.path()).unwrap();
         let ids = Tensor::randint(320, [2, 33], (Kind::Int64, Device::Cpu));
         let logits = tch::no_grad(|| model.forward(&ids));
@@ -89,14 +94,7 @@ fn transformers_loads_a_grown_model_with_the_original_logits() {
         let mut config = preset("tiny", Some(320)).unwrap();
         config.tie_word_embeddings = tied;
         config.num_hidden_layers = 2;
-        let model = Llama::new(&config, Device::Cpu, 8);
-        tch::no_grad(|| {
-            for (name, p) in model.parameters() {
-                if name.ends_with("norm.weight") {
-                    let _ = p.shallow_clone().g_add_(&(p.randn_like() * 0.1));
-                }
-            }
-        });
+        let model = model_with_uneven_gains(&config, 8);
         // tiny cut to 2 layers (128 hidden, 4 heads / 2 kv, 384 units) → every dimension grown, untied; groups
         // of 2 → 1, so each kv head is copied (8 kv heads for 8 query heads).
         let mut to = config.clone();
