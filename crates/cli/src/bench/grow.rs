@@ -47,6 +47,10 @@ pub struct GrowArgs {
     /// Peak learning rate of every run (warmup over a twentieth of its steps, cosine to a tenth).
     #[arg(long, default_value_t = 3e-3)]
     pub lr: f64,
+    /// The grown runs' peak learning rate as a fraction of --lr (their warmup and cosine as ever): a grown
+    /// model may want a gentler restart than a new one.
+    #[arg(long, default_value_t = 1.0)]
+    pub grown_lr_fraction: f64,
     /// Validation every this many steps (the tokens-to-target resolution).
     #[arg(long, default_value_t = 50)]
     pub eval_every: u64,
@@ -188,6 +192,11 @@ pub fn grow_bench(args: GrowArgs) -> Result<()> {
         args.eval_every > 0 && args.steps > 0 && args.small_steps > 0,
         "--steps, --small-steps and --eval-every must be positive"
     );
+    ensure!(
+        args.grown_lr_fraction > 0.0 && args.grown_lr_fraction.is_finite(),
+        "--grown-lr-fraction must be positive, got {}",
+        args.grown_lr_fraction
+    );
     let scratch = tempfile::tempdir()?;
     let data = super::corpus(args.data.clone(), scratch.path())?;
     let tokenizer = train_bpe(std::slice::from_ref(&data), 512)?;
@@ -226,7 +235,10 @@ pub fn grow_bench(args: GrowArgs) -> Result<()> {
             let scratch_loss = scratch_runs.iter().find(|(c, _)| *c == to).expect("just trained").1.final_loss();
             for &state in &args.state {
                 let state_name = if state == StateGrowth::Carry { "carry" } else { "reset" };
-                let mut t = grow_trainer(&small, &to, &options(method), state, bench.config(args.steps))?;
+                let mut config = bench.config(args.steps);
+                (config.lr, config.min_lr) =
+                    (config.lr * args.grown_lr_fraction, config.min_lr * args.grown_lr_fraction);
+                let mut t = grow_trainer(&small, &to, &options(method), state, config)?;
                 let label = format!("grown {factor}× by {}, state {state_name}", method.name());
                 let curve = bench.train(label, &mut t, data_seed, Some(scratch_loss))?;
                 let steps_to = curve.steps_to(scratch_loss);
