@@ -390,4 +390,6 @@ fn bench_grow_starts_exact_growth_at_the_small_models_loss() {
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 6, "3 methods × 2 states");
     assert!(rows.iter().all(|r| r["scratch_loss"].as_f64().unwrap().is_finite()));
+    let err = fails(agora().args(["bench", "grow", "--grown-lr-fraction", "0"]));
+    assert!(err.contains("--grown-lr-fraction must be positive"), "{err}");
 }
