@@ -338,41 +338,26 @@ impl GrowthMethod {
 pub fn plan(from: &LlamaConfig, to: &LlamaConfig, options: &GrowthOptions) -> Result<Vec<GrowthStep>> {
     from.validate().context("the source config")?;
     to.validate().context("the target config")?;
-    let same = |what: &str, a: String, b: String, fix: String| -> Result<()> {
+    // (what, source value, target value, the fix): dimensions no operator changes.
+    let fixed = [
+        ("vocab_size", from.vocab_size.to_string(), to.vocab_size.to_string(), None),
+        (
+            "head size",
+            from.head_size().to_string(),
+            to.head_size().to_string(),
+            Some(format!(
+                "give the target num_attention_heads = hidden_size / {0} or \"head_dim\": {0}",
+                from.head_size()
+            )),
+        ),
+        ("rope_theta", from.rope_theta.to_string(), to.rope_theta.to_string(), None),
+        ("rms_norm_eps", from.rms_norm_eps.to_string(), to.rms_norm_eps.to_string(), None),
+        ("rope_scaling", format!("{:?}", from.rope_scaling), format!("{:?}", to.rope_scaling), None),
+    ];
+    for (what, a, b, fix) in fixed {
+        let fix = fix.unwrap_or_else(|| format!("set the target's {what} to the source's {a}"));
         ensure!(a == b, "{what} differs ({a} → {b}): no growth operator changes it; {fix}");
-        Ok(())
-    };
-    let keep = |field: &str, value: String| format!("set the target's {field} to {value}");
-    same(
-        "vocab_size",
-        from.vocab_size.to_string(),
-        to.vocab_size.to_string(),
-        keep("vocab_size", from.vocab_size.to_string()),
-    )?;
-    same(
-        "head size",
-        from.head_size().to_string(),
-        to.head_size().to_string(),
-        format!("give the target num_attention_heads = hidden_size / {0} or \"head_dim\": {0}", from.head_size()),
-    )?;
-    same(
-        "rope_theta",
-        from.rope_theta.to_string(),
-        to.rope_theta.to_string(),
-        keep("rope_theta", from.rope_theta.to_string()),
-    )?;
-    same(
-        "rms_norm_eps",
-        from.rms_norm_eps.to_string(),
-        to.rms_norm_eps.to_string(),
-        keep("rms_norm_eps", from.rms_norm_eps.to_string()),
-    )?;
-    same(
-        "rope_scaling",
-        format!("{:?}", from.rope_scaling),
-        format!("{:?}", to.rope_scaling),
-        "give the target the source's rope_scaling".into(),
-    )?;
+    }
     let grows = |what: &str, a: usize, b: usize| -> Result<bool> {
         ensure!(b >= a, "{what} shrinks ({a} → {b}): growth only adds");
         Ok(b > a)
