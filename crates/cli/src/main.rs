@@ -47,7 +47,11 @@ enum Command {
     Bench(Box<bench::BenchCommand>),
     /// Serve a DiLoCo run: membership, rounds, data assignment, the outer step (HTTP).
     Coordinator(net::CoordinatorArgs),
-    /// Join a run: train H inner steps per round on assigned data and send pseudo-gradients.
+    /// Serve a campaign: its phases one after another at one URL, each grown from the last and admitting
+    /// the best of the one before.
+    Campaign(net::CampaignArgs),
+    /// Join a run (or a campaign, following its phases): train H inner steps per round on assigned data and
+    /// send pseudo-gradients.
     Worker(net::WorkerArgs),
     /// Show a coordinator's run: round, workers, losses, bytes.
     Status(net::StatusArgs),
@@ -141,6 +145,7 @@ fn main() {
         Command::Demo(args) => demo::demo(args),
         Command::Bench(args) => bench::bench(*args),
         Command::Coordinator(args) => net::coordinator(args),
+        Command::Campaign(args) => net::campaign(args),
         Command::Worker(args) => net::worker(args),
         Command::Status(args) => net::status(args),
         Command::Leaderboard(args) => net::leaderboard(args),

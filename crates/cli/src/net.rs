@@ -6,7 +6,7 @@ use agora_coordinator::{Coordinator, Options};
 use agora_protocol::StatusReport;
 use agora_protocol::{LeaderboardEntry, LedgerReport};
 use agora_train::trainer::parse_device;
-use agora_worker::{run_worker, WorkerOptions};
+use agora_worker::{follow, WorkerOptions};
 use anyhow::{Context, Result};
 use clap::Args;
 use std::io::Write;
@@ -57,6 +57,63 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         println!("agora coordinator: run {} listening on http://{address}", app.run_id);
         std::io::stdout().flush()?;
         agora_coordinator::serve(app, listener, shutdown_signal()).await
+    })
+}
+
+#[derive(Args)]
+pub struct CampaignArgs {
+    /// The campaign file (TOML): shared [data], then one [[phase]] per phase.
+    #[arg(long)]
+    pub file: PathBuf,
+    /// Address to serve on; port 0 picks a free port (the chosen address is printed and written to DIR/address).
+    #[arg(long, default_value = "127.0.0.1:8642")]
+    pub listen: String,
+    /// A database URL for the whole campaign; phase K uses a database of its own beside it (NAME_phaseK).
+    /// Default: SQLite in each phase's directory.
+    #[arg(long)]
+    pub database: Option<String>,
+    /// Blob store shared by the phases: a directory or an object-store URL (default: DIR/blobs).
+    #[arg(long)]
+    pub blobs: Option<String>,
+    /// Campaign state directory (default: FILE-STEM.campaign beside the campaign file).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// libtorch threads for the outer step, evaluation and growth.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+pub fn campaign(args: CampaignArgs) -> Result<()> {
+    set_threads(args.threads);
+    let dir = args.dir.clone().unwrap_or_else(|| {
+        let stem = args.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "campaign".into());
+        args.file.with_file_name(format!("{stem}.campaign"))
+    });
+    let options = agora_coordinator::CampaignOptions {
+        campaign_file: args.file.clone(),
+        dir: dir.clone(),
+        database: args.database,
+        blobs: args.blobs,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let campaign = agora_coordinator::Campaign::open(options).await?;
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let address = listener.local_addr()?;
+        std::fs::write(dir.join("address"), format!("http://{address}\n"))?;
+        println!(
+            "agora campaign: {} ({} phases) listening on http://{address}",
+            campaign.file.name,
+            campaign.file.phases.len()
+        );
+        std::io::stdout().flush()?;
+        agora_coordinator::serve_campaign(campaign, listener, shutdown_signal()).await
     })
 }
 
@@ -121,18 +178,28 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         #[cfg(feature = "adversary")]
         behaviour: args.behaviour,
     };
-    let summary = run_worker(&options)?;
-    if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
-    } else {
-        println!(
-            "worker {}: {}; sent {} bytes, received {} bytes{}",
-            &summary.worker[..8],
-            worker_verdicts(&summary),
-            summary.bytes_sent,
-            summary.bytes_received,
-            if summary.finished { "; the run is finished" } else { "" }
-        );
+    let followed = follow(&options)?;
+    for summary in &followed.runs {
+        if args.json {
+            println!("{}", serde_json::to_string(summary)?);
+        } else {
+            println!(
+                "worker {} (run {}): {}; sent {} bytes, received {} bytes{}",
+                &summary.worker[..8],
+                summary.run_id,
+                worker_verdicts(summary),
+                summary.bytes_sent,
+                summary.bytes_received,
+                if summary.finished { "; the run is finished" } else { "" }
+            );
+        }
+    }
+    if let Some(note) = &followed.not_retained {
+        if args.json {
+            println!("{}", serde_json::json!({ "not_retained": note }));
+        } else {
+            println!("{note}");
+        }
     }
     Ok(())
 }

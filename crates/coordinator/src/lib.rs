@@ -1,6 +1,6 @@
 //! agora-coordinator: owns a DiLoCo run and serves it over HTTP.
 //!
-//! Owns: the run file, membership (join, heartbeats, drops, no-shows), rounds and when they close, data
+//! Owns: the run file, campaigns (phases served one after another, each grown from the last), membership (join, heartbeats, drops, no-shows), rounds and when they close, data
 //! assignment (units, epochs, reassignment), validation of uploads against the run's codec, spot checks,
 //! judging and settling a round (receipts, vesting credits, reputations), the round's running sum (one
 //! model-sized buffer however many workers), the outer step and its atomic commit, durable state (sqlx:
@@ -14,6 +14,7 @@
 
 mod assignment;
 pub mod blobs;
+pub mod campaign;
 pub mod clock;
 mod close;
 pub mod core;
@@ -32,10 +33,12 @@ pub mod trust;
 mod uploads;
 mod views;
 
+pub use campaign::{Campaign, CampaignOptions};
 pub use run_file::RunFile;
 pub use state::{Coordinator, Options};
 
 use anyhow::{Context, Result};
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,5 +63,44 @@ pub async fn serve(
     };
     let result = axum::serve(listener, http::router(app)).with_graceful_shutdown(shutdown).await.context("HTTP server");
     ticker.abort();
+    result
+}
+
+/// Serves a campaign on `listener` until `shutdown` resolves: the phase being served answers the API, the
+/// periodic duties run for it, and [`Campaign::drive`] moves through the phases. A failure to move on
+/// (a phase that cannot be grown or opened) stops the server with that error.
+pub async fn serve_campaign(
+    campaign: Arc<Campaign>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let ticker = {
+        let campaign = campaign.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                interval.tick().await;
+                if let Err(e) = campaign.current().tick().await {
+                    tracing::error!("periodic duties failed: {}", e.message);
+                }
+            }
+        })
+    };
+    let mut driver = tokio::spawn(campaign.clone().drive());
+    let server = axum::serve(listener, campaign::router(campaign)).with_graceful_shutdown(shutdown).into_future();
+    tokio::pin!(server);
+    let mut driven = false;
+    let result = loop {
+        tokio::select! {
+            served = &mut server => break served.context("HTTP server"),
+            done = &mut driver, if !driven => match done.context("the campaign task")? {
+                Err(e) => break Err(e.context("the campaign cannot go on")),
+                // The last phase is finished: its results stay served until shutdown.
+                Ok(()) => driven = true,
+            },
+        }
+    };
+    ticker.abort();
+    driver.abort();
     result
 }

@@ -61,11 +61,19 @@ pub fn prepare_data(run: &RunFile, work_dir: &Path) -> Result<Prepared> {
         .map(|tokens| Shard::from_tokens(tokens, tokenizer.hash(), vocab))
         .collect::<Result<Vec<_>>>()?;
 
-    let mut model_config = match (&run.model.preset, &run.model.config) {
-        (Some(name), None) => preset(name, Some(vocab))?,
-        (None, Some(path)) => LlamaConfig::from_file(path)?,
-        _ => bail!("[model]: give exactly one of preset or config"),
+    let mut model_config = match (&run.model.preset, &run.model.config, &run.model.checkpoint) {
+        (Some(name), None, None) => preset(name, Some(vocab))?,
+        (None, Some(path), None) => LlamaConfig::from_file(path)?,
+        (None, None, Some(dir)) => LlamaConfig::from_file(&dir.join(agora_model::checkpoint::CONFIG_FILE))?,
+        _ => bail!("[model]: give exactly one of preset, config or checkpoint"),
     };
+    if run.model.checkpoint.is_some() && model_config.vocab_size != vocab {
+        bail!(
+            "[model] checkpoint: its vocab_size is {} but the tokenizer in [data] has {vocab} tokens: name the \
+             tokenizer the checkpoint was trained with",
+            model_config.vocab_size
+        );
+    }
     if model_config.vocab_size < vocab {
         bail!("model vocab_size {} is smaller than the tokenizer's {vocab}", model_config.vocab_size);
     }

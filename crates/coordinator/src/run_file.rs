@@ -66,8 +66,51 @@ pub struct AdmissionSection {
 pub struct ModelSection {
     /// A preset name (`agora info` lists them) ...
     pub preset: Option<String>,
-    /// ... or a Hugging Face `config.json`.
+    /// ... or a Hugging Face `config.json` ...
     pub config: Option<PathBuf>,
+    /// ... or a Hugging Face directory (`config.json` and safetensors weights, e.g. written by `agora grow`
+    /// or by a campaign between phases): the run starts from its weights instead of a seeded
+    /// initialisation. `[data] tokenizer` must then name the tokenizer the checkpoint was trained with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<PathBuf>,
+    /// With `checkpoint`: the outer Nesterov momentum the run starts from (a safetensors file holding
+    /// every parameter of the model, by Hugging Face name), e.g. carried through growth. Without it the
+    /// momentum starts at zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outer_momentum: Option<PathBuf>,
+}
+
+impl ModelSection {
+    /// Exactly one source of the model, and each file it names present.
+    pub fn validate(&self) -> Result<()> {
+        match (&self.preset, &self.config, &self.checkpoint) {
+            (Some(name), None, None) => {
+                agora_model::preset(name, None)?;
+            }
+            (None, Some(path), None) => {
+                if !path.is_file() {
+                    bail!("[model] config: {} does not exist", path.display());
+                }
+            }
+            (None, None, Some(dir)) => {
+                let config = dir.join(agora_model::checkpoint::CONFIG_FILE);
+                if !config.is_file() {
+                    bail!("[model] checkpoint: {} is not a checkpoint directory (no config.json)", dir.display());
+                }
+                agora_model::checkpoint::weight_files(dir).context("[model] checkpoint")?;
+            }
+            _ => bail!(
+                "[model]: give exactly one of preset = \"NAME\", config = \"config.json\" or checkpoint = \"DIR\""
+            ),
+        }
+        match &self.outer_momentum {
+            Some(_) if self.checkpoint.is_none() => {
+                bail!("[model] outer_momentum: only a run that starts from a checkpoint can start with momentum")
+            }
+            Some(file) if !file.is_file() => bail!("[model] outer_momentum: {} does not exist", file.display()),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,21 +227,19 @@ impl RunFile {
         run.data.files = run.data.files.iter().map(resolve).collect();
         run.data.tokenizer = run.data.tokenizer.as_ref().map(resolve);
         run.model.config = run.model.config.as_ref().map(resolve);
+        run.model.checkpoint = run.model.checkpoint.as_ref().map(resolve);
+        run.model.outer_momentum = run.model.outer_momentum.as_ref().map(resolve);
         run.validate().with_context(|| format!("{}: invalid run file", path.display()))?;
         Ok(run)
     }
 
     pub fn validate(&self) -> Result<()> {
-        match (&self.model.preset, &self.model.config) {
-            (Some(name), None) => {
-                agora_model::preset(name, None)?;
-            }
-            (None, Some(path)) => {
-                if !path.is_file() {
-                    bail!("[model] config: {} does not exist", path.display());
-                }
-            }
-            _ => bail!("[model]: give exactly one of preset = \"NAME\" or config = \"config.json\""),
+        self.model.validate()?;
+        if self.model.checkpoint.is_some() && self.data.tokenizer.is_none() {
+            bail!(
+                "[model] checkpoint: name its tokenizer in [data] tokenizer = \"DIR/tokenizer.json\" (the weights \
+                 only fit the vocabulary they were trained with)"
+            );
         }
         if self.data.files.is_empty() {
             bail!("[data] files: name at least one corpus file");
@@ -328,6 +369,18 @@ impl RunFile {
                 h.update(b"file");
                 hash_contents(&mut h, f)?;
             }
+        }
+        // A starting checkpoint (absent from older run files, whose ids stay as they were).
+        if let Some(dir) = &self.model.checkpoint {
+            h.update(b"checkpoint");
+            hash_contents(&mut h, &dir.join(agora_model::checkpoint::CONFIG_FILE))?;
+            for file in agora_model::checkpoint::weight_files(dir)? {
+                hash_contents(&mut h, &file)?;
+            }
+        }
+        if let Some(file) = &self.model.outer_momentum {
+            h.update(b"outer momentum");
+            hash_contents(&mut h, file)?;
         }
         for (what, path) in [("tokenizer", &self.data.tokenizer), ("model config", &self.model.config)] {
             h.update(what.as_bytes());

@@ -124,7 +124,12 @@ pub struct CheckedDelta {
 impl Coordinator {
     /// Opens (or creates) the run's store and, on first start, prepares its data and initial weights.
     pub async fn open(options: &Options) -> Result<Arc<Coordinator>> {
-        let run = RunFile::load(&options.run_file)?;
+        Self::open_with(RunFile::load(&options.run_file)?, options).await
+    }
+
+    /// [`Coordinator::open`] for a run file already loaded and validated (a campaign's phase);
+    /// `options.run_file` only names where it came from in errors.
+    pub async fn open_with(run: RunFile, options: &Options) -> Result<Arc<Coordinator>> {
         let run_id = run.run_id()?;
         std::fs::create_dir_all(&options.dir)
             .with_context(|| format!("{}: cannot create the coordinator directory", options.dir.display()))?;
@@ -290,15 +295,38 @@ impl Coordinator {
             run.inner.batch_size,
             run.eval.batches,
         );
-        let (init_bytes, val_loss) = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, f64)> {
-            let model = Llama::new(&config, Device::Cpu, seed);
-            let specs = param_specs(&config);
-            let bytes = encode_tensors(&to_named(&specs, &model_weights(&model)), &round_meta(0));
-            let loss = agora_train::evaluate(&model, &val, seq, batch, eval_batches)?;
-            Ok((bytes, loss))
-        })
-        .await??;
+        let model_section = run.model.clone();
+        let (init_bytes, momentum_bytes, val_loss) =
+            tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, Option<Vec<u8>>, f64)> {
+                let specs = param_specs(&config);
+                let model = match &model_section.checkpoint {
+                    Some(dir) => {
+                        let source = format!("[model] checkpoint {}", dir.display());
+                        agora_model::from_weights(
+                            &config,
+                            agora_model::checkpoint::read_weights(dir)?,
+                            Device::Cpu,
+                            &source,
+                        )?
+                    }
+                    None => Llama::new(&config, Device::Cpu, seed),
+                };
+                let bytes = encode_tensors(&to_named(&specs, &model_weights(&model)), &round_meta(0));
+                let momentum = match &model_section.outer_momentum {
+                    Some(file) => {
+                        Some(encode_tensors(&to_named(&specs, &read_momentum(file, &specs)?), &round_meta(0)))
+                    }
+                    None => None,
+                };
+                let loss = agora_train::evaluate(&model, &val, seq, batch, eval_batches)?;
+                Ok((bytes, momentum, loss))
+            })
+            .await??;
         let init_hash = blobs.put(Bytes::from(init_bytes)).await?;
+        let momentum_hash = match momentum_bytes {
+            Some(bytes) => Some(blobs.put(Bytes::from(bytes)).await?),
+            None => None,
+        };
 
         let mut tx = db.begin().await?;
         sqlx::query(
@@ -324,9 +352,10 @@ impl Coordinator {
         }
         sqlx::query(
             "INSERT INTO rounds (round, global_hash, momentum_hash, opened_ms, closed_ms, contributions, train_loss, val_loss) \
-             VALUES (0, $1, NULL, $2, NULL, 0, NULL, $3)",
+             VALUES (0, $1, $2, $3, NULL, 0, NULL, $4)",
         )
         .bind(init_hash.hex())
+        .bind(momentum_hash.map(|h| h.hex()))
         .bind(now_ms())
         .bind(val_loss)
         .execute(&mut *tx)
@@ -393,6 +422,36 @@ impl Coordinator {
     pub(crate) fn chain_segments(&self) -> u64 {
         self.chain_bounds().len().saturating_sub(1) as u64
     }
+}
+
+/// The outer momentum a run starts from (`[model] outer_momentum`): one fp32 tensor per parameter, by
+/// Hugging Face name, in the order of `specs`; a missing or misshapen tensor is an error that names it.
+fn read_momentum(file: &std::path::Path, specs: &[TensorSpec]) -> Result<Vec<tch::Tensor>> {
+    let read = tch::Tensor::read_safetensors(file)
+        .map_err(|e| anyhow::anyhow!("[model] outer_momentum {}: unreadable safetensors: {e}", file.display()))?;
+    let mut by_name: HashMap<String, tch::Tensor> = read.into_iter().collect();
+    let tensors = specs
+        .iter()
+        .map(|spec| {
+            let t = by_name.remove(&spec.name).with_context(|| {
+                format!("[model] outer_momentum {}: no tensor {} (the model has it)", file.display(), spec.name)
+            })?;
+            let shape: Vec<i64> = spec.shape.iter().map(|&d| d as i64).collect();
+            if t.size() != shape {
+                bail!(
+                    "[model] outer_momentum {}: {} has shape {:?}, the model's is {shape:?}",
+                    file.display(),
+                    spec.name,
+                    t.size()
+                );
+            }
+            Ok(t.to_kind(tch::Kind::Float))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(name) = by_name.keys().next() {
+        bail!("[model] outer_momentum {}: tensor {name} is not a parameter of the model", file.display());
+    }
+    Ok(tensors)
 }
 
 pub(crate) fn round_meta(round: u64) -> BTreeMap<String, String> {

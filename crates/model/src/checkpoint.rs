@@ -47,7 +47,7 @@ pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 }
 
 /// The weight files of a checkpoint directory: `model.safetensors`, or every shard named by the index.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join(WEIGHTS_FILE);
     if single.is_file() {
         return Ok(vec![single]);

@@ -5,6 +5,52 @@ use crate::hash::Hash32;
 use crate::identity::WorkerId;
 use serde::{Deserialize, Serialize};
 
+/// `GET /v1/campaign` (served by `agora campaign`, absent from a single run): the phases, and which one
+/// `/v1/run` and the rest of the API serve now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CampaignInfo {
+    pub name: String,
+    pub phases: Vec<CampaignPhase>,
+    /// Index of the phase being served.
+    pub current: usize,
+    pub state: CampaignState,
+    /// The run id of the phase being served (what `GET /v1/run` describes).
+    pub run_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CampaignPhase {
+    pub name: String,
+    /// Set once the phase has been opened.
+    pub run_id: Option<String>,
+    /// How many of the previous phase's best identities it admits (None: anyone).
+    pub retain: Option<usize>,
+    pub finished: bool,
+    /// The rest is known once the phase has been opened.
+    pub parameters: Option<u64>,
+    /// Rounds closed so far.
+    pub rounds: u64,
+    pub tokens_trained: u64,
+    /// Validation loss of the phase's initial weights (for a grown phase: the previous phase's final
+    /// weights, grown) ...
+    pub initial_val_loss: Option<f64>,
+    /// ... and of its latest global weights.
+    pub val_loss: Option<f64>,
+    /// The names of the identities that joined it.
+    pub workers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CampaignState {
+    /// The current phase is training.
+    Running,
+    /// The current phase has finished and the next one is being prepared (its weights grown): ask again.
+    Growing,
+    /// The last phase has finished.
+    Finished,
+}
+
 /// `GET /v1/run`: everything a worker needs to take part, fixed for the life of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunInfo {

@@ -60,6 +60,9 @@ pub struct WorkerOptions {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct WorkerSummary {
     pub worker: String,
+    /// The run this summary is about (one phase, in a campaign).
+    #[serde(default)]
+    pub run_id: String,
     /// Whether the run judges uploads (`[trust] verify`); when it does not, nothing is accepted or rejected,
     /// only received.
     pub verifying: bool,
@@ -101,6 +104,71 @@ struct Progress {
     round: Option<u64>,
     step: u64,
     loss: Option<f64>,
+}
+
+/// What a worker did at a coordinator: one summary per run it took part in (one, unless the coordinator
+/// serves a campaign), and why it stopped following the campaign if it was not retained.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FollowSummary {
+    pub runs: Vec<WorkerSummary>,
+    /// The refusal of a campaign's phase that did not retain this identity.
+    pub not_retained: Option<String>,
+}
+
+/// Takes part in the run at `options.coordinator` and, when that coordinator serves a campaign
+/// (`GET /v1/campaign`), in each of its later phases: once a phase is finished the worker waits while the
+/// next one is prepared and joins it. A phase that does not admit this identity ends the worker cleanly
+/// with the coordinator's reason. Leaving early (`max_rounds`) ends it after the run it was in.
+pub fn follow(options: &WorkerOptions) -> Result<FollowSummary> {
+    let mut runs: Vec<WorkerSummary> = Vec::new();
+    let identity = Arc::new(Identity::load_or_create(&options.data_dir.join("identity.key"))?);
+    let client = Client::new(&options.coordinator, identity, &options.data_dir, options.patience)?;
+    let campaign = || -> Result<Option<agora_protocol::CampaignInfo>> {
+        match client.get_json("/v1/campaign") {
+            Ok(info) => Ok(Some(info)),
+            Err(CallError::Rejected { status, .. }) if status == reqwest::StatusCode::NOT_FOUND => Ok(None),
+            Err(e) => Err(anyhow::Error::new(e).context("cannot read the campaign")),
+        }
+    };
+    loop {
+        let summary = match run_worker(options) {
+            Ok(summary) => summary,
+            Err(e) => {
+                let refused = match e.downcast_ref::<CallError>() {
+                    Some(CallError::Rejected { body, .. }) if body.error == "not_admitted" => {
+                        Some(body.message.clone())
+                    }
+                    _ => None,
+                };
+                match (refused, campaign()?) {
+                    (Some(reason), Some(c)) => {
+                        let phase = &c.phases[c.current].name;
+                        let note = format!("not retained for phase {phase:?} of campaign {:?}: {reason}", c.name);
+                        tracing::info!("{note}");
+                        return Ok(FollowSummary { runs, not_retained: Some(note) });
+                    }
+                    _ => return Err(e),
+                }
+            }
+        };
+        let (finished, run) = (summary.finished, summary.run_id.clone());
+        runs.push(summary);
+        if !finished {
+            return Ok(FollowSummary { runs, not_retained: None });
+        }
+        // The run is over: a campaign may go on with another phase.
+        loop {
+            let Some(c) = campaign()? else { return Ok(FollowSummary { runs, not_retained: None }) };
+            if c.run_id != run {
+                tracing::info!(phase = c.phases[c.current].name, run = c.run_id, "the campaign's next phase is open");
+                break;
+            }
+            if c.state == agora_protocol::CampaignState::Finished {
+                return Ok(FollowSummary { runs, not_retained: None });
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
 }
 
 pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
@@ -173,6 +241,7 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
 
     let mut summary = WorkerSummary {
         worker: identity.id().hex(),
+        run_id: info.run_id.clone(),
         verifying: ctx.trust.verify,
         rounds_received: 0,
         rounds_accepted: 0,

@@ -24,10 +24,16 @@ pub struct GrowArgs {
     /// Steps of the small model (`tiny`) before growth.
     #[arg(long, default_value_t = 1000)]
     pub small_steps: u64,
-    /// Steps of the larger model from scratch; a grown model follows the same schedule and data and stops
-    /// at the first evaluation that reaches the from-scratch run's final loss (or after as many steps).
+    /// Steps of the larger model from scratch; a grown model follows the same data and stops at the first
+    /// evaluation that reaches the from-scratch run's final loss (or at the end of its schedule).
     #[arg(long, default_value_t = 2000)]
     pub steps: u64,
+    /// The grown runs' schedule lengths (default: --steps). A cosine reaches its final loss only once its
+    /// rate has come down, so a grown run on the from-scratch run's schedule cannot finish before most of
+    /// it; with several lengths each grown model is trained on each schedule, and the shortest that
+    /// reaches the target is the tokens it needs.
+    #[arg(long, value_delimiter = ',')]
+    pub grown_steps: Vec<u64>,
     /// Growth factors in parameters: 2 and/or 3.75 (each has its own target configs, below).
     #[arg(long, value_delimiter = ',', default_value = "2,3.75")]
     pub factors: Vec<f64>,
@@ -174,6 +180,8 @@ struct Row {
     factor: f64,
     method: &'static str,
     state: &'static str,
+    /// The grown run's schedule length.
+    schedule_steps: u64,
     parameters: u64,
     scratch_loss: f64,
     /// The grown run's last evaluation: where it reached the target, or after --steps.
@@ -191,6 +199,12 @@ pub fn grow_bench(args: GrowArgs) -> Result<()> {
     ensure!(
         args.eval_every > 0 && args.steps > 0 && args.small_steps > 0,
         "--steps, --small-steps and --eval-every must be positive"
+    );
+    let grown_steps = if args.grown_steps.is_empty() { vec![args.steps] } else { args.grown_steps.clone() };
+    ensure!(
+        grown_steps.iter().all(|&s| s > 0 && s <= args.steps),
+        "--grown-steps must lie in 1..=--steps ({}), got {grown_steps:?}",
+        args.steps
     );
     ensure!(
         args.grown_lr_fraction > 0.0 && args.grown_lr_fraction.is_finite(),
@@ -234,27 +248,33 @@ pub fn grow_bench(args: GrowArgs) -> Result<()> {
             }
             let scratch_loss = scratch_runs.iter().find(|(c, _)| *c == to).expect("just trained").1.final_loss();
             for &state in &args.state {
-                let state_name = if state == StateGrowth::Carry { "carry" } else { "reset" };
-                let mut config = bench.config(args.steps);
-                (config.lr, config.min_lr) =
-                    (config.lr * args.grown_lr_fraction, config.min_lr * args.grown_lr_fraction);
-                let mut t = grow_trainer(&small, &to, &options(method), state, config)?;
-                let label = format!("grown {factor}× by {}, state {state_name}", method.name());
-                let curve = bench.train(label, &mut t, data_seed, Some(scratch_loss))?;
-                let steps_to = curve.steps_to(scratch_loss);
-                let saved = |extra: u64| steps_to.map(|s| 100.0 * (1.0 - (s + extra) as f64 / args.steps as f64));
-                rows.push(Row {
-                    factor,
-                    method: method.name(),
-                    state: state_name,
-                    parameters: to.num_parameters(),
-                    scratch_loss,
-                    grown_loss: curve.final_loss(),
-                    steps_to_scratch_loss: steps_to,
-                    tokens_saved_percent: saved(0),
-                    tokens_saved_with_small_percent: saved(args.small_steps),
-                });
-                curves.push(curve);
+                for &schedule_steps in &grown_steps {
+                    let state_name = if state == StateGrowth::Carry { "carry" } else { "reset" };
+                    let mut config = bench.config(schedule_steps);
+                    (config.lr, config.min_lr) =
+                        (config.lr * args.grown_lr_fraction, config.min_lr * args.grown_lr_fraction);
+                    let mut t = grow_trainer(&small, &to, &options(method), state, config)?;
+                    let label = format!(
+                        "grown {factor}× by {}, state {state_name}, {schedule_steps}-step schedule",
+                        method.name()
+                    );
+                    let curve = bench.train(label, &mut t, data_seed, Some(scratch_loss))?;
+                    let steps_to = curve.steps_to(scratch_loss);
+                    let saved = |extra: u64| steps_to.map(|s| 100.0 * (1.0 - (s + extra) as f64 / args.steps as f64));
+                    rows.push(Row {
+                        factor,
+                        method: method.name(),
+                        state: state_name,
+                        schedule_steps,
+                        parameters: to.num_parameters(),
+                        scratch_loss,
+                        grown_loss: curve.final_loss(),
+                        steps_to_scratch_loss: steps_to,
+                        tokens_saved_percent: saved(0),
+                        tokens_saved_with_small_percent: saved(args.small_steps),
+                    });
+                    curves.push(curve);
+                }
             }
         }
         curves.extend(scratch_runs.into_iter().map(|(_, c)| c));
@@ -265,19 +285,21 @@ pub fn grow_bench(args: GrowArgs) -> Result<()> {
     }
     let tokens = |steps: u64| steps * (args.batch_size * args.seq_len) as u64;
     println!(
-        "small: tiny ({:.2}M) trained {} steps ({} tokens); larger models from scratch {} steps × {} × {} tokens; grown ones on the same schedule until they reach its final loss",
+        "small: tiny ({:.2}M) trained {} steps ({} tokens); larger models from scratch {} steps × {} × {} tokens; grown ones on schedules of {:?} steps until they reach its final loss",
         small_config.num_parameters() as f64 / 1e6,
         args.small_steps,
         tokens(args.small_steps),
         args.steps,
         args.batch_size,
-        args.seq_len
+        args.seq_len,
+        grown_steps
     );
     println!(
-        "{:>6} {:>6} {:>6} {:>9} {:>12} {:>10} {:>14} {:>12} {:>18}",
+        "{:>6} {:>6} {:>6} {:>8} {:>9} {:>12} {:>10} {:>14} {:>12} {:>18}",
         "factor",
         "method",
         "state",
+        "schedule",
         "params",
         "scratch loss",
         "grown loss",
@@ -288,10 +310,11 @@ pub fn grow_bench(args: GrowArgs) -> Result<()> {
     for r in &rows {
         let pct = |p: Option<f64>| p.map_or("not reached".into(), |p| format!("{p:.1}%"));
         println!(
-            "{:>5}× {:>6} {:>6} {:>8.2}M {:>12.4} {:>10.4} {:>14} {:>12} {:>18}",
+            "{:>5}× {:>6} {:>6} {:>8} {:>8.2}M {:>12.4} {:>10.4} {:>14} {:>12} {:>18}",
             r.factor,
             r.method,
             r.state,
+            r.schedule_steps,
             r.parameters as f64 / 1e6,
             r.scratch_loss,
             r.grown_loss,

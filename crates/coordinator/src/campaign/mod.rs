@@ -1,0 +1,283 @@
+//! Campaigns: the phases of a campaign file served one after another at one URL.
+//!
+//! Each phase is an ordinary run with its own store (receipts, round roots, ledger) and coordinator; the
+//! campaign serves the current phase's API at its root and `GET /v1/campaign` beside it. When a phase
+//! finishes, its final global weights (and, if asked, its outer momentum) are grown to the next phase's
+//! model, and the next phase opens from them with `cohort` admission from the finished phase's
+//! reputations. Workers that were in the finished phase see `Finished`, read `/v1/campaign` and follow.
+//!
+//! Durable by construction, with nothing but the phases' own stores and the grown directories:
+//! - a phase's store is created in one transaction (`Coordinator::open_with`), and is finished or not;
+//! - a grown checkpoint is written to `NAME.partial`, fsynced, and renamed into place, so it is whole or
+//!   absent, and growth is a deterministic function of the finished phase's weights and the campaign
+//!   file, so growing again after a crash gives the same bytes (the next phase's run id hashes them);
+//! - on start the campaign walks the phases in order: finished ones are passed, a missing grown
+//!   checkpoint is grown, and the first unfinished phase is served.
+
+pub mod file;
+
+pub use file::{phase_database, CampaignFile, Handover, PhaseSection, MOMENTUM_FILE};
+
+use crate::state::{Coordinator, Options};
+use agora_diloco::tensors::{from_named, param_specs};
+use agora_model::grow::{grow, grow_companion, plan, Weights};
+use agora_model::LlamaConfig;
+use agora_protocol::{decode_tensors, CampaignInfo, CampaignPhase, CampaignState};
+use anyhow::{Context, Result};
+use axum::Router;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tch::{Device, Tensor};
+
+mod http;
+pub use http::router;
+
+/// Where a campaign keeps its state.
+#[derive(Debug, Clone)]
+pub struct CampaignOptions {
+    pub campaign_file: PathBuf,
+    /// Each phase's coordinator directory (`phase-K`), the grown checkpoints (`grown/phase-K`) and, unless
+    /// given elsewhere, the blobs (shared by every phase: content-addressed) and SQLite databases.
+    pub dir: PathBuf,
+    /// A database URL for the whole campaign: phase k uses [`phase_database`] of it. Default: SQLite in
+    /// each phase's directory.
+    pub database: Option<String>,
+    pub blobs: Option<String>,
+}
+
+/// The phase being served.
+struct Current {
+    phase: usize,
+    app: Arc<Coordinator>,
+    router: Router,
+}
+
+pub struct Campaign {
+    pub file: CampaignFile,
+    options: CampaignOptions,
+    current: RwLock<Current>,
+    /// The phases opened so far (index = phase), for their summaries.
+    opened: RwLock<Vec<Arc<Coordinator>>>,
+}
+
+impl Campaign {
+    /// Loads the campaign file and opens its first phase (creating its store on first start). Call
+    /// [`Campaign::drive`] to move through the phases.
+    pub async fn open(options: CampaignOptions) -> Result<Arc<Campaign>> {
+        let file = CampaignFile::load(&options.campaign_file)?;
+        std::fs::create_dir_all(&options.dir)
+            .with_context(|| format!("{}: cannot create the campaign directory", options.dir.display()))?;
+        let app = open_phase(&file, &options, 0, None).await?;
+        let opened = RwLock::new(vec![app.clone()]);
+        let current = RwLock::new(Current { phase: 0, router: crate::http::router(app.clone()), app });
+        let campaign = Campaign { file, options, current, opened };
+        tracing::info!(campaign = campaign.file.name, phases = campaign.file.phases.len(), "campaign opened");
+        Ok(Arc::new(campaign))
+    }
+
+    /// The coordinator of the phase being served.
+    pub fn current(&self) -> Arc<Coordinator> {
+        self.current.read().expect("campaign lock").app.clone()
+    }
+
+    pub(crate) fn current_router(&self) -> Router {
+        self.current.read().expect("campaign lock").router.clone()
+    }
+
+    /// Serves phase after phase: waits for the served phase to finish, grows its weights into the next
+    /// phase's model, opens that phase and serves it; returns once the last phase has finished.
+    pub async fn drive(self: Arc<Self>) -> Result<()> {
+        loop {
+            let (phase, app) = {
+                let c = self.current.read().expect("campaign lock");
+                (c.phase, c.app.clone())
+            };
+            let mut changes = app.subscribe();
+            while !app.finished.load(Ordering::SeqCst) {
+                let _ = tokio::time::timeout(Duration::from_millis(500), changes.changed()).await;
+            }
+            if phase + 1 == self.file.phases.len() {
+                tracing::info!(campaign = self.file.name, "the campaign's last phase is finished");
+                return Ok(());
+            }
+            let next = phase + 1;
+            let handover = self.handover(next, &app).await?;
+            let opened = open_phase(&self.file, &self.options, next, Some(&handover)).await?;
+            tracing::info!(phase = next + 1, run = opened.run_id, "phase opened");
+            self.opened.write().expect("campaign lock").push(opened.clone());
+            *self.current.write().expect("campaign lock") =
+                Current { phase: next, router: crate::http::router(opened.clone()), app: opened };
+        }
+    }
+
+    /// What phase `next` takes from the finished phase `app`: its store and run id, and its final
+    /// weights grown to `next`'s model (grown now unless a previous start already wrote them).
+    async fn handover(&self, next: usize, app: &Arc<Coordinator>) -> Result<Handover> {
+        let grown = self.options.dir.join("grown").join(format!("phase-{}", next + 1));
+        if !grown.is_dir() {
+            let (global, momentum) = {
+                let live = app.live.lock().await;
+                (live.global_hash, live.momentum_hash)
+            };
+            let weights = app.blobs.get(&global).await.context("the finished phase's final weights")?;
+            let growth = &self.file.phases[next].growth;
+            let momentum = match momentum {
+                Some(hash) if growth.carries_momentum()? => {
+                    Some(app.blobs.get(&hash).await.context("the finished phase's outer momentum")?)
+                }
+                _ => None,
+            };
+            let tokenizer = app.blobs.get(&app.info.tokenizer_hash).await.context("the campaign's tokenizer")?;
+            let mut to = self.file.target_config(next, app.model_config.vocab_size)?;
+            (to.bos_token_id, to.eos_token_id) = (app.model_config.bos_token_id, app.model_config.eos_token_id.clone());
+            let (from, growth, out) = (app.model_config.clone(), growth.clone(), grown.clone());
+            tracing::info!(phase = next + 1, "growing the finished phase's weights into the next phase's model");
+            tokio::task::spawn_blocking(move || {
+                write_grown(&from, &weights, momentum.as_deref(), &tokenizer, &to, &growth, &out)
+            })
+            .await??;
+        }
+        Ok(Handover {
+            previous_database: phase_database_url(&self.options, next - 1),
+            previous_run: app.run_id.clone(),
+            grown,
+        })
+    }
+
+    /// `GET /v1/campaign`.
+    pub async fn info(&self) -> CampaignInfo {
+        let (current, app) = {
+            let c = self.current.read().expect("campaign lock");
+            (c.phase, c.app.clone())
+        };
+        let opened = self.opened.read().expect("campaign lock").clone();
+        let last = current + 1 == self.file.phases.len();
+        let finished = app.finished.load(Ordering::SeqCst);
+        let state = match (finished, last) {
+            (false, _) => CampaignState::Running,
+            (true, true) => CampaignState::Finished,
+            // The served phase is finished and the next is being grown and opened.
+            (true, false) => CampaignState::Growing,
+        };
+        let mut phases = Vec::with_capacity(self.file.phases.len());
+        for (k, p) in self.file.phases.iter().enumerate() {
+            let mut phase = CampaignPhase {
+                name: p.name.clone(),
+                run_id: None,
+                retain: p.retain,
+                finished: k < current || (k == current && finished),
+                parameters: None,
+                rounds: 0,
+                tokens_trained: 0,
+                initial_val_loss: None,
+                val_loss: None,
+                workers: Vec::new(),
+            };
+            if let Some(app) = opened.get(k) {
+                phase.run_id = Some(app.run_id.clone());
+                phase.parameters = Some(app.model_config.num_parameters());
+                if let Ok(status) = app.status().await {
+                    phase.rounds = status.history.len().saturating_sub(1) as u64;
+                    phase.tokens_trained = status.tokens_trained;
+                    phase.initial_val_loss = status.history.first().and_then(|h| h.val_loss);
+                    phase.val_loss = status.history.iter().rev().find_map(|h| h.val_loss);
+                    phase.workers = status.workers.iter().map(|w| w.name.clone()).collect();
+                }
+            }
+            phases.push(phase);
+        }
+        CampaignInfo { name: self.file.name.clone(), phases, current, state, run_id: app.run_id.clone() }
+    }
+}
+
+/// Phase k's database URL as [`Options`] will use it (needed by the next phase's admission).
+fn phase_database_url(options: &CampaignOptions, k: usize) -> String {
+    match &options.database {
+        Some(base) => phase_database(base, k),
+        None => format!("sqlite://{}?mode=rwc", phase_dir(options, k).join("coordinator.db").display()),
+    }
+}
+
+fn phase_dir(options: &CampaignOptions, k: usize) -> PathBuf {
+    options.dir.join(format!("phase-{}", k + 1))
+}
+
+async fn open_phase(
+    file: &CampaignFile,
+    options: &CampaignOptions,
+    k: usize,
+    handover: Option<&Handover>,
+) -> Result<Arc<Coordinator>> {
+    let run = file.phase_run(k, handover)?;
+    let phase = Options {
+        run_file: options.campaign_file.clone(),
+        dir: phase_dir(options, k),
+        database: Some(phase_database_url(options, k)),
+        blobs: Some(options.blobs.clone().unwrap_or_else(|| options.dir.join("blobs").display().to_string())),
+    };
+    Coordinator::open_with(run, &phase).await.with_context(|| format!("phase {} ({:?})", k + 1, file.phases[k].name))
+}
+
+/// Grows a finished phase's final weights (a payload of `from`'s parameters) to `to` and writes the
+/// result as a Hugging Face directory at `out`, with the campaign's tokenizer and, when given, the outer
+/// momentum grown alongside ([`MOMENTUM_FILE`]). Written beside `out` and renamed into place.
+fn write_grown(
+    from: &LlamaConfig,
+    weights: &[u8],
+    momentum: Option<&[u8]>,
+    tokenizer: &[u8],
+    to: &LlamaConfig,
+    growth: &file::GrowthSection,
+    out: &Path,
+) -> Result<()> {
+    let options = growth.options()?;
+    let steps = plan(from, to, &options)?;
+    growth.method()?.check(&steps)?;
+    let partial = out.with_extension("partial");
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial)
+            .with_context(|| format!("{}: cannot remove an unfinished growth", partial.display()))?;
+    }
+    let source = decode_weights(from, weights).context("the finished phase's final weights")?;
+    let grown = grow(&source, to, &options)?;
+    agora_model::save_pretrained(&grown.into_model(Device::Cpu)?, &partial)?;
+    std::fs::write(partial.join("tokenizer.json"), tokenizer)
+        .with_context(|| format!("{}: cannot write the tokenizer", partial.display()))?;
+    if let Some(bytes) = momentum {
+        let source = decode_weights(from, bytes).context("the finished phase's outer momentum")?;
+        let carried = grow_companion(&source, to, &options)?;
+        let named: Vec<(String, Tensor)> = carried.tensors.into_iter().collect();
+        Tensor::write_safetensors(&named, partial.join(MOMENTUM_FILE))
+            .map_err(|e| anyhow::anyhow!("{}: cannot write the outer momentum: {e}", partial.display()))?;
+    }
+    let report = serde_json::json!({
+        "parameters_before": from.num_parameters(),
+        "parameters_after": to.num_parameters(),
+        "steps": steps.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        "exact": steps.iter().all(|s| s.is_exact()),
+        "outer_momentum": if momentum.is_some() { "carried" } else { "reset" },
+    });
+    agora_model::checkpoint::write_json(&partial.join("growth.json"), &report)?;
+    for entry in std::fs::read_dir(&partial)? {
+        std::fs::File::open(entry?.path())?.sync_all()?;
+    }
+    std::fs::rename(&partial, out)
+        .with_context(|| format!("{}: cannot move the grown checkpoint into place", out.display()))?;
+    if let Some(parent) = out.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    tracing::info!(out = %out.display(), before = from.num_parameters(), after = to.num_parameters(), "grown");
+    Ok(())
+}
+
+/// A payload of every parameter of `config` (global weights or outer momentum) as [`Weights`].
+fn decode_weights(config: &LlamaConfig, bytes: &[u8]) -> Result<Weights> {
+    let specs = param_specs(config);
+    let (named, _) = decode_tensors(bytes, Some(&specs))?;
+    let tensors = from_named(&named, Device::Cpu);
+    let by_name: BTreeMap<String, Tensor> = specs.iter().map(|s| s.name.clone()).zip(tensors).collect();
+    Weights::new(config.clone(), by_name)
+}
