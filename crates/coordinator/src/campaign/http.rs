@@ -1,9 +1,14 @@
-//! The campaign's HTTP face: `GET /v1/campaign`, and every other request answered by the phase being
-//! served (its routes, signatures and refusals, unchanged).
+//! The campaign's HTTP face: `GET /v1/campaign`; `GET /v1/campaign/phases/K/PATH` answered by phase K's
+//! public reads (`K` from 1; its status, leaderboard, ledger, receipts and blobs stay readable after it
+//! has finished); and every other request answered by the phase being served (its routes, signatures
+//! and refusals, unchanged).
 
 use super::Campaign;
+use crate::error::ApiError;
 use agora_protocol::CampaignInfo;
+use axum::extract::Path;
 use axum::extract::{Request, State};
+use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -11,7 +16,33 @@ use std::sync::Arc;
 use tower::ServiceExt;
 
 pub fn router(campaign: Arc<Campaign>) -> Router {
-    Router::new().route("/v1/campaign", get(info)).fallback(dispatch).with_state(campaign)
+    Router::new()
+        .route("/v1/campaign", get(info))
+        .route("/v1/campaign/phases/{phase}/{*path}", get(phase_read))
+        .fallback(dispatch)
+        .with_state(campaign)
+}
+
+async fn phase_read(
+    State(campaign): State<Arc<Campaign>>,
+    Path((phase, path)): Path<(usize, String)>,
+    mut request: Request,
+) -> Result<Response, ApiError> {
+    let Some(router) = phase.checked_sub(1).and_then(|k| campaign.phase_router(k)) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_such_phase",
+            format!("phase {phase} has not been opened (phases count from 1)"),
+        ));
+    };
+    let query = request.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    *request.uri_mut() = format!("/{path}{query}")
+        .parse::<Uri>()
+        .map_err(|e| ApiError::bad_request("bad_path", format!("{path}: {e}")))?;
+    match router.oneshot(request).await {
+        Ok(response) => Ok(response),
+        Err(never) => match never {},
+    }
 }
 
 async fn info(State(campaign): State<Arc<Campaign>>) -> Json<CampaignInfo> {

@@ -59,8 +59,9 @@ pub struct Campaign {
     pub file: CampaignFile,
     options: CampaignOptions,
     current: RwLock<Current>,
-    /// The phases opened so far (index = phase), for their summaries.
-    opened: RwLock<Vec<Arc<Coordinator>>>,
+    /// The phases opened so far (index = phase) and their routers: their summaries, and their public
+    /// reads at `/v1/campaign/phases/K/...`.
+    opened: RwLock<Vec<(Arc<Coordinator>, Router)>>,
 }
 
 impl Campaign {
@@ -71,8 +72,9 @@ impl Campaign {
         std::fs::create_dir_all(&options.dir)
             .with_context(|| format!("{}: cannot create the campaign directory", options.dir.display()))?;
         let app = open_phase(&file, &options, 0, None).await?;
-        let opened = RwLock::new(vec![app.clone()]);
-        let current = RwLock::new(Current { phase: 0, router: crate::http::router(app.clone()), app });
+        let router = crate::http::router(app.clone());
+        let opened = RwLock::new(vec![(app.clone(), router.clone())]);
+        let current = RwLock::new(Current { phase: 0, router, app });
         let campaign = Campaign { file, options, current, opened };
         tracing::info!(campaign = campaign.file.name, phases = campaign.file.phases.len(), "campaign opened");
         Ok(Arc::new(campaign))
@@ -85,6 +87,11 @@ impl Campaign {
 
     pub(crate) fn current_router(&self) -> Router {
         self.current.read().expect("campaign lock").router.clone()
+    }
+
+    /// The router of phase `k` (from 0), once it has been opened.
+    pub(crate) fn phase_router(&self, k: usize) -> Option<Router> {
+        self.opened.read().expect("campaign lock").get(k).map(|(_, router)| router.clone())
     }
 
     /// Serves phase after phase: waits for the served phase to finish, grows its weights into the next
@@ -107,9 +114,9 @@ impl Campaign {
             let handover = self.handover(next, &app).await?;
             let opened = open_phase(&self.file, &self.options, next, Some(&handover)).await?;
             tracing::info!(phase = next + 1, run = opened.run_id, "phase opened");
-            self.opened.write().expect("campaign lock").push(opened.clone());
-            *self.current.write().expect("campaign lock") =
-                Current { phase: next, router: crate::http::router(opened.clone()), app: opened };
+            let router = crate::http::router(opened.clone());
+            self.opened.write().expect("campaign lock").push((opened.clone(), router.clone()));
+            *self.current.write().expect("campaign lock") = Current { phase: next, router, app: opened };
         }
     }
 
@@ -176,7 +183,7 @@ impl Campaign {
                 val_loss: None,
                 workers: Vec::new(),
             };
-            if let Some(app) = opened.get(k) {
+            if let Some((app, _)) = opened.get(k) {
                 phase.run_id = Some(app.run_id.clone());
                 phase.parameters = Some(app.model_config.num_parameters());
                 if let Ok(status) = app.status().await {

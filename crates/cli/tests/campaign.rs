@@ -1,0 +1,287 @@
+//! `agora campaign` over HTTP with real processes: three phases, each grown exactly from the last, the
+//! best of each phase retained (the phase-1 cheater is not), workers that follow the phases or exit cleanly
+//! when not retained, and the campaign SIGKILLed during a round, between phases and with a growth left
+//! half-written — on SQLite and on PostgreSQL.
+
+mod common;
+
+use agora_protocol::{CampaignInfo, CampaignState, Contribution, LedgerReport, RunInfo};
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const LONG: Duration = Duration::from_secs(600);
+
+/// A phase's `[inner]` … `[eval]` sections (small rounds, so the whole campaign takes a few minutes).
+fn phase_body(rounds: u64, min_workers: u64) -> String {
+    format!(
+        "[phase.inner]\nsteps = 6\nbatch_size = 4\nseq_len = 32\nwarmup_steps = 2\n\
+         [phase.rounds]\ncount = {rounds}\nmin_workers = {min_workers}\ndeadline_secs = 120\nheartbeat_timeout_secs = 8\n\
+         [phase.eval]\nbatches = 4\n[phase.trust]\nspot_check = 1.0\n"
+    )
+}
+
+/// `tiny` (vocabulary 300) with `layers` layers, as a Hugging Face config.json.
+fn deeper_tiny(dir: &Path, layers: usize) -> PathBuf {
+    let mut config = agora_model::preset("tiny", Some(300)).unwrap();
+    config.num_hidden_layers = layers;
+    let path = dir.join(format!("tiny{layers}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&config.to_hf_json()).unwrap()).unwrap();
+    path
+}
+
+fn write_campaign(dir: &Path) -> PathBuf {
+    std::fs::write(dir.join("corpus.txt"), agora_data::MarkovSource::new(1).generate(40_000, 1)).unwrap();
+    deeper_tiny(dir, 6);
+    deeper_tiny(dir, 8);
+    let text = format!(
+        "name = \"three phases\"\nseed = 3\n[data]\nfiles = [\"corpus.txt\"]\nvocab_size = 300\n\n\
+         [[phase]]\nname = \"one\"\n[phase.model]\npreset = \"tiny\"\n{}\n\
+         [[phase]]\nname = \"two\"\nretain = 3\n[phase.growth]\nmethod = \"depth\"\nouter_momentum = \"carry\"\n\
+         [phase.model]\nconfig = \"tiny6.json\"\n{}\n\
+         [[phase]]\nname = \"three\"\nretain = 2\n[phase.growth]\nmethod = \"depth\"\n\
+         [phase.model]\nconfig = \"tiny8.json\"\n{}",
+        phase_body(3, 4),
+        phase_body(2, 2),
+        phase_body(2, 2)
+    );
+    let path = dir.join("campaign.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The campaign process and its workers; everything is killed when dropped.
+struct Campaign {
+    dir: PathBuf,
+    file: PathBuf,
+    database: Option<String>,
+    port: u16,
+    url: String,
+    process: Option<Child>,
+    workers: Vec<(String, Child)>,
+}
+
+impl Campaign {
+    fn start(dir: &Path, database: Option<String>) -> Campaign {
+        let port = free_port();
+        let mut campaign = Campaign {
+            dir: dir.to_path_buf(),
+            file: write_campaign(dir),
+            database,
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            process: None,
+            workers: Vec::new(),
+        };
+        campaign.start_process();
+        campaign
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.log"))
+    }
+
+    fn logs(&self) -> String {
+        let mut out = tail(&self.log("campaign"));
+        for (name, _) in &self.workers {
+            out += "\n";
+            out += &tail(&self.log(name));
+        }
+        out
+    }
+
+    fn start_process(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log("campaign")).unwrap();
+        let mut cmd = Command::new(AGORA);
+        cmd.args(["campaign", "--file"])
+            .arg(&self.file)
+            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--threads", "1", "--dir"])
+            .arg(self.dir.join("state"))
+            .env("RUST_LOG", "agora=debug,info")
+            .stdout(Stdio::piped())
+            .stderr(log);
+        if let Some(db) = &self.database {
+            cmd.args(["--database", db]);
+        }
+        let mut child = cmd.spawn().expect("start the campaign");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.contains("listening on"), "the campaign did not start:\n{}", tail(&self.log("campaign")));
+        self.process = Some(child);
+    }
+
+    fn kill(&mut self) {
+        let mut child = self.process.take().expect("a running campaign");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+
+    fn start_worker(&mut self, name: &str, extra: &[&str]) {
+        let log = std::fs::File::create(self.log(name)).unwrap();
+        let child = Command::new(AGORA)
+            .args(["worker", "--coordinator", &self.url, "--threads", "1", "--json", "--patience-secs", "120"])
+            .args(["--name", name, "--data-dir"])
+            .arg(self.dir.join("workers").join(name))
+            .args(extra)
+            .env("RUST_LOG", "agora=debug,info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start a worker");
+        self.workers.push((name.to_string(), child));
+    }
+
+    fn info(&self) -> Option<CampaignInfo> {
+        let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+        client.get(format!("{}/v1/campaign", self.url)).send().ok()?.json().ok()
+    }
+
+    fn wait_for(&self, what: &str, mut done: impl FnMut(&CampaignInfo) -> bool) -> CampaignInfo {
+        let started = Instant::now();
+        loop {
+            if let Some(info) = self.info() {
+                if done(&info) {
+                    return info;
+                }
+            }
+            assert!(started.elapsed() < LONG, "timed out waiting for {what}\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `GET /v1/campaign/phases/K/PATH` (K from 1).
+    fn phase_get<T: serde::de::DeserializeOwned>(&self, phase: usize, path: &str) -> T {
+        let url = format!("{}/v1/campaign/phases/{phase}{path}", self.url);
+        let response = reqwest::blocking::get(&url).unwrap();
+        assert!(response.status().is_success(), "{url}: {}", response.status());
+        response.json().unwrap()
+    }
+
+    /// Every worker's exit status and stdout lines (one JSON object per run, then a refusal if any).
+    fn finish_workers(&mut self) -> Vec<(String, bool, Vec<serde_json::Value>)> {
+        let started = Instant::now();
+        let mut out = Vec::new();
+        let logs = self.logs();
+        for (name, child) in &mut self.workers {
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                assert!(started.elapsed() < LONG, "{name} did not exit\n{logs}");
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            let lines: Vec<serde_json::Value> = BufReader::new(child.stdout.take().unwrap())
+                .lines()
+                .map(|l| serde_json::from_str(&l.unwrap()).unwrap_or_else(|e| panic!("{name}: {e}")))
+                .collect();
+            out.push((name.clone(), status.success(), lines));
+        }
+        out
+    }
+}
+
+impl Drop for Campaign {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.workers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(child) = &mut self.process {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn three_phases(database: Option<String>) {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Campaign::start(dir.path(), database);
+    let honest = ["h0", "h1", "h2", "h3"];
+    for name in honest {
+        c.start_worker(name, &[]);
+    }
+    c.start_worker("flip", &["--behaviour", "sign-flip"]);
+
+    // SIGKILL during phase one's rounds, and restart.
+    c.wait_for("phase one's first round", |i| i.phases[0].rounds >= 1);
+    c.kill();
+    c.start_process();
+    // SIGKILL once phase two is open, and restart with a growth of phase three left half-written (what a
+    // kill during growth leaves: the `.partial` directory, never the final one).
+    c.wait_for("phase two to open", |i| i.current == 1);
+    c.kill();
+    let partial = dir.path().join("state/grown/phase-3.partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("model.safetensors"), b"half a file").unwrap();
+    c.start_process();
+
+    let info = c.wait_for("the campaign to finish", |i| i.state == CampaignState::Finished);
+    let results = c.finish_workers();
+    let logs = c.logs();
+    assert_eq!(info.current, 2);
+    assert!(!partial.exists(), "the half-written growth was discarded and redone");
+
+    // Every phase ran its rounds, and each started exactly where the one before ended (exact growth).
+    let rounds: Vec<u64> = info.phases.iter().map(|p| p.rounds).collect();
+    assert_eq!(rounds, vec![3, 2, 2], "{info:?}");
+    for k in 1..3 {
+        let (before, after) = (info.phases[k - 1].val_loss.unwrap(), info.phases[k].initial_val_loss.unwrap());
+        assert!((before - after).abs() < 1e-5, "phase {} starts at {after}, phase {k} ended at {before}", k + 1);
+        let (small, large) = (info.phases[k - 1].parameters.unwrap(), info.phases[k].parameters.unwrap());
+        assert!(large > small, "phase {} grew: {small} → {large}", k + 1);
+    }
+    assert!(info.phases[2].val_loss.unwrap() < info.phases[0].initial_val_loss.unwrap());
+
+    // Retention: phase two admits three of phase one's honest workers, never the cheater; phase three two
+    // of phase two's.
+    let joined = |k: usize| -> Vec<String> { info.phases[k].workers.clone() };
+    assert_eq!(joined(0).len(), 5, "{:?}", joined(0));
+    assert_eq!(joined(1).len(), 3, "{:?}", joined(1));
+    assert!(joined(1).iter().all(|w| honest.contains(&w.as_str())), "a cheater was retained: {:?}", joined(1));
+    assert_eq!(joined(2).len(), 2);
+    assert!(joined(2).iter().all(|w| joined(1).contains(w)), "{:?} ⊄ {:?}", joined(2), joined(1));
+
+    // Every worker exits cleanly: the retained ones after the last phase, the others with the reason.
+    for (name, success, lines) in &results {
+        assert!(success, "{name} failed\n{logs}");
+        let runs = lines.iter().filter(|l| l.get("run_id").is_some()).count();
+        let expected = (0..3).take_while(|&k| joined(k).contains(name)).count();
+        assert_eq!(runs, expected, "{name} took part in {runs} phases: {lines:?}");
+        let refusal = lines.iter().find_map(|l| l.get("not_retained")).and_then(|n| n.as_str());
+        if expected < 3 {
+            let phase = ["one", "two", "three"][expected];
+            let refusal = refusal.unwrap_or_else(|| panic!("{name} has no refusal: {lines:?}"));
+            assert!(refusal.contains(&format!("phase {phase:?}")) && refusal.contains("by reputation"), "{refusal}");
+        } else {
+            assert!(refusal.is_none(), "{name}: {refusal:?}");
+        }
+    }
+
+    // Each phase keeps its own run, contributions and balanced ledger, readable after it has finished.
+    for (k, phase) in info.phases.iter().enumerate() {
+        let run: RunInfo = c.phase_get(k + 1, "/v1/run");
+        assert_eq!(Some(&run.run_id), phase.run_id.as_ref());
+        let contributions: Vec<Contribution> = c.phase_get(k + 1, "/v1/contributions");
+        check_contributions(&contributions, phase.rounds);
+        let ledger: LedgerReport = c.phase_get(k + 1, "/v1/ledger");
+        assert_eq!(ledger.balances.iter().map(|b| b.1).sum::<i64>(), 0, "phase {} ledger", k + 1);
+        assert_eq!(ledger.roots.len() as u64, phase.rounds, "a signed root per round of phase {}", k + 1);
+    }
+    let missing = reqwest::blocking::get(format!("{}/v1/campaign/phases/4/v1/run", c.url)).unwrap();
+    assert_eq!(missing.status(), 404);
+}
+
+#[test]
+fn three_phases_sqlite() {
+    three_phases(None);
+}
+
+#[test]
+fn three_phases_postgres() {
+    if let Some(base) = postgres_base() {
+        three_phases(Some(fresh_postgres_db(&base, "campaign")));
+    }
+}
