@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 const LONG: Duration = Duration::from_secs(600);
 
 /// A phase's `[inner]` … `[eval]` sections (small rounds, so the whole campaign takes a few minutes).
-fn phase_body(rounds: u64, min_workers: u64) -> String {
+fn phase_body(rounds: u64, min_workers: u64, trust: &str) -> String {
     format!(
         "[phase.inner]\nsteps = 6\nbatch_size = 4\nseq_len = 32\nwarmup_steps = 2\n\
          [phase.rounds]\ncount = {rounds}\nmin_workers = {min_workers}\ndeadline_secs = 120\nheartbeat_timeout_secs = 8\n\
-         [phase.eval]\nbatches = 4\n[phase.trust]\nspot_check = 1.0\n"
+         [phase.eval]\nbatches = 4\n[phase.trust]\n{trust}\n"
     )
 }
 
@@ -43,9 +43,10 @@ fn write_campaign(dir: &Path) -> PathBuf {
          [phase.model]\nconfig = \"tiny6.json\"\n{}\n\
          [[phase]]\nname = \"three\"\nretain = 2\n[phase.growth]\nmethod = \"depth\"\n\
          [phase.model]\nconfig = \"tiny8.json\"\n{}",
-        phase_body(3, 4),
-        phase_body(2, 2),
-        phase_body(2, 2)
+        // Phase one spot-checks every upload (the cheater must rank last); the later phases judge as usual.
+        phase_body(2, 4, "spot_check = 1.0"),
+        phase_body(1, 2, ""),
+        phase_body(1, 2, "")
     );
     let path = dir.join("campaign.toml");
     std::fs::write(&path, text).unwrap();
@@ -226,7 +227,7 @@ fn three_phases(database: Option<String>) {
 
     // Every phase ran its rounds, and each started exactly where the one before ended (exact growth).
     let rounds: Vec<u64> = info.phases.iter().map(|p| p.rounds).collect();
-    assert_eq!(rounds, vec![3, 2, 2], "{info:?}");
+    assert_eq!(rounds, vec![2, 1, 1], "{info:?}");
     for k in 1..3 {
         let (before, after) = (info.phases[k - 1].val_loss.unwrap(), info.phases[k].initial_val_loss.unwrap());
         assert!((before - after).abs() < 1e-5, "phase {} starts at {after}, phase {k} ended at {before}", k + 1);
