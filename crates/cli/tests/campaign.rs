@@ -273,6 +273,10 @@ fn three_phases(database: Option<String>) {
     }
     let missing = reqwest::blocking::get(format!("{}/v1/campaign/phases/4/v1/run", c.url)).unwrap();
     assert_eq!(missing.status(), 404);
+    // A finished phase is read-only: nobody joins or uploads to it through its reads.
+    let client = reqwest::blocking::Client::new();
+    let join = client.post(format!("{}/v1/campaign/phases/1/v1/join", c.url)).body("{}").send().unwrap();
+    assert_eq!(join.status(), 405, "a past phase's writes are not served");
 }
 
 #[test]

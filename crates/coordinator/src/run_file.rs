@@ -516,6 +516,46 @@ mod tests {
         assert_ne!(a, b);
     }
 
+    /// A run that starts from a checkpoint: it must name the checkpoint's tokenizer, momentum only comes
+    /// with a checkpoint, and the run id covers the checkpoint's weights and the momentum file.
+    #[test]
+    fn a_checkpoint_start_is_validated_and_hashed_into_the_run_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = agora_model::preset("tiny", Some(300)).unwrap();
+        let ckpt = dir.path().join("ckpt");
+        agora_model::save_pretrained(&agora_model::Llama::new(&config, tch::Device::Cpu, 0), &ckpt).unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("momentum.safetensors"), "m1").unwrap();
+        let base = "[model]\ncheckpoint = \"ckpt\"\n[data]\nfiles = [\"corpus.txt\"]\ntokenizer = \"tokenizer.json\"\n[rounds]\ncount = 3\n";
+        let run = RunFile::load(&write(dir.path(), base)).unwrap();
+        assert_eq!(run.model.checkpoint, Some(std::fs::canonicalize(&ckpt).unwrap()), "resolved beside the file");
+        let a = run.run_id().unwrap();
+        let with_momentum = base.replace("ckpt\"\n", "ckpt\"\nouter_momentum = \"momentum.safetensors\"\n");
+        let momentum_run = RunFile::load(&write(dir.path(), &with_momentum)).unwrap();
+        let b = momentum_run.run_id().unwrap();
+        assert_ne!(a, b, "the momentum is part of the run");
+        std::fs::write(dir.path().join("momentum.safetensors"), "m2").unwrap();
+        assert_ne!(momentum_run.run_id().unwrap(), b, "and so are its contents");
+        // Other weights in the same directory: another run.
+        agora_model::save_pretrained(&agora_model::Llama::new(&config, tch::Device::Cpu, 1), &ckpt).unwrap();
+        assert_ne!(run.run_id().unwrap(), a, "the checkpoint's weights are part of the run");
+
+        let cases = [
+            (base.replace("tokenizer = \"tokenizer.json\"", "vocab_size = 300"), "name its tokenizer"),
+            (base.replace("checkpoint = \"ckpt\"", "checkpoint = \"nowhere\""), "not a checkpoint directory"),
+            (base.replace("checkpoint = \"ckpt\"", "checkpoint = \"ckpt\"\npreset = \"tiny\""), "exactly one of"),
+            (
+                base.replace("checkpoint = \"ckpt\"", "preset = \"tiny\"\nouter_momentum = \"momentum.safetensors\""),
+                "only a run that starts from a checkpoint",
+            ),
+            (with_momentum.replace("momentum.safetensors", "missing.safetensors"), "does not exist"),
+        ];
+        for (text, expected) in cases {
+            let err = format!("{:#}", RunFile::load(&write(dir.path(), &text)).unwrap_err());
+            assert!(err.contains(expected), "expected {expected:?} in: {err}");
+        }
+    }
+
     /// A changed byte of the corpus (same size, same path, same run file) is a different run.
     #[test]
     fn the_run_id_hashes_the_corpus_contents_not_their_sizes() {

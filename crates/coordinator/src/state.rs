@@ -457,3 +457,48 @@ fn read_momentum(file: &std::path::Path, specs: &[TensorSpec]) -> Result<Vec<tch
 pub(crate) fn round_meta(round: u64) -> BTreeMap<String, String> {
     BTreeMap::from([("agora.round".to_string(), round.to_string())])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Kind, Tensor};
+
+    /// `[model] outer_momentum` is every parameter in its shape, nothing else: a missing, misshapen or
+    /// foreign tensor is refused by name rather than loaded into the outer step.
+    #[test]
+    fn a_starting_momentum_holds_exactly_the_models_parameters() {
+        let config = agora_model::preset("tiny", Some(300)).unwrap();
+        let specs = param_specs(&config);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("momentum.safetensors");
+        let tensor = |shape: &[usize]| {
+            Tensor::ones(shape.iter().map(|&d| d as i64).collect::<Vec<_>>(), (Kind::Float, Device::Cpu))
+        };
+        let full: Vec<(String, Tensor)> = specs.iter().map(|s| (s.name.clone(), tensor(&s.shape))).collect();
+        let write = |tensors: &[(String, Tensor)]| Tensor::write_safetensors(tensors, &file).unwrap();
+
+        write(&full);
+        let read = read_momentum(&file, &specs).unwrap();
+        assert_eq!(read.len(), specs.len());
+        assert!(read
+            .iter()
+            .zip(&specs)
+            .all(|(t, s)| t.size() == s.shape.iter().map(|&d| d as i64).collect::<Vec<_>>()));
+
+        write(&full[1..]);
+        let err = format!("{:#}", read_momentum(&file, &specs).unwrap_err());
+        assert!(err.contains(&format!("no tensor {}", specs[0].name)), "{err}");
+
+        let mut misshapen: Vec<(String, Tensor)> = full.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        misshapen[2].1 = tensor(&[3, 3]);
+        write(&misshapen);
+        let err = format!("{:#}", read_momentum(&file, &specs).unwrap_err());
+        assert!(err.contains(&specs[2].name) && err.contains("shape"), "{err}");
+
+        let mut extra: Vec<(String, Tensor)> = full.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        extra.push(("model.layers.99.mlp.up_proj.weight".into(), tensor(&[2])));
+        write(&extra);
+        let err = format!("{:#}", read_momentum(&file, &specs).unwrap_err());
+        assert!(err.contains("model.layers.99") && err.contains("not a parameter"), "{err}");
+    }
+}

@@ -288,3 +288,48 @@ fn decode_weights(config: &LlamaConfig, bytes: &[u8]) -> Result<Weights> {
     let by_name: BTreeMap<String, Tensor> = specs.iter().map(|s| s.name.clone()).zip(tensors).collect();
     Weights::new(config.clone(), by_name)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agora_diloco::tensors::{model_weights, to_named};
+    use agora_protocol::encode_tensors;
+
+    /// Growing again after a crash gives the same bytes (the next phase's run id hashes them), a
+    /// half-written `.partial` is replaced, and a carried momentum is written in the grown shapes.
+    #[test]
+    fn growth_between_phases_is_deterministic_and_replaces_a_partial_one() {
+        let from = agora_model::preset("tiny", Some(300)).unwrap();
+        let mut to = from.clone();
+        to.num_hidden_layers = 6;
+        let specs = param_specs(&from);
+        let model = agora_model::Llama::new(&from, Device::Cpu, 5);
+        let weights = encode_tensors(&to_named(&specs, &model_weights(&model)), &BTreeMap::new());
+        let momentum = encode_tensors(
+            &to_named(&specs, &model_weights(&agora_model::Llama::new(&from, Device::Cpu, 6))),
+            &BTreeMap::new(),
+        );
+        let growth = file::GrowthSection { method: "depth".into(), ..Default::default() };
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        write_grown(&from, &weights, Some(&momentum), b"{}", &to, &growth, &a).unwrap();
+        std::fs::create_dir_all(b.with_extension("partial")).unwrap();
+        std::fs::write(b.with_extension("partial").join("model.safetensors"), b"torn").unwrap();
+        write_grown(&from, &weights, Some(&momentum), b"{}", &to, &growth, &b).unwrap();
+        assert!(!b.with_extension("partial").exists());
+        for file in ["model.safetensors", "config.json", MOMENTUM_FILE, "tokenizer.json"] {
+            assert_eq!(std::fs::read(a.join(file)).unwrap(), std::fs::read(b.join(file)).unwrap(), "{file} differs");
+        }
+        let grown = agora_model::load_pretrained(&b, Device::Cpu).unwrap();
+        assert_eq!(grown.config.num_hidden_layers, 6);
+        let carried: BTreeMap<String, Tensor> =
+            Tensor::read_safetensors(b.join(MOMENTUM_FILE)).unwrap().into_iter().collect();
+        assert_eq!(carried.len(), param_specs(&to).len(), "a momentum tensor for every grown parameter");
+        // New blocks start with zero momentum; carried blocks keep theirs.
+        let new_block = carried
+            .keys()
+            .filter(|n| n.starts_with("model.layers."))
+            .map(|n| carried[n].abs().sum(tch::Kind::Float).double_value(&[]));
+        assert!(new_block.clone().any(|s| s == 0.0) && new_block.clone().any(|s| s > 0.0));
+    }
+}
