@@ -229,7 +229,7 @@ impl CampaignFile {
             rounds: phase.rounds.clone(),
             eval: phase.eval.clone(),
             compression: phase.compression,
-            trust: phase.trust.clone(),
+            trust: phase.trust,
             admission: AdmissionSection::default(),
         }
     }
