@@ -53,6 +53,11 @@ pub struct DemoArgs {
     /// Print the summary as one JSON object on stdout (the live view goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Run a campaign of this many phases (2 or 3) instead of one run: `agora campaign` on loopback, each
+    /// phase grown from the last (tiny → twice as deep → wider) and admitting only the best of the one
+    /// before; --rounds is split among the phases.
+    #[arg(long)]
+    pub phases: Option<usize>,
 }
 
 pub const DEFAULT_DEMO_CODEC: &str = "int4";
@@ -156,6 +161,9 @@ fn log_tail(path: &Path) -> String {
 }
 
 pub fn demo(args: DemoArgs) -> Result<()> {
+    if let Some(phases) = args.phases {
+        return crate::demo_phases::demo_phases(&args, phases);
+    }
     if args.workers == 0 || args.rounds == 0 || args.inner_steps == 0 {
         bail!("--workers, --rounds and --inner-steps must be positive");
     }
@@ -301,10 +309,10 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-fn prepare_out_dir(out: &Path) -> Result<()> {
+pub(crate) fn prepare_out_dir(out: &Path) -> Result<()> {
     // Only ever delete a directory that an earlier demo made.
     if out.exists() {
-        let earlier_demo = out.join("run.toml").is_file() || out.join("metrics.jsonl").is_file();
+        let earlier_demo = ["run.toml", "metrics.jsonl", "campaign.toml"].iter().any(|f| out.join(f).is_file());
         let empty = std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
         if !earlier_demo && !empty {
             bail!("{}: exists and is not an earlier demo run; choose another --out", out.display());

@@ -6,6 +6,7 @@ mod bench;
 mod children;
 mod commands;
 mod demo;
+mod demo_phases;
 mod format;
 mod grow;
 mod ledger_verify;

@@ -243,17 +243,37 @@ pub fn spawn_coordinator(
     dir: &std::path::Path,
     log: &std::path::Path,
 ) -> Result<(std::process::Child, String)> {
+    spawn_server("coordinator", "--run", run_file, dir, log)
+}
+
+/// Starts `agora campaign` (this binary) for `file` the same way.
+pub fn spawn_campaign(
+    file: &std::path::Path,
+    dir: &std::path::Path,
+    log: &std::path::Path,
+) -> Result<(std::process::Child, String)> {
+    spawn_server("campaign", "--file", file, dir, log)
+}
+
+/// `agora SUBCOMMAND FILE_FLAG FILE --listen 127.0.0.1:0 --threads 1 --dir DIR`, waiting for the URL it prints.
+fn spawn_server(
+    subcommand: &str,
+    file_flag: &str,
+    file: &std::path::Path,
+    dir: &std::path::Path,
+    log: &std::path::Path,
+) -> Result<(std::process::Child, String)> {
     use std::io::BufRead;
     let exe = std::env::current_exe().context("cannot find the agora binary")?;
     let mut child = std::process::Command::new(exe)
-        .args(["coordinator", "--run"])
-        .arg(run_file)
+        .args([subcommand, file_flag])
+        .arg(file)
         .args(["--listen", "127.0.0.1:0", "--threads", "1", "--dir"])
         .arg(dir)
         .stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(log).with_context(|| format!("{}: cannot create", log.display()))?)
         .spawn()
-        .context("cannot start the coordinator")?;
+        .with_context(|| format!("cannot start the {subcommand}"))?;
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line)?;
     match line.split_whitespace().find(|w| w.starts_with("http://")) {
@@ -263,7 +283,7 @@ pub fn spawn_coordinator(
             let _ = child.wait();
             let text = std::fs::read_to_string(log).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            anyhow::bail!("the coordinator did not start:\n{}", lines[lines.len().saturating_sub(15)..].join("\n"))
+            anyhow::bail!("the {subcommand} did not start:\n{}", lines[lines.len().saturating_sub(15)..].join("\n"))
         }
     }
 }

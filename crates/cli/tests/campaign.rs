@@ -290,3 +290,38 @@ fn three_phases_postgres() {
         three_phases(Some(fresh_postgres_db(&base, "campaign")));
     }
 }
+
+/// `agora demo --phases 3`: a three-phase campaign on loopback ends with a summary per phase, each grown
+/// phase starting at its predecessor's final loss, and fewer workers retained each phase.
+#[test]
+fn demo_runs_a_three_phase_campaign() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(&corpus, agora_data::MarkovSource::new(1).generate(40_000, 1)).unwrap();
+    let out = Command::new(AGORA)
+        .args(["demo", "--phases", "3", "--workers", "3", "--rounds", "6", "--inner-steps", "4", "--batch-size", "4"])
+        .args(["--seq-len", "32", "--json", "--data"])
+        .arg(&corpus)
+        .arg("--out")
+        .arg(dir.path().join("demo"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let phases = summary["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 3, "{summary}");
+    let workers: Vec<usize> = phases.iter().map(|p| p["workers"].as_array().unwrap().len()).collect();
+    assert_eq!(workers, vec![3, 2, 2], "the best 2 of 3 retained, then both");
+    for k in 1..3 {
+        let (before, after) =
+            (phases[k - 1]["final_val_loss"].as_f64().unwrap(), phases[k]["initial_val_loss"].as_f64().unwrap());
+        assert!((before - after).abs() < 1e-5, "phase {} starts at {after}, its predecessor ended at {before}", k + 1);
+        assert!(phases[k]["parameters"].as_u64() > phases[k - 1]["parameters"].as_u64());
+        assert!(!phases[k]["grown_by"].as_array().unwrap().is_empty());
+        assert_eq!(phases[k]["retained"], 2);
+        assert_eq!(phases[k]["rounds"], 2);
+    }
+    assert!(stderr.contains("growing into the next phase"), "the live view shows the phase changes: {stderr}");
+}

@@ -4,7 +4,8 @@
 //! coordinator restarts), its blob cache (every download checked against its hash), its persistent AdamW
 //! state and error-feedback residual, and the loop: ask for work → download weights and data → H inner
 //! steps → compress and upload Δ → (when the run verifies) the round's receipt, checked against the
-//! coordinator key pinned on first contact, before the residual of an accepted upload is committed.
+//! coordinator key pinned on first contact, before the residual of an accepted upload is committed; and,
+//! at a campaign (`follow`), the same for each later phase, or a clean exit when a phase does not retain it.
 //! Must not know about: other workers, aggregation, the coordinator's storage. It trusts nothing it
 //! downloads without checking the hash it was told, and no verdict without checking its signature.
 

@@ -1,0 +1,218 @@
+//! `agora demo --phases N`: a tiny campaign on loopback. `agora campaign` serves N phases of a miniature
+//! ladder (tiny, then twice as deep, then wider), each grown exactly from the last and admitting only the
+//! best of the one before; worker processes follow it from phase to phase. Prints a summary per phase.
+
+use crate::children::Children;
+use crate::demo::DemoArgs;
+use crate::net::{fetch_json, spawn_campaign};
+use agora_data::MarkovSource;
+use agora_model::{preset, LlamaConfig};
+use agora_protocol::{CampaignInfo, CampaignState};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::io::Write;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The miniature ladder: (name, layers, hidden, heads, kv heads, FFN units, growth method from the last).
+const LADDER: [(&str, usize, usize, usize, usize, usize, &str); 3] =
+    [("seed", 4, 128, 4, 2, 384, ""), ("deeper", 6, 128, 4, 2, 384, "depth"), ("wider", 6, 192, 6, 3, 576, "width")];
+
+#[derive(Serialize)]
+struct PhaseSummary {
+    name: String,
+    parameters: u64,
+    grown_by: Vec<String>,
+    workers: Vec<String>,
+    /// Those of the previous phase's workers this phase admitted (None for the first phase).
+    retained: Option<usize>,
+    rounds: u64,
+    tokens_trained: u64,
+    initial_val_loss: f64,
+    final_val_loss: f64,
+    /// The recipe trained with and who proposed it.
+    recipe: String,
+}
+
+/// How many of the previous phase's identities phase k (from 1) retains out of `workers` who started.
+fn retained(workers: usize, k: usize) -> usize {
+    match k {
+        1 => (2 * workers).div_ceil(3),
+        _ => workers.div_ceil(2),
+    }
+    .max(2)
+}
+
+pub fn demo_phases(args: &DemoArgs, phases: usize) -> Result<()> {
+    if !(2..=LADDER.len()).contains(&phases) {
+        bail!("--phases: 2 or 3 (the miniature ladder has {} rungs)", LADDER.len());
+    }
+    if args.workers < 3 {
+        bail!("--workers: a campaign demo needs at least 3 workers (so that retention leaves someone out)");
+    }
+    let started = Instant::now();
+    crate::demo::prepare_out_dir(&args.out)?;
+    let out = std::fs::canonicalize(&args.out)?;
+    let logs = out.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let mut view: Box<dyn Write> = if args.json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
+
+    let corpus = match &args.data {
+        Some(path) => std::fs::canonicalize(path).with_context(|| format!("{}: no such corpus", path.display()))?,
+        None => {
+            let path = out.join("corpus.txt");
+            std::fs::write(&path, MarkovSource::new(1).generate(400_000, 1))?;
+            path
+        }
+    };
+    // The tokenizer first: the later phases' configs must carry its vocabulary.
+    let tokenizer = agora_data::train_bpe(std::slice::from_ref(&corpus), 512)?;
+    std::fs::write(out.join("tokenizer.json"), tokenizer.to_json_string())?;
+    let vocab = tokenizer.vocab_size();
+    let rounds = (args.rounds / phases as u64).max(2);
+    let mut text = format!(
+        "name = \"demo ladder\"\nseed = 0\n[data]\nfiles = [{:?}]\ntokenizer = \"tokenizer.json\"\n",
+        corpus.display().to_string()
+    );
+    for (k, &(name, layers, hidden, heads, kv, ffn, method)) in LADDER.iter().take(phases).enumerate() {
+        let mut config: LlamaConfig = preset("tiny", Some(vocab))?;
+        (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) = (layers, hidden, heads);
+        (config.num_key_value_heads, config.intermediate_size) = (Some(kv), ffn);
+        let config_file = format!("{name}.json");
+        agora_model::checkpoint::write_json(&out.join(&config_file), &config.to_hf_json())?;
+        text += &format!("\n[[phase]]\nname = \"{name}\"\n");
+        if k > 0 {
+            text += &format!("retain = {}\n[phase.growth]\nmethod = \"{method}\"\n", retained(args.workers, k));
+        }
+        let min_workers = if k == 0 { args.workers.div_ceil(2) } else { 2 };
+        text += &format!(
+            "[phase.model]\nconfig = \"{config_file}\"\n\
+             [phase.inner]\nsteps = {}\nbatch_size = {}\nseq_len = {}\nwarmup_steps = {}\n\
+             [phase.rounds]\ncount = {rounds}\nmin_workers = {min_workers}\n[phase.eval]\nbatches = 8\n",
+            args.inner_steps,
+            args.batch_size,
+            args.seq_len,
+            (rounds * args.inner_steps / 20).max(1),
+        );
+    }
+    let file = out.join("campaign.toml");
+    std::fs::write(&file, &text)?;
+
+    let mut children = Children::new();
+    writeln!(view, "starting the campaign ({phases} phases, {rounds} rounds each)...")?;
+    let (campaign, url) = spawn_campaign(&file, &out.join("campaign"), &logs.join("campaign.log"))?;
+    children.push("campaign", campaign);
+    let exe = std::env::current_exe().context("cannot find the agora binary")?;
+    for i in 0..args.workers {
+        let name = format!("worker-{i}");
+        let child = Command::new(&exe)
+            .args(["worker", "--coordinator", &url, "--threads", "1", "--json", "--name", &name, "--data-dir"])
+            .arg(out.join("workers").join(&name))
+            .stdout(std::fs::File::create(logs.join(format!("{name}.json")))?)
+            .stderr(std::fs::File::create(logs.join(format!("{name}.log")))?)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        children.push(name, child);
+    }
+    writeln!(view, "campaign: {url}; {} workers follow it", args.workers)?;
+
+    // Watch: a line whenever the phase, its round or the campaign's state changes.
+    let mut last = (usize::MAX, u64::MAX, CampaignState::Running);
+    let info = loop {
+        for (name, child) in children.iter_mut() {
+            if let Some(status) = child.try_wait()? {
+                if name == "campaign" || !status.success() {
+                    bail!("{name} exited ({status}); its log is in {}", logs.display());
+                }
+            }
+        }
+        let info: CampaignInfo = fetch_json(&url, "/v1/campaign")?;
+        let phase = &info.phases[info.current];
+        let now = (info.current, phase.rounds, info.state);
+        if now != last {
+            writeln!(
+                view,
+                "[{:>5.0}s] phase {} {:?}: round {}/{rounds}, validation loss {:.4}, {} workers{}",
+                started.elapsed().as_secs_f64(),
+                info.current + 1,
+                phase.name,
+                phase.rounds,
+                phase.val_loss.unwrap_or(f64::NAN),
+                phase.workers.len(),
+                match info.state {
+                    CampaignState::Running => "",
+                    CampaignState::Growing => " — finished; growing into the next phase",
+                    CampaignState::Finished => " — the campaign is finished",
+                }
+            )?;
+            last = now;
+        }
+        if info.state == CampaignState::Finished {
+            break info;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Every worker ends on its own: after the last phase, or when a phase did not retain it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (name, child) in children.iter_mut().skip(1) {
+        while child.try_wait()?.is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        match child.try_wait()? {
+            Some(status) if status.success() => {}
+            other => bail!("{name} did not end cleanly ({other:?}); its log is in {}", logs.display()),
+        }
+    }
+
+    let mut summaries = Vec::new();
+    for (k, phase) in info.phases.iter().enumerate() {
+        let growth = out.join("campaign").join("grown").join(format!("phase-{}", k + 1)).join("growth.json");
+        let grown_by: Vec<String> = match std::fs::read_to_string(&growth) {
+            Ok(t) => serde_json::from_str::<serde_json::Value>(&t)?["steps"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+                .unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        summaries.push(PhaseSummary {
+            name: phase.name.clone(),
+            parameters: phase.parameters.unwrap_or(0),
+            grown_by,
+            workers: phase.workers.clone(),
+            retained: phase.retain,
+            rounds: phase.rounds,
+            tokens_trained: phase.tokens_trained,
+            initial_val_loss: phase.initial_val_loss.unwrap_or(f64::NAN),
+            final_val_loss: phase.val_loss.unwrap_or(f64::NAN),
+            recipe: "the campaign file's (no proposals: the research track is not built yet)".into(),
+        });
+    }
+    drop(children);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "url": url, "phases": summaries }))?);
+        return Ok(());
+    }
+    writeln!(view, "\nphase   params  grown by                           tokens  val loss (start → end)  workers")?;
+    for s in &summaries {
+        writeln!(
+            view,
+            "{:<7} {:>5.2}M  {:<32} {:>8}  {:.4} → {:.4}         {}{}",
+            s.name,
+            s.parameters as f64 / 1e6,
+            if s.grown_by.is_empty() { "(initialised)".to_string() } else { s.grown_by.join(", ") },
+            s.tokens_trained,
+            s.initial_val_loss,
+            s.final_val_loss,
+            s.workers.join(" "),
+            s.retained.map(|n| format!(" (the best {n} retained)")).unwrap_or_default()
+        )?;
+    }
+    writeln!(
+        view,
+        "each grown phase starts at its predecessor's final loss (exact growth); recipe: {}\nfinished in {:.0}s; the campaign's state is in {}",
+        summaries[0].recipe,
+        started.elapsed().as_secs_f64(),
+        out.join("campaign").display()
+    )?;
+    Ok(())
+}
