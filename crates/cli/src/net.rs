@@ -41,7 +41,8 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         let stem = args.run.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
         args.run.with_file_name(format!("{stem}.coordinator"))
     });
-    let options = Options { run_file: args.run.clone(), dir: dir.clone(), database: args.database, blobs: args.blobs };
+    let options =
+        Options { run_file: args.run.clone(), dir: dir.clone(), database: args.database, blobs: args.blobs, key: None };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -261,10 +261,12 @@ fn three_phases(database: Option<String>) {
         }
     }
 
-    // Each phase keeps its own run, contributions and balanced ledger, readable after it has finished.
+    // Each phase keeps its own run, contributions and balanced ledger, readable after it has finished,
+    // all signed by the campaign's one key.
     for (k, phase) in info.phases.iter().enumerate() {
         let run: RunInfo = c.phase_get(k + 1, "/v1/run");
         assert_eq!(Some(&run.run_id), phase.run_id.as_ref());
+        assert_eq!(run.coordinator_key, info.coordinator_key, "phase {} is signed by the campaign's key", k + 1);
         let contributions: Vec<Contribution> = c.phase_get(k + 1, "/v1/contributions");
         check_contributions(&contributions, phase.rounds);
         let ledger: LedgerReport = c.phase_get(k + 1, "/v1/ledger");

@@ -22,6 +22,8 @@ pub(crate) async fn admission(run: &RunFile, db: &AnyPool) -> Result<(Option<Has
     let a = &run.admission;
     let mut ranking: Vec<(WorkerId, f64)> = Vec::new();
     let mut previous_id = String::new();
+    // Identities with an accepted upload in the earlier run itself (the cohort's candidates).
+    let mut contributed: HashSet<WorkerId> = HashSet::new();
     if let Some(raw_url) = &a.previous {
         let url = crate::redact::redact_url(raw_url);
         sqlx::any::install_default_drivers();
@@ -46,6 +48,9 @@ pub(crate) async fn admission(run: &RunFile, db: &AnyPool) -> Result<(Option<Has
         )
         .fetch_all(&previous)
         .await?;
+        for row in sqlx::query("SELECT id FROM workers WHERE rounds_accepted > 0").fetch_all(&previous).await? {
+            contributed.insert(worker_col(&row, "id")?);
+        }
         for row in &rows {
             let worker = worker_col(row, "worker")?;
             let rating: f64 = row.try_get("rating")?;
@@ -71,13 +76,12 @@ pub(crate) async fn admission(run: &RunFile, db: &AnyPool) -> Result<(Option<Has
             format!("this run admits only the {} public keys of its allowlist", a.allowlist.len()),
         ),
         AdmissionPolicy::Cohort => {
-            let cohort: Vec<(WorkerId, f64)> =
-                ranking.iter().copied().filter(|(_, r)| *r > 0.0).take(a.cohort_size).collect();
+            let cohort = crate::core::cohort::choose_cohort(&ranking, &contributed, a.cohort_size);
             let cutoff = cohort.last().map_or(0.0, |c| c.1);
             let note = format!(
-                "this run admits only the top {} identities by reputation from run {previous_id} (rating ≥ {cutoff:.3}; {} rated there)",
+                "this run admits only the top {} identities by reputation among the {} that contributed to run {previous_id} (rating ≥ {cutoff:.3})",
                 a.cohort_size,
-                ranking.len()
+                contributed.len()
             );
             tracing::info!(cohort = cohort.len(), cutoff, "cohort admission from run {previous_id}");
             (Some(cohort.into_iter().map(|c| c.0).collect()), note)

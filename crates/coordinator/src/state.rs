@@ -49,6 +49,9 @@ pub struct Options {
     pub database: Option<String>,
     /// A directory or object-store URL; default `DIR/blobs`.
     pub blobs: Option<String>,
+    /// The coordinator's signing key; default `DIR/coordinator.key`. A campaign signs every phase with one
+    /// key, so its workers can hold each phase to the key they pinned in the first.
+    pub key: Option<PathBuf>,
 }
 
 /// What changes between rounds, cached from the database.
@@ -138,8 +141,8 @@ impl Coordinator {
             None => format!("sqlite://{}?mode=rwc", options.dir.join("coordinator.db").display()),
         };
         let db = connect(&database).await?;
-        let key =
-            Identity::load_or_create(&options.dir.join("coordinator.key")).context("the coordinator's signing key")?;
+        let key_file = options.key.clone().unwrap_or_else(|| options.dir.join("coordinator.key"));
+        let key = Identity::load_or_create(&key_file).context("the coordinator's signing key")?;
         let blobs = match &options.blobs {
             Some(location) => BlobStore::open(location)?,
             None => BlobStore::local(&options.dir.join("blobs"))?,

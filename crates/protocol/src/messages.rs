@@ -16,6 +16,8 @@ pub struct CampaignInfo {
     pub state: CampaignState,
     /// The run id of the phase being served (what `GET /v1/run` describes).
     pub run_id: String,
+    /// The key that signs every phase's receipts and round roots (one key for the whole campaign).
+    pub coordinator_key: WorkerId,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -61,9 +61,11 @@ pub struct WorkerOptions {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct WorkerSummary {
     pub worker: String,
-    /// The run this summary is about (one phase, in a campaign).
+    /// The run this summary is about (one phase, in a campaign) ...
     #[serde(default)]
     pub run_id: String,
+    /// ... and the key that signed it.
+    pub coordinator_key: WorkerId,
     /// Whether the run judges uploads (`[trust] verify`); when it does not, nothing is accepted or rejected,
     /// only received.
     pub verifying: bool,
@@ -131,8 +133,11 @@ pub fn follow(options: &WorkerOptions) -> Result<FollowSummary> {
             Err(e) => Err(anyhow::Error::new(e).context("cannot read the campaign")),
         }
     };
+    // A campaign signs every phase with one key: the key of the first run this worker took part in is the
+    // key it holds the later phases to (beyond the per-run pin of `run_worker`).
+    let mut campaign_key: Option<WorkerId> = None;
     loop {
-        let summary = match run_worker(options) {
+        let summary = match run_in(options, campaign_key) {
             Ok(summary) => summary,
             Err(e) => {
                 let refused = match e.downcast_ref::<CallError>() {
@@ -153,6 +158,7 @@ pub fn follow(options: &WorkerOptions) -> Result<FollowSummary> {
             }
         };
         let (finished, run) = (summary.finished, summary.run_id.clone());
+        campaign_key = Some(summary.coordinator_key);
         runs.push(summary);
         if !finished {
             return Ok(FollowSummary { runs, not_retained: None });
@@ -173,6 +179,11 @@ pub fn follow(options: &WorkerOptions) -> Result<FollowSummary> {
 }
 
 pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
+    run_in(options, None)
+}
+
+/// [`run_worker`], refusing a run whose coordinator key is not `expected` (a campaign's later phase).
+fn run_in(options: &WorkerOptions, expected: Option<WorkerId>) -> Result<WorkerSummary> {
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("{}: cannot create the worker's data directory", options.data_dir.display()))?;
     let identity = Arc::new(Identity::load_or_create(&options.data_dir.join("identity.key"))?);
@@ -184,6 +195,7 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
             info.protocol_version
         );
     }
+    same_campaign_key(expected, &info)?;
     let run_dir = options.data_dir.join("runs").join(&info.run_id);
     // Trust on first use: receipts and round roots must be signed by the key this run's coordinator
     // presented the first time this worker met it.
@@ -243,6 +255,7 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
     let mut summary = WorkerSummary {
         worker: identity.id().hex(),
         run_id: info.run_id.clone(),
+        coordinator_key: info.coordinator_key,
         verifying: ctx.trust.verify,
         rounds_received: 0,
         rounds_accepted: 0,
@@ -345,6 +358,21 @@ pub fn run_worker(options: &WorkerOptions) -> Result<WorkerSummary> {
     let _ = beats.join();
     result?;
     Ok(summary)
+}
+
+/// A campaign's later phase must be signed by the key of its earlier ones (`expected`): a coordinator that
+/// changes keys between phases is not followed.
+fn same_campaign_key(expected: Option<WorkerId>, info: &RunInfo) -> Result<()> {
+    match expected {
+        Some(key) if info.coordinator_key != key => bail!(
+            "run {} is signed by coordinator key {}, not by the key {} that signed this campaign's earlier \
+             phases: refusing to follow it",
+            info.run_id,
+            info.coordinator_key.hex(),
+            key.hex()
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// A received upload whose verdict is still to be read (overlap only).
@@ -880,4 +908,39 @@ fn spawn_heartbeats(
             std::thread::sleep(Duration::from_millis(50));
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_signed_by(key: WorkerId) -> RunInfo {
+        RunInfo {
+            protocol_version: PROTOCOL_VERSION,
+            run_id: "phase2".into(),
+            model: serde_json::Value::Null,
+            inner: serde_json::Value::Null,
+            inner_steps: 1,
+            batch_size: 1,
+            seq_len: 1,
+            rounds: 1,
+            tokenizer_hash: Hash32([0; 32]),
+            compression: serde_json::Value::Null,
+            trust: serde_json::Value::Null,
+            coordinator_key: key,
+            max_delta_bytes: 1,
+            heartbeat_interval_ms: 1,
+        }
+    }
+
+    /// Whoever serves a campaign's next phase under another key (a swapped server, a hijacked address)
+    /// is not followed; the first run, with nothing pinned yet, is taken on first use.
+    #[test]
+    fn a_later_phase_under_another_key_is_refused() {
+        let (pinned, other) = (WorkerId([1; 32]), WorkerId([2; 32]));
+        assert!(same_campaign_key(None, &run_signed_by(other)).is_ok());
+        assert!(same_campaign_key(Some(pinned), &run_signed_by(pinned)).is_ok());
+        let err = same_campaign_key(Some(pinned), &run_signed_by(other)).unwrap_err().to_string();
+        assert!(err.contains("refusing to follow") && err.contains(&other.hex()), "{err}");
+    }
 }

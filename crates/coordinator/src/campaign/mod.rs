@@ -196,7 +196,14 @@ impl Campaign {
             }
             phases.push(phase);
         }
-        CampaignInfo { name: self.file.name.clone(), phases, current, state, run_id: app.run_id.clone() }
+        CampaignInfo {
+            name: self.file.name.clone(),
+            phases,
+            current,
+            state,
+            run_id: app.run_id.clone(),
+            coordinator_key: app.key.id(),
+        }
     }
 }
 
@@ -224,6 +231,8 @@ async fn open_phase(
         dir: phase_dir(options, k),
         database: Some(phase_database_url(options, k)),
         blobs: Some(options.blobs.clone().unwrap_or_else(|| options.dir.join("blobs").display().to_string())),
+        // One signing key for every phase (workers hold later phases to the key of the first).
+        key: Some(options.dir.join("coordinator.key")),
     };
     Coordinator::open_with(run, &phase).await.with_context(|| format!("phase {} ({:?})", k + 1, file.phases[k].name))
 }

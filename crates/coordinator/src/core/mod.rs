@@ -5,5 +5,6 @@
 //! `agora_verify::rules`, under the same discipline.
 
 pub mod assign;
+pub mod cohort;
 pub mod liveness;
 pub mod vesting;
