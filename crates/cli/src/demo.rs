@@ -312,7 +312,8 @@ pub fn demo(args: DemoArgs) -> Result<()> {
 pub(crate) fn prepare_out_dir(out: &Path) -> Result<()> {
     // Only ever delete a directory that an earlier demo made.
     if out.exists() {
-        let earlier_demo = ["run.toml", "metrics.jsonl", "campaign.toml"].iter().any(|f| out.join(f).is_file());
+        // A demo marks its directory; run.toml and metrics.jsonl mark those of demos older than the mark.
+        let earlier_demo = [DEMO_MARK, "run.toml", "metrics.jsonl"].iter().any(|f| out.join(f).is_file());
         let empty = std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
         if !earlier_demo && !empty {
             bail!("{}: exists and is not an earlier demo run; choose another --out", out.display());
@@ -320,8 +321,13 @@ pub(crate) fn prepare_out_dir(out: &Path) -> Result<()> {
         std::fs::remove_dir_all(out)
             .with_context(|| format!("{}: cannot clear the earlier demo run", out.display()))?;
     }
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    std::fs::write(out.join(DEMO_MARK), "made by agora demo; removed by the next agora demo --out here\n")
+        .with_context(|| format!("{}: cannot write", out.display()))
 }
+
+/// The file that marks a directory as made by `agora demo` (and so replaceable by the next demo).
+const DEMO_MARK: &str = ".agora-demo";
 
 fn run_toml(args: &DemoArgs, corpus: &Path) -> Result<String> {
     let warmup = (args.rounds * args.inner_steps / 20).max(1);

@@ -24,7 +24,8 @@ struct PhaseSummary {
     parameters: u64,
     grown_by: Vec<String>,
     workers: Vec<String>,
-    /// Those of the previous phase's workers this phase admitted (None for the first phase).
+    /// The campaign file's `retain`: how many of the previous phase's best identities it admits at most
+    /// (None for the first phase).
     retained: Option<usize>,
     rounds: u64,
     tokens_trained: u64,
@@ -34,21 +35,18 @@ struct PhaseSummary {
     recipe: String,
 }
 
-/// How many of the previous phase's identities phase k (from 1) retains out of `workers` who started.
+/// How many of the previous phase's identities phase k (from 1) retains when `workers` started: two
+/// thirds of them, then one fewer each phase (6 workers: 4, then 3), never fewer than 2.
 fn retained(workers: usize, k: usize) -> usize {
-    match k {
-        1 => (2 * workers).div_ceil(3),
-        _ => workers.div_ceil(2),
-    }
-    .max(2)
+    ((2 * workers).div_ceil(3) + 1).saturating_sub(k).max(2)
 }
 
 pub fn demo_phases(args: &DemoArgs, phases: usize) -> Result<()> {
     if !(2..=LADDER.len()).contains(&phases) {
         bail!("--phases: 2 or 3 (the miniature ladder has {} rungs)", LADDER.len());
     }
-    if args.workers < 3 {
-        bail!("--workers: a campaign demo needs at least 3 workers (so that retention leaves someone out)");
+    if args.workers < phases + 1 {
+        bail!("--workers: {phases} phases need at least {} workers, so that each phase retains fewer", phases + 1);
     }
     let started = Instant::now();
     crate::demo::prepare_out_dir(&args.out)?;

@@ -347,13 +347,20 @@ impl RunFile {
         self.inner.steps as usize * self.inner.batch_size
     }
 
-    /// The run id: a hash of the canonical form of this file (paths included) and of the contents of every
+    /// The run id: a hash of the canonical form of this file (paths included; `[admission] previous` left
+    /// out when `previous_run` pins the earlier run by its id) and of the contents of every
     /// file the run reads: the corpus (each file, or each corpus file directly inside a directory, in the
     /// order the corpus reader takes them), the tokenizer and the model config. Contents are streamed
     /// through blake3, never read whole into memory.
     pub fn run_id(&self) -> Result<String> {
         let mut h = blake3::Hasher::new_derive_key("agora-coordinator run id v2");
-        h.update(serde_json::to_string(self)?.as_bytes());
+        // An earlier run pinned by its id is the same earlier run wherever its store is reached from (a
+        // moved SQLite file, a rotated database password): its URL is not part of this run's identity.
+        let mut hashed = self.clone();
+        if hashed.admission.previous_run.is_some() {
+            hashed.admission.previous = None;
+        }
+        h.update(serde_json::to_string(&hashed)?.as_bytes());
         for f in &self.data.files {
             if f.is_dir() {
                 let files = corpus_files_in(f)?;
@@ -554,6 +561,21 @@ mod tests {
             let err = format!("{:#}", RunFile::load(&write(dir.path(), &text)).unwrap_err());
             assert!(err.contains(expected), "expected {expected:?} in: {err}");
         }
+    }
+
+    /// An earlier run pinned by its id is the same earlier run however its store is reached (a moved file,
+    /// a rotated password): its URL is not part of the run id then; unpinned, it is.
+    #[test]
+    fn a_pinned_previous_run_is_identified_by_its_id_not_its_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = "[model]\npreset = \"tiny\"\n[data]\nfiles = [\"corpus.txt\"]\n[rounds]\ncount = 3\n[admission]\n";
+        let id = |admission: &str| {
+            RunFile::load(&write(dir.path(), &format!("{base}{admission}"))).unwrap().run_id().unwrap()
+        };
+        let pinned = |url: &str, run: &str| id(&format!("previous = \"{url}\"\nprevious_run = \"{run}\"\n"));
+        assert_eq!(pinned("postgres://u:old@h/db", "abc"), pinned("postgres://u:new@h/db", "abc"));
+        assert_ne!(pinned("postgres://u:old@h/db", "abc"), pinned("postgres://u:old@h/db", "abd"));
+        assert_ne!(id("previous = \"sqlite:///a.db\"\n"), id("previous = \"sqlite:///b.db\"\n"));
     }
 
     /// A changed byte of the corpus (same size, same path, same run file) is a different run.

@@ -337,7 +337,7 @@ impl Coordinator {
              VALUES ($1, $2, $3, $4, $5, $6, $7, 0)",
         )
         .bind(run_id)
-        .bind(serde_json::to_string(run)?)
+        .bind(serde_json::to_string(&stored_run_file(run))?)
         .bind(serde_json::to_string(&prepared.model_config.to_hf_json())?)
         .bind(tokenizer_hash.hex())
         .bind(val_hash.hex())
@@ -425,6 +425,13 @@ impl Coordinator {
     pub(crate) fn chain_segments(&self) -> u64 {
         self.chain_bounds().len().saturating_sub(1) as u64
     }
+}
+
+/// The run file as the store keeps it: an earlier run's database URL without its password.
+fn stored_run_file(run: &RunFile) -> RunFile {
+    let mut stored = run.clone();
+    stored.admission.previous = stored.admission.previous.as_deref().map(crate::redact::redact_url);
+    stored
 }
 
 /// The outer momentum a run starts from (`[model] outer_momentum`): one fp32 tensor per parameter, by

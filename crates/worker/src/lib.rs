@@ -134,8 +134,22 @@ pub fn follow(options: &WorkerOptions) -> Result<FollowSummary> {
         }
     };
     // A campaign signs every phase with one key: the key of the first run this worker took part in is the
-    // key it holds the later phases to (beyond the per-run pin of `run_worker`).
-    let mut campaign_key: Option<WorkerId> = None;
+    // key it holds the later phases to (beyond the per-run pin of `run_worker`), kept in its data
+    // directory so that a restarted worker holds them to it too.
+    let mut pin: Option<(PathBuf, WorkerId)> = match campaign()? {
+        Some(c) => {
+            let file = campaign_pin_file(&options.data_dir, &options.coordinator, &c.name);
+            match std::fs::read_to_string(&file) {
+                Ok(text) => {
+                    let key = text.trim().parse().map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+                    Some((file, key))
+                }
+                Err(_) => None,
+            }
+        }
+        None => None,
+    };
+    let mut campaign_key = pin.as_ref().map(|p| p.1);
     loop {
         let summary = match run_in(options, campaign_key) {
             Ok(summary) => summary,
@@ -148,7 +162,7 @@ pub fn follow(options: &WorkerOptions) -> Result<FollowSummary> {
                 };
                 match (refused, campaign()?) {
                     (Some(reason), Some(c)) => {
-                        let phase = &c.phases[c.current].name;
+                        let phase = c.phases.get(c.current).map_or("?", |p| p.name.as_str());
                         let note = format!("not retained for phase {phase:?} of campaign {:?}: {reason}", c.name);
                         tracing::info!("{note}");
                         return Ok(FollowSummary { runs, not_retained: Some(note) });
@@ -157,8 +171,8 @@ pub fn follow(options: &WorkerOptions) -> Result<FollowSummary> {
                 }
             }
         };
-        let (finished, run) = (summary.finished, summary.run_id.clone());
-        campaign_key = Some(summary.coordinator_key);
+        let (finished, run, key) = (summary.finished, summary.run_id.clone(), summary.coordinator_key);
+        campaign_key = Some(key);
         runs.push(summary);
         if !finished {
             return Ok(FollowSummary { runs, not_retained: None });
@@ -166,8 +180,18 @@ pub fn follow(options: &WorkerOptions) -> Result<FollowSummary> {
         // The run is over: a campaign may go on with another phase.
         loop {
             let Some(c) = campaign()? else { return Ok(FollowSummary { runs, not_retained: None }) };
+            if pin.is_none() {
+                let file = campaign_pin_file(&options.data_dir, &options.coordinator, &c.name);
+                std::fs::create_dir_all(file.parent().expect("a parent"))?;
+                std::fs::write(&file, format!("{}\n", key.hex()))
+                    .with_context(|| format!("{}: cannot pin the campaign's key", file.display()))?;
+                pin = Some((file, key));
+            }
+            let Some(phase) = c.phases.get(c.current) else {
+                bail!("/v1/campaign names phase {} of {}", c.current, c.phases.len())
+            };
             if c.run_id != run {
-                tracing::info!(phase = c.phases[c.current].name, run = c.run_id, "the campaign's next phase is open");
+                tracing::info!(phase = phase.name, run = c.run_id, "the campaign's next phase is open");
                 break;
             }
             if c.state == agora_protocol::CampaignState::Finished {
@@ -358,6 +382,12 @@ fn run_in(options: &WorkerOptions, expected: Option<WorkerId>) -> Result<WorkerS
     let _ = beats.join();
     result?;
     Ok(summary)
+}
+
+/// Where a worker keeps the key of a campaign it follows (one file per coordinator URL and campaign name).
+fn campaign_pin_file(data_dir: &std::path::Path, coordinator: &str, campaign: &str) -> PathBuf {
+    let id = blake3::hash(format!("{}\n{campaign}", coordinator.trim_end_matches('/')).as_bytes());
+    data_dir.join("campaigns").join(format!("{}.coordinator.key.pub", &id.to_hex()[..16]))
 }
 
 /// A campaign's later phase must be signed by the key of its earlier ones (`expected`): a coordinator that

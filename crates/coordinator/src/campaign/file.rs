@@ -180,6 +180,13 @@ impl CampaignFile {
                 ),
                 _ => {}
             }
+            if phase.retain.is_some() && !self.phases[k - 1].trust.verify {
+                bail!(
+                    "{}: retain needs reputations, and phase {k} does not judge its uploads ([phase.trust] verify = \
+                     false): judge it, or leave retain out",
+                    at()
+                );
+            }
         }
         // Growth from each phase to the next, on configs (no weights are built).
         let vocab = self.provisional_vocab()?;
@@ -249,7 +256,9 @@ impl CampaignFile {
                     preset: None,
                     config: None,
                     checkpoint: Some(h.grown.clone()),
-                    outer_momentum: self.phases[k].growth.carries_momentum()?.then_some(momentum),
+                    // Carried only if the finished phase had momentum to carry.
+                    outer_momentum: (self.phases[k].growth.carries_momentum()? && momentum.is_file())
+                        .then_some(momentum),
                 };
                 run.data.tokenizer = Some(h.grown.join("tokenizer.json"));
                 run.data.vocab_size = None;
@@ -273,20 +282,44 @@ impl CampaignFile {
 
 /// Phase k's database when the campaign was given one URL: the same server, a database of its own
 /// (`NAME_phaseK`, or `NAME_phaseK.db` for SQLite), so each phase keeps its own receipts, roots and ledger.
-pub fn phase_database(base: &str, k: usize) -> String {
-    let (url, query) = match base.split_once('?') {
-        Some((u, q)) => (u, Some(q)),
-        None => (base, None),
-    };
+pub fn phase_database(base: &str, k: usize) -> Result<String> {
     let suffix = format!("_phase{}", k + 1);
-    let named = match url.strip_suffix(".db") {
-        Some(stem) => format!("{stem}{suffix}.db"),
-        None => format!("{}{suffix}", url.trim_end_matches('/')),
-    };
-    match query {
-        Some(q) => format!("{named}?{q}"),
-        None => named,
+    let shown = crate::redact::redact_url(base);
+    if base.starts_with("sqlite:") {
+        ensure!(
+            !base.contains(":memory:"),
+            "--database {shown}: a campaign needs database files that outlive it (sqlite:///path/campaign.db)"
+        );
+        let (url, query) = match base.split_once('?') {
+            Some((u, q)) => (u, Some(q)),
+            None => (base, None),
+        };
+        let stem = url.strip_suffix(".db").unwrap_or(url);
+        ensure!(
+            !stem.ends_with('/') && !stem.ends_with(':'),
+            "--database {shown}: name a database file (sqlite:///path/campaign.db); phase K uses campaign_phaseK.db"
+        );
+        let named = if url.ends_with(".db") { format!("{stem}{suffix}.db") } else { format!("{stem}{suffix}") };
+        return Ok(match query {
+            Some(q) => format!("{named}?{q}"),
+            None => named,
+        });
     }
+    let mut url = url::Url::parse(base).map_err(|e| anyhow::anyhow!("--database {shown}: not a URL: {e}"))?;
+    ensure!(
+        matches!(url.scheme(), "postgres" | "postgresql"),
+        "--database {shown}: expected sqlite://… or postgres://…"
+    );
+    let name = url.path().trim_start_matches('/').to_string();
+    ensure!(
+        !name.is_empty() && !name.contains('/'),
+        "--database {shown}: name the database (postgres://USER@HOST/NAME); phase K uses NAME_phaseK"
+    );
+    let named = format!("{name}{suffix}");
+    // PostgreSQL truncates longer names, which could give two phases one database.
+    ensure!(named.len() <= 63, "--database {shown}: {named} is longer than PostgreSQL's 63-byte names; shorten NAME");
+    url.set_path(&format!("/{named}"));
+    Ok(url.to_string())
 }
 
 #[cfg(test)]
@@ -380,8 +413,8 @@ min_workers = 2
             (CAMPAIGN.replace("retain = 3", "retain = 1"), "can never fill a round"),
             (CAMPAIGN.replace("retain = 3", "retain = 0"), "at least 1"),
             (CAMPAIGN.replace("name = \"small\"", "name = \"small\"\nretain = 2"), "no previous phase"),
-            (CAMPAIGN.replace("method = \"depth\"", "method = \"width\""), "method"),
-            (CAMPAIGN.replace("method = \"depth\"", "method = \"sideways\""), "method"),
+            (CAMPAIGN.replace("method = \"depth\"", "method = \"width\""), "[phase.growth] method"),
+            (CAMPAIGN.replace("method = \"depth\"", "method = \"sideways\""), "[phase.growth] method: "),
             (CAMPAIGN.replace("outer_momentum = \"carry\"", "outer_momentum = \"keep\""), "carry or reset"),
             (CAMPAIGN.replace("config = \"deeper.json\"", "preset = \"small\""), "cannot grow"),
             (CAMPAIGN.replace("config = \"deeper.json\"", "checkpoint = \".\""), "never from a checkpoint"),
@@ -390,7 +423,15 @@ min_workers = 2
                 CAMPAIGN.replace("[[phase]]\nname = \"deeper\"", "[[phase]]\nname = \"deeper\"\nsurprise = 1"),
                 "unknown field",
             ),
-            (CAMPAIGN.replace("name = \"ladder\"", "name = \" \""), "name"),
+            (CAMPAIGN.replace("name = \"ladder\"", "name = \" \""), "give the campaign a name"),
+            (
+                CAMPAIGN.replacen(
+                    "[[phase]]\nname = \"deeper\"",
+                    "[phase.trust]\nverify = false\n[[phase]]\nname = \"deeper\"",
+                    1,
+                ),
+                "retain needs reputations",
+            ),
         ];
         for (text, expected) in cases {
             let err = format!("{:#}", CampaignFile::load(&write(dir.path(), &text)).unwrap_err());
@@ -400,15 +441,24 @@ min_workers = 2
 
     #[test]
     fn each_phase_gets_its_own_database() {
-        assert_eq!(phase_database("postgres://u:p@h:5432/agora", 0), "postgres://u:p@h:5432/agora_phase1");
-        assert_eq!(
-            phase_database("postgres://h/agora?sslmode=disable", 2),
-            "postgres://h/agora_phase3?sslmode=disable"
-        );
-        assert_eq!(
-            phase_database("sqlite:///tmp/c/campaign.db?mode=rwc", 1),
-            "sqlite:///tmp/c/campaign_phase2.db?mode=rwc"
-        );
-        assert_eq!(phase_database("sqlite:///tmp/c/campaign", 0), "sqlite:///tmp/c/campaign_phase1");
+        let db = |base: &str, k| phase_database(base, k).unwrap();
+        assert_eq!(db("postgres://u:p@h:5432/agora", 0), "postgres://u:p@h:5432/agora_phase1");
+        assert_eq!(db("postgres://h/agora?sslmode=disable", 2), "postgres://h/agora_phase3?sslmode=disable");
+        assert_eq!(db("sqlite:///tmp/c/campaign.db?mode=rwc", 1), "sqlite:///tmp/c/campaign_phase2.db?mode=rwc");
+        assert_eq!(db("sqlite:///tmp/c/campaign", 0), "sqlite:///tmp/c/campaign_phase1");
+        assert_eq!(db("sqlite://campaign.db", 0), "sqlite://campaign_phase1.db");
+        for (bad, expected) in [
+            ("postgres://u:p@h:5432", "name the database"),
+            ("postgres://h/", "name the database"),
+            ("sqlite::memory:", "outlive it"),
+            ("sqlite:///tmp/", "name a database file"),
+            ("mysql://h/db", "expected sqlite"),
+        ] {
+            let err = phase_database(bad, 0).unwrap_err().to_string();
+            assert!(err.contains(expected), "{bad}: {err}");
+        }
+        let long = format!("postgres://h/{}", "a".repeat(60));
+        assert!(phase_database(&long, 0).unwrap_err().to_string().contains("63-byte"));
+        assert!(!phase_database("postgres://u:secret@h", 0).unwrap_err().to_string().contains("secret"));
     }
 }

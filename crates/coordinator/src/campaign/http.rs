@@ -1,7 +1,8 @@
 //! The campaign's HTTP face: `GET /v1/campaign`; `GET /v1/campaign/phases/K/PATH` answered by phase K's
 //! public reads (`K` from 1; its status, leaderboard, ledger, receipts and blobs stay readable after it
-//! has finished); and every other request answered by the phase being served (its routes, signatures
-//! and refusals, unchanged).
+//! has finished); and every other request answered by the phase it names in `x-agora-run` (a worker
+//! settling a finished phase) or else by the phase being served (its routes, signatures and refusals,
+//! unchanged).
 
 use super::Campaign;
 use crate::error::ApiError;
@@ -50,7 +51,9 @@ async fn info(State(campaign): State<Arc<Campaign>>) -> Json<CampaignInfo> {
 }
 
 async fn dispatch(State(campaign): State<Arc<Campaign>>, request: Request) -> Response {
-    match campaign.current_router().oneshot(request).await {
+    let run = request.headers().get(agora_protocol::HEADER_RUN).and_then(|v| v.to_str().ok());
+    let router = campaign.router_for(run);
+    match router.oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},
     }

@@ -65,19 +65,52 @@ pub struct Campaign {
 }
 
 impl Campaign {
-    /// Loads the campaign file and opens its first phase (creating its store on first start). Call
-    /// [`Campaign::drive`] to move through the phases.
-    pub async fn open(options: CampaignOptions) -> Result<Arc<Campaign>> {
+    /// Loads the campaign file, opens its first phase (creating its store on first start) and moves past
+    /// every phase that has already finished (growing what a killed campaign left ungrown), so that the
+    /// phase served from the first request on is the one in progress. Call [`Campaign::drive`] to go on.
+    pub async fn open(mut options: CampaignOptions) -> Result<Arc<Campaign>> {
         let file = CampaignFile::load(&options.campaign_file)?;
         std::fs::create_dir_all(&options.dir)
             .with_context(|| format!("{}: cannot create the campaign directory", options.dir.display()))?;
+        // Absolute, so that the paths derived from it (and hashed into later phases' run ids) do not depend
+        // on how the directory was named on the command line.
+        options.dir = std::fs::canonicalize(&options.dir)?;
+        for k in 0..file.phases.len() {
+            phase_database_url(&options, k)?;
+        }
         let app = open_phase(&file, &options, 0, None).await?;
         let router = crate::http::router(app.clone());
         let opened = RwLock::new(vec![(app.clone(), router.clone())]);
         let current = RwLock::new(Current { phase: 0, router, app });
         let campaign = Campaign { file, options, current, opened };
-        tracing::info!(campaign = campaign.file.name, phases = campaign.file.phases.len(), "campaign opened");
+        while campaign.current().finished.load(Ordering::SeqCst) && campaign.advance().await? {}
+        tracing::info!(
+            campaign = campaign.file.name,
+            phases = campaign.file.phases.len(),
+            serving = campaign.current.read().expect("campaign lock").phase + 1,
+            "campaign opened"
+        );
         Ok(Arc::new(campaign))
+    }
+
+    /// The served phase is finished: grows it into the next phase and serves that one. False when it was
+    /// the last phase.
+    async fn advance(&self) -> Result<bool> {
+        let (phase, app) = {
+            let c = self.current.read().expect("campaign lock");
+            (c.phase, c.app.clone())
+        };
+        if phase + 1 == self.file.phases.len() {
+            return Ok(false);
+        }
+        let next = phase + 1;
+        let handover = self.handover(next, &app).await?;
+        let opened = open_phase(&self.file, &self.options, next, Some(&handover)).await?;
+        tracing::info!(phase = next + 1, run = opened.run_id, "phase opened");
+        let router = crate::http::router(opened.clone());
+        self.opened.write().expect("campaign lock").push((opened.clone(), router.clone()));
+        *self.current.write().expect("campaign lock") = Current { phase: next, router, app: opened };
+        Ok(true)
     }
 
     /// The coordinator of the phase being served.
@@ -98,57 +131,63 @@ impl Campaign {
     /// phase's model, opens that phase and serves it; returns once the last phase has finished.
     pub async fn drive(self: Arc<Self>) -> Result<()> {
         loop {
-            let (phase, app) = {
-                let c = self.current.read().expect("campaign lock");
-                (c.phase, c.app.clone())
-            };
+            let app = self.current();
             let mut changes = app.subscribe();
             while !app.finished.load(Ordering::SeqCst) {
                 let _ = tokio::time::timeout(Duration::from_millis(500), changes.changed()).await;
             }
-            if phase + 1 == self.file.phases.len() {
+            if !self.advance().await? {
                 tracing::info!(campaign = self.file.name, "the campaign's last phase is finished");
                 return Ok(());
             }
-            let next = phase + 1;
-            let handover = self.handover(next, &app).await?;
-            let opened = open_phase(&self.file, &self.options, next, Some(&handover)).await?;
-            tracing::info!(phase = next + 1, run = opened.run_id, "phase opened");
-            let router = crate::http::router(opened.clone());
-            self.opened.write().expect("campaign lock").push((opened.clone(), router.clone()));
-            *self.current.write().expect("campaign lock") = Current { phase: next, router, app: opened };
         }
+    }
+
+    /// The router for a request that names `run` (its `x-agora-run` header): that phase's, if it is one
+    /// of the campaign's opened phases, so that a worker still settling a finished phase (its last
+    /// upload, receipt or `Finished`) talks to that phase; otherwise the served phase's.
+    pub(crate) fn router_for(&self, run: Option<&str>) -> Router {
+        if let Some(run) = run {
+            let opened = self.opened.read().expect("campaign lock");
+            if let Some((_, router)) = opened.iter().find(|(app, _)| app.run_id == run) {
+                return router.clone();
+            }
+        }
+        self.current_router()
     }
 
     /// What phase `next` takes from the finished phase `app`: its store and run id, and its final
     /// weights grown to `next`'s model (grown now unless a previous start already wrote them).
     async fn handover(&self, next: usize, app: &Arc<Coordinator>) -> Result<Handover> {
         let grown = self.options.dir.join("grown").join(format!("phase-{}", next + 1));
-        if !grown.is_dir() {
-            let (global, momentum) = {
-                let live = app.live.lock().await;
-                (live.global_hash, live.momentum_hash)
-            };
+        let (global, momentum) = {
+            let live = app.live.lock().await;
+            (live.global_hash, live.momentum_hash)
+        };
+        let growth = &self.file.phases[next].growth;
+        let carried = momentum.filter(|_| growth.carries_momentum().unwrap_or(false));
+        let mut to = self.file.target_config(next, app.model_config.vocab_size)?;
+        (to.bos_token_id, to.eos_token_id) = (app.model_config.bos_token_id, app.model_config.eos_token_id.clone());
+        let record = growth_record(&app.run_id, &global, carried.as_ref(), &to, growth)?;
+        if grown.is_dir() {
+            check_growth_record(&grown, &record)?;
+        } else {
             let weights = app.blobs.get(&global).await.context("the finished phase's final weights")?;
-            let growth = &self.file.phases[next].growth;
-            let momentum = match momentum {
-                Some(hash) if growth.carries_momentum()? => {
-                    Some(app.blobs.get(&hash).await.context("the finished phase's outer momentum")?)
-                }
-                _ => None,
+            let momentum = match carried {
+                Some(hash) => Some(app.blobs.get(&hash).await.context("the finished phase's outer momentum")?),
+                None => None,
             };
             let tokenizer = app.blobs.get(&app.info.tokenizer_hash).await.context("the campaign's tokenizer")?;
-            let mut to = self.file.target_config(next, app.model_config.vocab_size)?;
-            (to.bos_token_id, to.eos_token_id) = (app.model_config.bos_token_id, app.model_config.eos_token_id.clone());
             let (from, growth, out) = (app.model_config.clone(), growth.clone(), grown.clone());
             tracing::info!(phase = next + 1, "growing the finished phase's weights into the next phase's model");
             tokio::task::spawn_blocking(move || {
-                write_grown(&from, &weights, momentum.as_deref(), &tokenizer, &to, &growth, &out)
+                let job = GrowthJob { from: &from, to: &to, growth: &growth, record: &record };
+                write_grown(&job, &weights, momentum.as_deref(), &tokenizer, &out)
             })
             .await??;
         }
         Ok(Handover {
-            previous_database: phase_database_url(&self.options, next - 1),
+            previous_database: phase_database_url(&self.options, next - 1)?,
             previous_run: app.run_id.clone(),
             grown,
         })
@@ -208,11 +247,11 @@ impl Campaign {
 }
 
 /// Phase k's database URL as [`Options`] will use it (needed by the next phase's admission).
-fn phase_database_url(options: &CampaignOptions, k: usize) -> String {
-    match &options.database {
-        Some(base) => phase_database(base, k),
+fn phase_database_url(options: &CampaignOptions, k: usize) -> Result<String> {
+    Ok(match &options.database {
+        Some(base) => phase_database(base, k)?,
         None => format!("sqlite://{}?mode=rwc", phase_dir(options, k).join("coordinator.db").display()),
-    }
+    })
 }
 
 fn phase_dir(options: &CampaignOptions, k: usize) -> PathBuf {
@@ -229,7 +268,7 @@ async fn open_phase(
     let phase = Options {
         run_file: options.campaign_file.clone(),
         dir: phase_dir(options, k),
-        database: Some(phase_database_url(options, k)),
+        database: Some(phase_database_url(options, k)?),
         blobs: Some(options.blobs.clone().unwrap_or_else(|| options.dir.join("blobs").display().to_string())),
         // One signing key for every phase (workers hold later phases to the key of the first).
         key: Some(options.dir.join("coordinator.key")),
@@ -237,18 +276,20 @@ async fn open_phase(
     Coordinator::open_with(run, &phase).await.with_context(|| format!("phase {} ({:?})", k + 1, file.phases[k].name))
 }
 
+/// One growth between phases: from which config to which, with which settings, and its record.
+struct GrowthJob<'a> {
+    from: &'a LlamaConfig,
+    to: &'a LlamaConfig,
+    growth: &'a file::GrowthSection,
+    record: &'a serde_json::Value,
+}
+
 /// Grows a finished phase's final weights (a payload of `from`'s parameters) to `to` and writes the
 /// result as a Hugging Face directory at `out`, with the campaign's tokenizer and, when given, the outer
-/// momentum grown alongside ([`MOMENTUM_FILE`]). Written beside `out` and renamed into place.
-fn write_grown(
-    from: &LlamaConfig,
-    weights: &[u8],
-    momentum: Option<&[u8]>,
-    tokenizer: &[u8],
-    to: &LlamaConfig,
-    growth: &file::GrowthSection,
-    out: &Path,
-) -> Result<()> {
+/// momentum grown alongside ([`MOMENTUM_FILE`]). Written beside `out`, its record ([`GROWTH_RECORD`])
+/// last, everything fsynced, and renamed into place.
+fn write_grown(job: &GrowthJob, weights: &[u8], momentum: Option<&[u8]>, tokenizer: &[u8], out: &Path) -> Result<()> {
+    let GrowthJob { from, to, growth, record } = *job;
     let options = growth.options()?;
     let steps = plan(from, to, &options)?;
     growth.method()?.check(&steps)?;
@@ -269,23 +310,64 @@ fn write_grown(
         Tensor::write_safetensors(&named, partial.join(MOMENTUM_FILE))
             .map_err(|e| anyhow::anyhow!("{}: cannot write the outer momentum: {e}", partial.display()))?;
     }
-    let report = serde_json::json!({
-        "parameters_before": from.num_parameters(),
-        "parameters_after": to.num_parameters(),
-        "steps": steps.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        "exact": steps.iter().all(|s| s.is_exact()),
-        "outer_momentum": if momentum.is_some() { "carried" } else { "reset" },
-    });
-    agora_model::checkpoint::write_json(&partial.join("growth.json"), &report)?;
+    let mut report = record.clone();
+    report["parameters_before"] = from.num_parameters().into();
+    report["parameters_after"] = to.num_parameters().into();
+    report["steps"] = steps.iter().map(|s| s.to_string()).collect::<Vec<_>>().into();
+    report["exact"] = steps.iter().all(|s| s.is_exact()).into();
     for entry in std::fs::read_dir(&partial)? {
         std::fs::File::open(entry?.path())?.sync_all()?;
     }
+    // The record last: a directory that has it is whole.
+    agora_model::checkpoint::write_json(&partial.join(GROWTH_RECORD), &report)?;
+    std::fs::File::open(partial.join(GROWTH_RECORD))?.sync_all()?;
+    std::fs::File::open(&partial)?.sync_all()?;
     std::fs::rename(&partial, out)
         .with_context(|| format!("{}: cannot move the grown checkpoint into place", out.display()))?;
     if let Some(parent) = out.parent() {
         std::fs::File::open(parent)?.sync_all()?;
     }
     tracing::info!(out = %out.display(), before = from.num_parameters(), after = to.num_parameters(), "grown");
+    Ok(())
+}
+
+/// The file in a grown directory that records what it was grown from and to.
+pub const GROWTH_RECORD: &str = "growth.json";
+
+/// What a grown directory must have been grown from and to: the finished phase's run and final weights
+/// (and carried momentum), the target config and the growth settings. Reusing a directory whose record
+/// differs (the campaign file was edited after growth) is refused rather than silently trained.
+fn growth_record(
+    from_run: &str,
+    global: &agora_protocol::Hash32,
+    momentum: Option<&agora_protocol::Hash32>,
+    to: &LlamaConfig,
+    growth: &file::GrowthSection,
+) -> Result<serde_json::Value> {
+    Ok(serde_json::json!({
+        "from_run": from_run,
+        "from_weights": global.hex(),
+        "outer_momentum": momentum.map(|m| m.hex()),
+        "target": to.to_hf_json(),
+        "growth": serde_json::to_value(growth)?,
+    }))
+}
+
+fn check_growth_record(dir: &Path, record: &serde_json::Value) -> Result<()> {
+    let path = dir.join(GROWTH_RECORD);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let stored: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    for key in ["from_run", "from_weights", "outer_momentum", "target", "growth"] {
+        if stored[key] != record[key] {
+            anyhow::bail!(
+                "{}: was grown with another {key} than the campaign file now asks for (was the file edited after \
+                 this phase was grown?): restore the file, or remove the directory to grow again if the phase \
+                 it feeds has not opened",
+                dir.display()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -319,13 +401,29 @@ mod tests {
             &BTreeMap::new(),
         );
         let growth = file::GrowthSection { method: "depth".into(), ..Default::default() };
+        let hash = agora_protocol::hash_bytes(&weights);
+        let record = growth_record("run1", &hash, None, &to, &growth).unwrap();
+        let job = GrowthJob { from: &from, to: &to, growth: &growth, record: &record };
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        write_grown(&from, &weights, Some(&momentum), b"{}", &to, &growth, &a).unwrap();
+        write_grown(&job, &weights, Some(&momentum), b"{}", &a).unwrap();
         std::fs::create_dir_all(b.with_extension("partial")).unwrap();
         std::fs::write(b.with_extension("partial").join("model.safetensors"), b"torn").unwrap();
-        write_grown(&from, &weights, Some(&momentum), b"{}", &to, &growth, &b).unwrap();
+        write_grown(&job, &weights, Some(&momentum), b"{}", &b).unwrap();
         assert!(!b.with_extension("partial").exists());
+        check_growth_record(&b, &record).unwrap();
+        // The campaign file edited after growth: another target, other settings or other source weights.
+        let mut wider = to.clone();
+        wider.intermediate_size = 512;
+        let split = file::GrowthSection { ffn: "split".into(), ..growth.clone() };
+        for (other, what) in [
+            (growth_record("run1", &hash, None, &wider, &growth).unwrap(), "target"),
+            (growth_record("run1", &hash, None, &to, &split).unwrap(), "growth"),
+            (growth_record("run1", &agora_protocol::hash_bytes(b"x"), None, &to, &growth).unwrap(), "from_weights"),
+        ] {
+            let err = format!("{:#}", check_growth_record(&b, &other).unwrap_err());
+            assert!(err.contains(&format!("another {what}")), "{err}");
+        }
         for file in ["model.safetensors", "config.json", MOMENTUM_FILE, "tokenizer.json"] {
             assert_eq!(std::fs::read(a.join(file)).unwrap(), std::fs::read(b.join(file)).unwrap(), "{file} differs");
         }

@@ -5,6 +5,7 @@
 //! only took part in the run before it. Ranking them would let an identity sit a phase out and keep its
 //! place ahead of those who did the phase's work; so only identities with an accepted upload in the
 //! earlier run itself are candidates, and only with a rating above zero (proven cheating resets it to 0).
+//! One accepted upload makes a candidate: its rating (an EMA) still carries what it earned before.
 
 use agora_protocol::WorkerId;
 use std::collections::HashSet;
