@@ -83,7 +83,11 @@ impl Campaign {
         let opened = RwLock::new(vec![(app.clone(), router.clone())]);
         let current = RwLock::new(Current { phase: 0, router, app });
         let campaign = Campaign { file, options, current, opened };
-        while campaign.current().finished.load(Ordering::SeqCst) && campaign.advance().await? {}
+        while campaign.current().finished.load(Ordering::SeqCst) {
+            if !campaign.advance().await? {
+                break;
+            }
+        }
         tracing::info!(
             campaign = campaign.file.name,
             phases = campaign.file.phases.len(),
