@@ -310,7 +310,7 @@ impl Coordinator {
             .bind(round as i64)
             .bind(now)
             .bind(accepted.len() as i64)
-            .bind(train_loss)
+            .bind_f64(train_loss)
             .execute(&mut *tx)
             .await?;
         sqlx::query("UPDATE submissions SET applied = 1 WHERE round = $1 AND applied = 0")
@@ -344,7 +344,7 @@ impl Coordinator {
         .bind(global_hash.hex())
         .bind(momentum_hash.map(|h| h.hex()))
         .bind(now)
-        .bind(val_loss)
+        .bind_f64(val_loss)
         .execute(&mut *tx)
         .await?;
         if finished {

@@ -76,6 +76,25 @@ pub(crate) async fn release_training(
     Ok(released)
 }
 
+/// Binding an optional `f64` (a nullable `DOUBLE PRECISION` column) the way PostgreSQL can take it.
+///
+/// sqlx 0.8.6's `Any` driver maps a NULL `f64` to a NULL `f32` (`sqlx-core` `any/arguments.rs`), so a
+/// statement first run on a connection with a NULL there is prepared with a `real` (float4) parameter,
+/// and every later real `f64` sent to that cached statement is refused: "incorrect binary data format in
+/// bind parameter N". A NULL `f32` maps to a NULL `f64` in the same table, so this binds that one.
+pub(crate) trait BindF64 {
+    fn bind_f64(self, value: Option<f64>) -> Self;
+}
+
+impl<'q> BindF64 for sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    fn bind_f64(self, value: Option<f64>) -> Self {
+        match value {
+            Some(v) => self.bind(v),
+            None => self.bind(None::<f32>),
+        }
+    }
+}
+
 pub(crate) async fn connect(url: &str) -> Result<AnyPool> {
     sqlx::any::install_default_drivers();
     let sqlite = url.starts_with("sqlite:");
@@ -102,4 +121,61 @@ pub(crate) async fn connect(url: &str) -> Result<AnyPool> {
         .map_err(|e| redact_error(e, url))
         .with_context(|| format!("cannot apply the schema migrations to {shown}"))?;
     Ok(pool)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A NULL first, then a value, into a nullable DOUBLE PRECISION column through one cached statement
+    /// (one connection): [`BindF64`] works on SQLite and PostgreSQL, and binding the NULL as sqlx's own
+    /// `Option<f64>` fails on PostgreSQL (the bug it works around; run when `AGORA_TEST_POSTGRES_URL` is
+    /// set, as CI does).
+    #[tokio::test]
+    async fn a_null_float_then_a_value_binds_on_every_backend() {
+        sqlx::any::install_default_drivers();
+        let mut urls = vec!["sqlite::memory:".to_string()];
+        match std::env::var("AGORA_TEST_POSTGRES_URL") {
+            Ok(base) if !base.is_empty() => {
+                let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+                urls.push(format!("{}/agora_bindf64_{}", base.trim_end_matches('/'), nanos % 1_000_000_000));
+            }
+            _ => assert!(std::env::var("CI").is_err(), "CI must run this against PostgreSQL (AGORA_TEST_POSTGRES_URL)"),
+        }
+        for url in urls {
+            use sqlx::migrate::MigrateDatabase;
+            if !url.starts_with("sqlite") {
+                sqlx::Any::create_database(&url).await.unwrap();
+            }
+            let db = AnyPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+            for table in ["a", "b"] {
+                sqlx::query(&format!("CREATE TABLE {table} (k BIGINT, v DOUBLE PRECISION)"))
+                    .execute(&db)
+                    .await
+                    .unwrap();
+            }
+            for (k, v) in [(1i64, None), (2, Some(0.5)), (3, None), (4, Some(-2.25))] {
+                sqlx::query("INSERT INTO a (k, v) VALUES ($1, $2)").bind(k).bind_f64(v).execute(&db).await.unwrap();
+            }
+            let rows = sqlx::query("SELECT v FROM a ORDER BY k").fetch_all(&db).await.unwrap();
+            let read: Vec<Option<f64>> = rows.iter().map(|r| r.try_get("v").unwrap()).collect();
+            assert_eq!(read, vec![None, Some(0.5), None, Some(-2.25)], "{url}");
+            if !url.starts_with("sqlite") {
+                sqlx::query("INSERT INTO b (k, v) VALUES ($1, $2)")
+                    .bind(1i64)
+                    .bind(None::<f64>)
+                    .execute(&db)
+                    .await
+                    .unwrap();
+                let plain = sqlx::query("INSERT INTO b (k, v) VALUES ($1, $2)")
+                    .bind(2i64)
+                    .bind(Some(0.5f64))
+                    .execute(&db)
+                    .await;
+                assert!(plain.is_err(), "sqlx's own NULL f64 no longer poisons the statement: BindF64 may go");
+                db.close().await;
+                sqlx::Any::drop_database(&url).await.unwrap();
+            }
+        }
+    }
 }

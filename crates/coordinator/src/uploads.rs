@@ -235,7 +235,7 @@ impl Coordinator {
         .bind(row.unit as i64)
         .bind(hash.hex())
         .bind(bytes)
-        .bind(train_loss)
+        .bind_f64(train_loss)
         .bind(now_ms())
         .bind(seq)
         .bind(fp32_bytes as i64)
