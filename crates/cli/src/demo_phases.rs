@@ -83,10 +83,7 @@ pub fn demo_phases(args: &DemoArgs, phases: usize) -> Result<()> {
             text += &format!("retain = {}\n[phase.growth]\nmethod = \"{method}\"\n", retained(args.workers, k));
         }
         let min_workers = if k == 0 { args.workers.div_ceil(2) } else { 2 };
-        // A grown phase starts at its predecessor's minimum: a rate that jumps back to the peak within a
-        // round raises the held-out loss of every upload of that round, and the judge applies none of them
-        // (measured: the first two rounds of each grown phase scored zero). Its warmup spans two rounds.
-        let warmup = if k == 0 { (rounds * args.inner_steps / 20).max(1) } else { 2 * args.inner_steps };
+        let warmup = (rounds * args.inner_steps / 20).max(1);
         text += &format!(
             "[phase.model]\nconfig = \"{config_file}\"\n\
              [phase.inner]\nsteps = {}\nbatch_size = {}\nseq_len = {}\nwarmup_steps = {}\n\
