@@ -204,18 +204,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let info: RunInfo = reqwest::blocking::get(format!("{url}/v1/run"))?.json()?;
     writeln!(view, "coordinator: {url} (run {}); starting {} workers", info.run_id, args.workers)?;
 
-    for i in 0..args.workers {
-        let name = format!("worker-{i}");
-        let child = Command::new(&exe)
-            .args(["worker", "--coordinator", &url, "--threads", "1", "--json", "--name", &name, "--data-dir"])
-            .arg(out.join("workers").join(&name))
-            // Its summary, one line of JSON (idle time, verdicts), read back once it has exited.
-            .stdout(std::fs::File::create(logs.join(format!("{name}.json")))?)
-            .stderr(std::fs::File::create(logs.join(format!("{name}.log")))?)
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        children.push(name, child);
-    }
+    spawn_workers(&mut children, &exe, &url, args.workers, &out, &logs)?;
 
     let report = watch(&url, &mut children, &logs, &mut *view, live_terminal)?;
     let distributed_seconds = started.elapsed().as_secs_f64();
@@ -305,6 +294,30 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         print_summary(&summary, &out);
+    }
+    Ok(())
+}
+
+/// Starts `count` worker processes (`worker-0` …) for `url`: data in OUT/workers/NAME, each one's summary
+/// (JSON lines: idle time, verdicts) in LOGS/NAME.json, read back once it has exited, and its log beside.
+pub(crate) fn spawn_workers(
+    children: &mut Children,
+    exe: &Path,
+    url: &str,
+    count: usize,
+    out: &Path,
+    logs: &Path,
+) -> Result<()> {
+    for i in 0..count {
+        let name = format!("worker-{i}");
+        let child = Command::new(exe)
+            .args(["worker", "--coordinator", url, "--threads", "1", "--json", "--name", &name, "--data-dir"])
+            .arg(out.join("workers").join(&name))
+            .stdout(std::fs::File::create(logs.join(format!("{name}.json")))?)
+            .stderr(std::fs::File::create(logs.join(format!("{name}.log")))?)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        children.push(name, child);
     }
     Ok(())
 }

@@ -11,7 +11,6 @@ use agora_protocol::{CampaignInfo, CampaignState};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::io::Write;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The miniature ladder: (name, layers, hidden, heads, kv heads, FFN units, growth method from the last).
@@ -99,17 +98,7 @@ pub fn demo_phases(args: &DemoArgs, phases: usize) -> Result<()> {
     let (campaign, url) = spawn_campaign(&file, &out.join("campaign"), &logs.join("campaign.log"))?;
     children.push("campaign", campaign);
     let exe = std::env::current_exe().context("cannot find the agora binary")?;
-    for i in 0..args.workers {
-        let name = format!("worker-{i}");
-        let child = Command::new(&exe)
-            .args(["worker", "--coordinator", &url, "--threads", "1", "--json", "--name", &name, "--data-dir"])
-            .arg(out.join("workers").join(&name))
-            .stdout(std::fs::File::create(logs.join(format!("{name}.json")))?)
-            .stderr(std::fs::File::create(logs.join(format!("{name}.log")))?)
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        children.push(name, child);
-    }
+    crate::demo::spawn_workers(&mut children, &exe, &url, args.workers, &out, &logs)?;
     writeln!(view, "campaign: {url}; {} workers follow it", args.workers)?;
 
     // Watch: a line whenever the phase, its round or the campaign's state changes.

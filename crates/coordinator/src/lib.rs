@@ -42,6 +42,19 @@ use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The periodic duties (drops, deadlines, round closes) of the coordinator `serving` returns, every 250 ms.
+fn spawn_duties(serving: impl Fn() -> Arc<Coordinator> + Send + 'static) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            interval.tick().await;
+            if let Err(e) = serving().tick().await {
+                tracing::error!("periodic duties failed: {}", e.message);
+            }
+        }
+    })
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, with the periodic duties (drops, deadlines)
 /// running beside it.
 pub async fn serve(
@@ -51,15 +64,7 @@ pub async fn serve(
 ) -> Result<()> {
     let ticker = {
         let app = app.clone();
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(Duration::from_millis(250));
-            loop {
-                interval.tick().await;
-                if let Err(e) = app.tick().await {
-                    tracing::error!("periodic duties failed: {}", e.message);
-                }
-            }
-        })
+        spawn_duties(move || app.clone())
     };
     let result = axum::serve(listener, http::router(app)).with_graceful_shutdown(shutdown).await.context("HTTP server");
     ticker.abort();
@@ -76,15 +81,7 @@ pub async fn serve_campaign(
 ) -> Result<()> {
     let ticker = {
         let campaign = campaign.clone();
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(Duration::from_millis(250));
-            loop {
-                interval.tick().await;
-                if let Err(e) = campaign.current().tick().await {
-                    tracing::error!("periodic duties failed: {}", e.message);
-                }
-            }
-        })
+        spawn_duties(move || campaign.current())
     };
     let mut driver = tokio::spawn(campaign.clone().drive());
     let server = axum::serve(listener, campaign::router(campaign)).with_graceful_shutdown(shutdown).into_future();
