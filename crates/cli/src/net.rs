@@ -35,26 +35,39 @@ pub struct CoordinatorArgs {
     pub threads: Option<usize>,
 }
 
-pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
-    set_threads(args.threads);
-    let dir = args.dir.clone().unwrap_or_else(|| {
-        let stem = args.run.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
-        args.run.with_file_name(format!("{stem}.coordinator"))
-    });
-    let options =
-        Options { run_file: args.run.clone(), dir: dir.clone(), database: args.database, blobs: args.blobs, key: None };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// `--dir`, or FILE-STEM.SUFFIX beside the run or campaign file.
+fn state_dir(file: &std::path::Path, given: Option<PathBuf>, suffix: &str) -> PathBuf {
+    given.unwrap_or_else(|| {
+        let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| suffix.into());
+        file.with_file_name(format!("{stem}.{suffix}"))
+    })
+}
+
+/// The servers' runtime: two async threads (the heavy work runs on blocking threads).
+fn server_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+        .context("cannot start the async runtime")
+}
+
+/// Binds `listen` and writes the address it got (port 0 picks one) to DIR/address.
+async fn bind(listen: &str, dir: &std::path::Path) -> Result<(tokio::net::TcpListener, std::net::SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let address = listener.local_addr()?;
+    std::fs::write(dir.join("address"), format!("http://{address}\n"))?;
+    Ok((listener, address))
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    set_threads(args.threads);
+    let dir = state_dir(&args.run, args.dir.clone(), "coordinator");
+    let options =
+        Options { run_file: args.run.clone(), dir: dir.clone(), database: args.database, blobs: args.blobs, key: None };
+    server_runtime()?.block_on(async move {
         let app = Coordinator::open(&options).await?;
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
-        let address = listener.local_addr()?;
-        std::fs::write(dir.join("address"), format!("http://{address}\n"))?;
+        let (listener, address) = bind(&args.listen, &dir).await?;
         println!("agora coordinator: run {} listening on http://{address}", app.run_id);
         std::io::stdout().flush()?;
         agora_coordinator::serve(app, listener, shutdown_signal()).await
@@ -86,28 +99,16 @@ pub struct CampaignArgs {
 
 pub fn campaign(args: CampaignArgs) -> Result<()> {
     set_threads(args.threads);
-    let dir = args.dir.clone().unwrap_or_else(|| {
-        let stem = args.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "campaign".into());
-        args.file.with_file_name(format!("{stem}.campaign"))
-    });
+    let dir = state_dir(&args.file, args.dir.clone(), "campaign");
     let options = agora_coordinator::CampaignOptions {
         campaign_file: args.file.clone(),
         dir: dir.clone(),
         database: args.database,
         blobs: args.blobs,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    server_runtime()?.block_on(async move {
         let campaign = agora_coordinator::Campaign::open(options).await?;
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
-        let address = listener.local_addr()?;
-        std::fs::write(dir.join("address"), format!("http://{address}\n"))?;
+        let (listener, address) = bind(&args.listen, &dir).await?;
         println!(
             "agora campaign: {} ({} phases) listening on http://{address}",
             campaign.file.name,
