@@ -48,20 +48,15 @@ pub struct CampaignOptions {
     pub blobs: Option<String>,
 }
 
-/// The phase being served.
-struct Current {
-    phase: usize,
-    app: Arc<Coordinator>,
-    router: Router,
-}
-
 pub struct Campaign {
     pub file: CampaignFile,
     options: CampaignOptions,
-    current: RwLock<Current>,
-    /// The phases opened so far (index = phase) and their routers: their summaries, and their public
-    /// reads at `/v1/campaign/phases/K/...`.
+    /// The phases opened so far (index = phase) and their routers: the one served (the last), and the
+    /// earlier ones' summaries and public reads at `/v1/campaign/phases/K/...`.
     opened: RwLock<Vec<(Arc<Coordinator>, Router)>>,
+    /// The summaries of the phases before the served one: they are finished, so each is read from its
+    /// store once, not on every `GET /v1/campaign`.
+    past: tokio::sync::Mutex<Vec<CampaignPhase>>,
 }
 
 impl Campaign {
@@ -80,9 +75,8 @@ impl Campaign {
         }
         let app = open_phase(&file, &options, 0, None).await?;
         let router = crate::http::router(app.clone());
-        let opened = RwLock::new(vec![(app.clone(), router.clone())]);
-        let current = RwLock::new(Current { phase: 0, router, app });
-        let campaign = Campaign { file, options, current, opened };
+        let opened = RwLock::new(vec![(app, router)]);
+        let campaign = Campaign { file, options, opened, past: tokio::sync::Mutex::new(Vec::new()) };
         while campaign.current().finished.load(Ordering::SeqCst) {
             if !campaign.advance().await? {
                 break;
@@ -91,7 +85,7 @@ impl Campaign {
         tracing::info!(
             campaign = campaign.file.name,
             phases = campaign.file.phases.len(),
-            serving = campaign.current.read().expect("campaign lock").phase + 1,
+            serving = campaign.serving().0 + 1,
             "campaign opened"
         );
         Ok(Arc::new(campaign))
@@ -100,10 +94,7 @@ impl Campaign {
     /// The served phase is finished: grows it into the next phase and serves that one. False when it was
     /// the last phase.
     async fn advance(&self) -> Result<bool> {
-        let (phase, app) = {
-            let c = self.current.read().expect("campaign lock");
-            (c.phase, c.app.clone())
-        };
+        let (phase, app) = self.serving();
         if phase + 1 == self.file.phases.len() {
             return Ok(false);
         }
@@ -112,18 +103,20 @@ impl Campaign {
         let opened = open_phase(&self.file, &self.options, next, Some(&handover)).await?;
         tracing::info!(phase = next + 1, run = opened.run_id, "phase opened");
         let router = crate::http::router(opened.clone());
-        self.opened.write().expect("campaign lock").push((opened.clone(), router.clone()));
-        *self.current.write().expect("campaign lock") = Current { phase: next, router, app: opened };
+        self.opened.write().expect("campaign lock").push((opened, router));
         Ok(true)
     }
 
     /// The coordinator of the phase being served.
     pub fn current(&self) -> Arc<Coordinator> {
-        self.current.read().expect("campaign lock").app.clone()
+        self.serving().1
     }
 
-    pub(crate) fn current_router(&self) -> Router {
-        self.current.read().expect("campaign lock").router.clone()
+    /// The phase being served (the last one opened, from 0) and its coordinator.
+    fn serving(&self) -> (usize, Arc<Coordinator>) {
+        let opened = self.opened.read().expect("campaign lock");
+        let (app, _) = opened.last().expect("the first phase is opened with the campaign");
+        (opened.len() - 1, app.clone())
     }
 
     /// The router of phase `k` (from 0), once it has been opened.
@@ -157,7 +150,7 @@ impl Campaign {
                 return router.clone();
             }
         }
-        self.current_router()
+        self.opened.read().expect("campaign lock").last().expect("the first phase is opened").1.clone()
     }
 
     /// What phase `next` takes from the finished phase `app`: its store and run id, and its final
@@ -197,12 +190,40 @@ impl Campaign {
         })
     }
 
+    /// Phase k's summary, and whether its store answered: from the store once it has been opened (`app`).
+    async fn summary(&self, k: usize, app: Option<&Arc<Coordinator>>, finished: bool) -> (CampaignPhase, bool) {
+        let p = &self.file.phases[k];
+        let mut phase = CampaignPhase {
+            name: p.name.clone(),
+            run_id: None,
+            retain: p.retain,
+            finished,
+            parameters: None,
+            rounds: 0,
+            tokens_trained: 0,
+            initial_val_loss: None,
+            val_loss: None,
+            workers: Vec::new(),
+        };
+        let mut read = false;
+        if let Some(app) = app {
+            phase.run_id = Some(app.run_id.clone());
+            phase.parameters = Some(app.model_config.num_parameters());
+            if let Ok(status) = app.status().await {
+                phase.rounds = status.history.len().saturating_sub(1) as u64;
+                phase.tokens_trained = status.tokens_trained;
+                phase.initial_val_loss = status.history.first().and_then(|h| h.val_loss);
+                phase.val_loss = status.history.iter().rev().find_map(|h| h.val_loss);
+                phase.workers = status.workers.iter().map(|w| w.name.clone()).collect();
+                read = true;
+            }
+        }
+        (phase, read)
+    }
+
     /// `GET /v1/campaign`.
     pub async fn info(&self) -> CampaignInfo {
-        let (current, app) = {
-            let c = self.current.read().expect("campaign lock");
-            (c.phase, c.app.clone())
-        };
+        let (current, app) = self.serving();
         let opened = self.opened.read().expect("campaign lock").clone();
         let last = current + 1 == self.file.phases.len();
         let finished = app.finished.load(Ordering::SeqCst);
@@ -212,32 +233,20 @@ impl Campaign {
             // The served phase is finished and the next is being grown and opened.
             (true, false) => CampaignState::Growing,
         };
-        let mut phases = Vec::with_capacity(self.file.phases.len());
-        for (k, p) in self.file.phases.iter().enumerate() {
-            let mut phase = CampaignPhase {
-                name: p.name.clone(),
-                run_id: None,
-                retain: p.retain,
-                finished: k < current || (k == current && finished),
-                parameters: None,
-                rounds: 0,
-                tokens_trained: 0,
-                initial_val_loss: None,
-                val_loss: None,
-                workers: Vec::new(),
-            };
-            if let Some((app, _)) = opened.get(k) {
-                phase.run_id = Some(app.run_id.clone());
-                phase.parameters = Some(app.model_config.num_parameters());
-                if let Ok(status) = app.status().await {
-                    phase.rounds = status.history.len().saturating_sub(1) as u64;
-                    phase.tokens_trained = status.tokens_trained;
-                    phase.initial_val_loss = status.history.first().and_then(|h| h.val_loss);
-                    phase.val_loss = status.history.iter().rev().find_map(|h| h.val_loss);
-                    phase.workers = status.workers.iter().map(|w| w.name.clone()).collect();
+        let mut phases = {
+            let mut past = self.past.lock().await;
+            while past.len() < current {
+                let (phase, read) = self.summary(past.len(), opened.get(past.len()).map(|o| &o.0), true).await;
+                if !read {
+                    break; // asked again next time
                 }
+                past.push(phase);
             }
-            phases.push(phase);
+            past.clone()
+        };
+        for k in phases.len()..self.file.phases.len() {
+            let finished = k < current || (k == current && finished);
+            phases.push(self.summary(k, opened.get(k).map(|o| &o.0), finished).await.0);
         }
         CampaignInfo {
             name: self.file.name.clone(),
