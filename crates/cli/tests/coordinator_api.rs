@@ -227,7 +227,7 @@ fn api_refuses_bad_input(database: Option<String>) {
     assert_eq!(assignment.round, 0);
     let meta = BTreeMap::from([
         (delta_meta::ROUND.to_string(), "0".to_string()),
-        (delta_meta::UNIT.to_string(), assignment.unit.to_string()),
+        (delta_meta::UNIT.to_string(), unit_list(&assignment.units)),
         (delta_meta::BASE.to_string(), assignment.global_hash.hex()),
         (delta_meta::TRAIN_LOSS.to_string(), "5.0".to_string()),
     ]);
@@ -468,7 +468,7 @@ fn upload_zeros(api: &Api, info: &RunInfo, a: &Assignment) {
     let specs = param_specs(&LlamaConfig::from_json_str(&info.model.to_string()).unwrap());
     let meta = BTreeMap::from([
         (delta_meta::ROUND.to_string(), a.round.to_string()),
-        (delta_meta::UNIT.to_string(), a.unit.to_string()),
+        (delta_meta::UNIT.to_string(), unit_list(&a.units)),
         (delta_meta::BASE.to_string(), a.global_hash.hex()),
         (delta_meta::TRAIN_LOSS.to_string(), "5.0".to_string()),
     ]);
@@ -487,8 +487,8 @@ fn assignment(w: WorkResponse) -> Assignment {
 }
 
 /// An assignment without its deadline (which moves with the clock while the run starts up).
-fn job(a: &Assignment) -> (u64, Hash32, u64, Hash32) {
-    (a.round, a.global_hash, a.unit, a.unit_hash)
+fn job(a: &Assignment) -> (u64, Hash32, Vec<DataUnit>) {
+    (a.round, a.global_hash, a.units.clone())
 }
 
 fn ahead(w: WorkResponse) -> AheadAssignment {
@@ -533,13 +533,13 @@ fn overlap_hands_the_next_round_only_to_a_worker_that_uploaded() {
     assert_eq!(job(&assignment(work(&b))), job(&b0), "b has not uploaded: no early job for it");
     upload_zeros(&b, &info, &b0);
     let b1 = ahead(work(&b));
-    assert_ne!(b1.unit, a1.unit, "a unit is never held by two workers in one round");
+    assert_ne!(b1.units, a1.units, "a unit is never held by two workers in one round");
     // c joins late: round 0 is still open (3 uploads needed), so it trains round 0 like anyone.
     let c0 = assignment(work(&c));
     upload_zeros(&c, &info, &c0);
     cluster.wait_for("round 0 to close", std::time::Duration::from_secs(60), |r| r.round == 1);
     let a1_open = assignment(work(&a));
-    assert_eq!((a1_open.round, a1_open.unit, a1_open.unit_hash), (1, a1.unit, a1.unit_hash));
+    assert_eq!((a1_open.round, &a1_open.units), (1, &a1.units));
     upload_zeros(&a, &info, &a1_open);
     // Round 1 is the last planned one: nothing ahead of it.
     assert!(matches!(work(&a), WorkResponse::Wait { round: 1, .. }), "no round after the last one");

@@ -94,7 +94,7 @@ fn worker_killed_and_replaced(database: Option<String>) {
         !contributions.iter().any(|c| c.worker == a.id && c.round >= round),
         "the killed worker contributed nothing from round {round} on"
     );
-    let retrained = contributions.iter().find(|c| (c.epoch, c.unit) == lost_unit);
+    let retrained = contributions.iter().find(|c| c.units.contains(&lost_unit));
     let retrained = retrained
         .unwrap_or_else(|| panic!("unit {lost_unit:?} of the killed worker was never trained\n{}", cluster.logs()));
     assert_ne!(retrained.worker, a.id);
@@ -307,6 +307,54 @@ fn overlapped_rounds_over_http_pass_every_spot_check() {
     }
     // Rounds 1..4 of each worker may start ahead; a worker that uploads last may find the round already open.
     assert!(ahead >= 4, "{ahead} rounds started ahead\n{}", cluster.logs());
+}
+
+/// Rounds whose lengths follow the learning rate (`[inner] round_lr_power = 1`, units of 2 steps): the
+/// coordinator hands each round as many units as its length holds, the workers train and the spot checks
+/// re-run rounds of every length bit for bit, no unit is trained twice in a round or an epoch, and the
+/// tokens reported are the rounds' own.
+#[test]
+fn rounds_whose_lengths_follow_the_rate_over_http() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = RunSpec {
+        rounds: 6,
+        inner_steps: 10,
+        min_workers: 3,
+        inner: "round_lr_power = 1.0".into(),
+        trust: "spot_check = 1.0".into(),
+        ..RunSpec::default()
+    };
+    let mut cluster = Cluster::start(dir.path(), &spec, None);
+    for name in ["w0", "w1", "w2"] {
+        cluster.start_worker(name);
+    }
+    let report = cluster.wait_for("the run to finish", LONG, |r| r.finished);
+    let summaries = cluster.finish_workers(Duration::from_secs(60));
+
+    let run = agora_coordinator::run_file::RunFile::load(&cluster.run_file).unwrap();
+    let lengths = run.round_plan().unwrap().lengths();
+    assert_eq!((lengths.len(), lengths.iter().sum::<u64>()), (6, 60));
+    assert!(lengths[0] < 10 && lengths[5] > 10, "short rounds first, long ones last: {lengths:?}");
+    let contributions = cluster.contributions();
+    check_contributions(&contributions, 6);
+    for c in &contributions {
+        let want = lengths[c.round as usize] / 2;
+        assert_eq!(c.units.len() as u64, want, "round {} trains {want} units of 2 steps: {c:?}", c.round);
+    }
+    let tokens: u64 = contributions.iter().map(|c| lengths[c.round as usize] * 4 * 32).sum();
+    assert_eq!(report.tokens_trained, tokens, "each upload counts its round's tokens");
+    for (name, s) in &summaries {
+        assert_eq!(s["spot_checks"], s["rounds_received"], "{name}: every upload is challenged: {s}");
+        assert_eq!(s["spot_checks_failed"], 0, "{name}: {s}\n{}", cluster.logs());
+    }
+    let logs: String = ["w0", "w1", "w2"].iter().map(|n| std::fs::read_to_string(cluster.log(n)).unwrap()).collect();
+    for l in &lengths {
+        assert!(logs.contains(&format!(" steps={l} ")), "no worker trained a round of {l} steps\n{}", cluster.logs());
+    }
+    let first = report.history[0].val_loss.unwrap();
+    let last = report.history[6].val_loss.unwrap();
+    assert!(last < first - 0.3, "validation loss should fall: {first} → {last}\n{}", cluster.logs());
 }
 
 /// A worker killed and restarted with the same data directory comes back as the same worker (same

@@ -163,12 +163,13 @@ fn workers_outnumbering_units_never_share_a_unit() {
     check_contributions(&contributions, rounds);
     let mut per_round: BTreeMap<u64, BTreeSet<(u64, u64)>> = BTreeMap::new();
     for c in &contributions {
-        assert!(
-            per_round.entry(c.round).or_default().insert((c.epoch, c.unit)),
-            "round {}: unit {} twice",
-            c.round,
-            c.unit
-        );
+        for &(epoch, unit) in &c.units {
+            assert!(
+                per_round.entry(c.round).or_default().insert((epoch, unit)),
+                "round {}: unit {unit} twice",
+                c.round
+            );
+        }
     }
     for (&round, pairs) in &per_round {
         let expected: BTreeSet<(u64, u64)> = (0..units as u64).map(|u| (round, u)).collect();

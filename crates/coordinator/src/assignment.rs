@@ -1,22 +1,29 @@
-//! Data assignment: who trains which unit in the open round (and, under Streaming DiLoCo's overlap, in
-//! the next one, for a worker that has uploaded the open round). The choice is `core::assign` (a unit is
-//! never trained twice in one round; extra workers wait); this module reads the queue and writes the
-//! choice, in one transaction.
+//! Data assignment: who trains which units in the open round (and, under Streaming DiLoCo's overlap, in
+//! the next one, for a worker that has uploaded the open round). A round of `s` steps takes
+//! `s / [inner] unit_steps` units (the run's `RoundPlan`). The choice is `core::assign` (a unit is never
+//! trained twice in one round; extra workers wait); this module reads the queue and writes the choice, in
+//! one transaction.
 
-use crate::core::assign::{choose_unit, QueueEntry, UnitChoice};
+use crate::core::assign::{choose_units, QueueEntry, UnitChoice};
 use crate::error::ApiError;
 use crate::state::{now_ms, Coordinator, Live};
 use agora_diloco::unit_order;
-use agora_protocol::{AheadAssignment, Assignment, WorkResponse, WorkerId};
+use agora_protocol::{AheadAssignment, Assignment, DataUnit, WorkResponse, WorkerId};
 use anyhow::Context;
 use sqlx::Row;
 use std::collections::BTreeSet;
 
-/// One assignment row.
+/// One assignment: its units in training order, and its state.
 pub(crate) struct AssignmentRow {
-    pub(crate) epoch: u64,
-    pub(crate) unit: u64,
+    pub(crate) units: Vec<QueueEntry>,
     pub(crate) state: String,
+}
+
+impl AssignmentRow {
+    /// The first unit (the one the `assignments` row names).
+    pub(crate) fn first(&self) -> QueueEntry {
+        self.units[0]
+    }
 }
 
 /// How long a waiting worker is told to wait before asking again (it long-polls meanwhile).
@@ -28,30 +35,58 @@ impl Coordinator {
         round: u64,
         worker: &WorkerId,
     ) -> Result<Option<AssignmentRow>, ApiError> {
-        let row = sqlx::query("SELECT epoch, unit, state FROM assignments WHERE round = $1 AND worker = $2")
+        let Some(row) = sqlx::query("SELECT state FROM assignments WHERE round = $1 AND worker = $2")
             .bind(round as i64)
             .bind(worker.hex())
             .fetch_optional(&self.db)
-            .await?;
-        Ok(match row {
-            Some(r) => Some(AssignmentRow {
-                epoch: r.try_get::<i64, _>("epoch")? as u64,
-                unit: r.try_get::<i64, _>("unit")? as u64,
-                state: r.try_get("state")?,
-            }),
-            None => None,
-        })
+            .await?
+        else {
+            return Ok(None);
+        };
+        let units = self.assignment_units(&self.db, round, worker).await?;
+        Ok(Some(AssignmentRow { units, state: row.try_get("state")? }))
+    }
+
+    /// The units of `worker`'s assignment in `round`, in training order.
+    pub(crate) async fn assignment_units<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
+        &self,
+        db: E,
+        round: u64,
+        worker: &WorkerId,
+    ) -> Result<Vec<QueueEntry>, ApiError> {
+        let rows = sqlx::query(
+            "SELECT epoch, position, unit FROM assignment_units WHERE round = $1 AND worker = $2 ORDER BY seq",
+        )
+        .bind(round as i64)
+        .bind(worker.hex())
+        .fetch_all(db)
+        .await?;
+        let units = rows
+            .iter()
+            .map(|r| {
+                Ok(QueueEntry {
+                    epoch: r.try_get::<i64, _>("epoch")? as u64,
+                    position: r.try_get::<i64, _>("position")? as u64,
+                    unit: r.try_get::<i64, _>("unit")? as u64,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        assert!(!units.is_empty(), "assignment of round {round} holds no units");
+        Ok(units)
+    }
+
+    /// The units of an assignment as the protocol names them.
+    pub(crate) fn data_units(&self, entries: &[QueueEntry]) -> Vec<DataUnit> {
+        entries.iter().map(|e| DataUnit { epoch: e.epoch, index: e.unit, hash: self.units[e.unit as usize] }).collect()
     }
 
     pub(crate) fn assignment(&self, live: &Live, row: &AssignmentRow) -> Assignment {
         Assignment {
             round: live.round,
             global_hash: live.global_hash,
-            unit: row.unit,
-            unit_hash: self.units[row.unit as usize],
-            epoch: row.epoch,
-            first_step: live.round * self.run.inner.steps,
-            inner_steps: self.run.inner.steps,
+            units: self.data_units(&row.units),
+            first_step: self.rounds.first_step(live.round),
+            inner_steps: self.rounds.steps(live.round),
             deadline_unix_ms: self.deadline_ms(live) as u64,
         }
     }
@@ -90,7 +125,16 @@ impl Coordinator {
         let Some(row) = self.take_unit(live.round, &worker).await? else {
             return Ok(wait);
         };
-        tracing::info!(worker = worker.short(), round = live.round, unit = row.unit, epoch = row.epoch, "assigned");
+        let first = row.first();
+        let units = row.units.len();
+        tracing::info!(
+            worker = worker.short(),
+            round = live.round,
+            unit = first.unit,
+            epoch = first.epoch,
+            units,
+            "assigned"
+        );
         self.notify();
         Ok(WorkResponse::Assignment(self.assignment(&live, &row)))
     }
@@ -104,11 +148,9 @@ impl Coordinator {
         let ahead = |row: &AssignmentRow| {
             WorkResponse::Ahead(AheadAssignment {
                 round: next,
-                unit: row.unit,
-                unit_hash: self.units[row.unit as usize],
-                epoch: row.epoch,
-                first_step: next * self.run.inner.steps,
-                inner_steps: self.run.inner.steps,
+                units: self.data_units(&row.units),
+                first_step: self.rounds.first_step(next),
+                inner_steps: self.rounds.steps(next),
             })
         };
         if next >= self.run.planned_rounds() {
@@ -125,7 +167,8 @@ impl Coordinator {
         let Some(row) = self.take_unit(next, worker).await? else {
             return Ok(wait);
         };
-        tracing::info!(worker = worker.short(), round = next, unit = row.unit, epoch = row.epoch, "assigned ahead");
+        let first = row.first();
+        tracing::info!(worker = worker.short(), round = next, unit = first.unit, epoch = first.epoch, "assigned ahead");
         self.notify();
         Ok(ahead(&row))
     }
@@ -142,12 +185,14 @@ impl Coordinator {
         Ok((round as i64) < benched_until)
     }
 
-    /// Hands the worker the unit `core::assign` chooses for `round` (opening the next epoch when none is
-    /// pending), in one transaction; None when every free unit is already being trained in that round.
+    /// Hands the worker the units `core::assign` chooses for `round` (opening the next epoch when that
+    /// frees some), in one transaction; None when too few free units are left in that round.
     async fn take_unit(&self, round: u64, worker: &WorkerId) -> Result<Option<AssignmentRow>, ApiError> {
+        let n = self.rounds.units(round) as usize;
         let mut tx = self.db.begin().await?;
         let busy: BTreeSet<u64> = sqlx::query(
-            "SELECT unit FROM assignments WHERE round = $1 AND state IN ('training', 'submitted', 'applied')",
+            "SELECT u.unit FROM assignments a JOIN assignment_units u ON u.round = a.round AND u.worker = a.worker \
+             WHERE a.round = $1 AND a.state IN ('training', 'submitted', 'applied')",
         )
         .bind(round as i64)
         .fetch_all(&mut *tx)
@@ -156,7 +201,7 @@ impl Coordinator {
         .map(|r| r.try_get::<i64, _>("unit").map(|u| u as u64))
         .collect::<Result<_, _>>()?;
         let mut opened = false;
-        let entry = loop {
+        let entries = loop {
             let pending: Vec<QueueEntry> =
                 sqlx::query("SELECT epoch, position, unit FROM work_queue WHERE state = 'pending'")
                     .fetch_all(&mut *tx)
@@ -170,14 +215,14 @@ impl Coordinator {
                         })
                     })
                     .collect::<Result<_, sqlx::Error>>()?;
-            match choose_unit(&pending, &busy) {
-                UnitChoice::Take(entry) => break entry,
+            match choose_units(&pending, &busy, n, self.units.len() as u64) {
+                UnitChoice::Take(entries) => break entries,
                 UnitChoice::Wait => {
                     tx.commit().await?;
                     return Ok(None);
                 }
                 UnitChoice::OpenEpoch => {
-                    assert!(!opened, "a freshly opened epoch has pending entries");
+                    assert!(!opened, "a freshly opened epoch leaves every unit held or pending");
                     opened = true;
                     let next: i64 = sqlx::query("SELECT COALESCE(MAX(epoch) + 1, 0) AS next FROM work_queue")
                         .fetch_one(&mut *tx)
@@ -198,31 +243,51 @@ impl Coordinator {
                 }
             }
         };
-        let (epoch, position, unit) = (entry.epoch as i64, entry.position as i64, entry.unit as i64);
-        sqlx::query("UPDATE work_queue SET state = 'assigned' WHERE epoch = $1 AND position = $2")
-            .bind(epoch)
-            .bind(position)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM assignments WHERE round = $1 AND worker = $2")
-            .bind(round as i64)
-            .bind(worker.hex())
-            .execute(&mut *tx)
-            .await?;
+        for e in &entries {
+            sqlx::query("UPDATE work_queue SET state = 'assigned' WHERE epoch = $1 AND position = $2")
+                .bind(e.epoch as i64)
+                .bind(e.position as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        // A released assignment of this worker in this round (its units already back in the queue) is
+        // replaced.
+        for table in ["assignments", "assignment_units"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE round = $1 AND worker = $2"))
+                .bind(round as i64)
+                .bind(worker.hex())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let first = entries[0];
         sqlx::query(
             "INSERT INTO assignments (round, worker, epoch, position, unit, state, assigned_ms) \
              VALUES ($1, $2, $3, $4, $5, 'training', $6)",
         )
         .bind(round as i64)
         .bind(worker.hex())
-        .bind(epoch)
-        .bind(position)
-        .bind(unit)
+        .bind(first.epoch as i64)
+        .bind(first.position as i64)
+        .bind(first.unit as i64)
         .bind(now_ms())
         .execute(&mut *tx)
         .await
         .context("recording an assignment")?;
+        for (seq, e) in entries.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO assignment_units (round, worker, seq, epoch, position, unit) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(round as i64)
+            .bind(worker.hex())
+            .bind(seq as i64)
+            .bind(e.epoch as i64)
+            .bind(e.position as i64)
+            .bind(e.unit as i64)
+            .execute(&mut *tx)
+            .await
+            .context("recording an assignment's units")?;
+        }
         tx.commit().await?;
-        Ok(Some(AssignmentRow { epoch: entry.epoch, unit: entry.unit, state: "training".into() }))
+        Ok(Some(AssignmentRow { units: entries, state: "training".into() }))
     }
 }

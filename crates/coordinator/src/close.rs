@@ -30,7 +30,6 @@ pub(crate) struct OuterStepOutput {
 pub(crate) struct SubmissionRow {
     pub(crate) worker: WorkerId,
     pub(crate) delta_hash: Hash32,
-    pub(crate) unit: u64,
     pub(crate) train_loss: Option<f64>,
     /// Its spot check passed (a verified round, for probation).
     pub(crate) verified: bool,
@@ -111,7 +110,7 @@ impl Coordinator {
     ) -> Result<(Vec<SubmissionRow>, trust::RoundJudgement), ApiError> {
         let round = live.round;
         let rows = sqlx::query(
-            "SELECT worker, delta_hash, unit, train_loss, spot_check, content_hash FROM submissions \
+            "SELECT worker, delta_hash, train_loss, spot_check, content_hash FROM submissions \
              WHERE round = $1 AND applied = 0 ORDER BY seq",
         )
         .bind(round as i64)
@@ -123,7 +122,6 @@ impl Coordinator {
             let sub = SubmissionRow {
                 worker: worker_col(row, "worker")?,
                 delta_hash: hash_col(row, "delta_hash")?,
-                unit: row.try_get::<i64, _>("unit")? as u64,
                 train_loss: row.try_get("train_loss")?,
                 verified: row.try_get::<Option<String>, _>("spot_check")?.as_deref() == Some("passed"),
             };
@@ -142,7 +140,12 @@ impl Coordinator {
             candidates.push(trust::Candidate {
                 worker: sub.worker,
                 payload: self.stored_payload(&sub.delta_hash).await?,
-                unit: self.units[sub.unit as usize],
+                units: self
+                    .assignment_units(&self.db, round, &sub.worker)
+                    .await?
+                    .iter()
+                    .map(|e| self.units[e.unit as usize])
+                    .collect(),
                 spot_check: row.try_get("spot_check")?,
                 replayed,
             });
@@ -193,7 +196,7 @@ impl Coordinator {
                 val: &me.val,
                 seq_len: me.run.inner.seq_len,
                 batch_size: me.run.inner.batch_size,
-                inner_steps: me.run.inner.steps,
+                inner_steps: me.rounds.steps(round),
                 seed,
                 previous: &[],
                 read: &read,
@@ -220,7 +223,7 @@ impl Coordinator {
             (subs, judgement.aggregate.clone(), Some(judgement))
         } else {
             let rows = sqlx::query(
-                "SELECT worker, delta_hash, unit, train_loss FROM submissions WHERE round = $1 AND applied = 0 ORDER BY seq",
+                "SELECT worker, delta_hash, train_loss FROM submissions WHERE round = $1 AND applied = 0 ORDER BY seq",
             )
             .bind(round as i64)
             .fetch_all(&self.db)
@@ -231,7 +234,6 @@ impl Coordinator {
                     Ok(SubmissionRow {
                         worker: worker_col(row, "worker")?,
                         delta_hash: hash_col(row, "delta_hash")?,
-                        unit: row.try_get::<i64, _>("unit")? as u64,
                         train_loss: row.try_get("train_loss")?,
                         verified: false,
                     })
@@ -250,11 +252,8 @@ impl Coordinator {
             None => None,
         };
         let next = round + 1;
-        let applied_before: i64 = sqlx::query("SELECT COUNT(*) AS n FROM submissions WHERE applied = 1")
-            .fetch_one(&self.db)
-            .await?
-            .try_get("n")?;
-        let finished = self.run.is_finished(next, applied_before as u64 + accepted.len() as u64);
+        let tokens_now = self.run.tokens_per_steps(self.rounds.steps(round)) * accepted.len() as u64;
+        let finished = self.run.is_finished(next, self.tokens_applied().await? + tokens_now);
         let evaluate = next.is_multiple_of(self.run.eval.every_rounds) || finished;
         let (specs, outer, config, val) =
             (self.specs.clone(), self.run.outer, self.model_config.clone(), self.val.clone());
@@ -317,13 +316,7 @@ impl Coordinator {
             .bind(round as i64)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "UPDATE work_queue SET state = 'done' WHERE EXISTS (SELECT 1 FROM assignments a WHERE a.round = $1 \
-             AND a.state = 'submitted' AND a.epoch = work_queue.epoch AND a.position = work_queue.position)",
-        )
-        .bind(round as i64)
-        .execute(&mut *tx)
-        .await?;
+        set_queue_state(&mut tx, "done", round, None, Some("submitted")).await?;
         sqlx::query("UPDATE assignments SET state = 'applied' WHERE round = $1 AND state = 'submitted'")
             .bind(round as i64)
             .execute(&mut *tx)

@@ -39,13 +39,17 @@ pub fn prepare_data(run: &RunFile, work_dir: &Path) -> Result<Prepared> {
         );
     }
     let cut = cut_units(train.tokens(), seq_len, run.windows_per_unit(), run.seed);
-    if cut.units.is_empty() {
+    // The longest round's units, all distinct: one worker's assignment must fit in the data.
+    let longest = run.round_plan()?.lengths().into_iter().max().expect("at least one round");
+    let needed = (longest / run.unit_steps()) as usize;
+    if cut.units.len() < needed {
         bail!(
-            "the training split has {} windows of {} tokens but one round of one worker needs {} \
-             ([inner] steps × batch_size): add data or lower them",
+            "the training split has {} windows of {} tokens but the longest round of one worker needs {} \
+             ({longest} steps × [inner] batch_size {}): add data or lower them",
             cut.total_windows,
             seq_len + 1,
-            run.windows_per_unit()
+            needed * run.windows_per_unit(),
+            run.inner.batch_size
         );
     }
     tracing::info!(

@@ -31,7 +31,7 @@ impl Coordinator {
     /// (`agora_verify::binding`, `agora_verify::chain`).
     pub async fn proof(self: &Arc<Self>, worker: WorkerId, round: u64, body: Bytes) -> Result<ProofResponse, ApiError> {
         let row = sqlx::query(
-            "SELECT s.unit, s.chain, s.challenge, s.spot_check, s.delta_hash, s.residual_hash, r.global_hash \
+            "SELECT s.chain, s.challenge, s.spot_check, s.delta_hash, s.residual_hash, r.global_hash \
              FROM submissions s JOIN rounds r ON r.round = s.round WHERE s.round = $1 AND s.worker = $2",
         )
         .bind(round as i64)
@@ -52,7 +52,7 @@ impl Coordinator {
         let chain: String = row.try_get::<Option<String>, _>("chain")?.unwrap_or_default();
         let hashes: Vec<Hash32> = chain.split(',').filter_map(|h| h.parse().ok()).collect();
         let proof = binding::parse_proof(&body).map_err(|e| ApiError::bad_request("malformed_proof", e))?;
-        let segments = self.chain_segments();
+        let segments = self.chain_segments(round);
         let needed = binding::proof_boundaries(segment, segments);
         let committed = |k: u64| hashes.get(k as usize).copied();
         let matches = proof.states.len() == needed.len()
@@ -92,13 +92,17 @@ impl Coordinator {
                 return Ok(ProofResponse { round, segment, spot_check: state.unwrap_or_default() });
             }
             let timer = Instant::now();
-            let unit = Shard::from_bytes(&self.blobs.get(&self.units[row.try_get::<i64, _>("unit")? as usize]).await?)?;
+            let mut parts = Vec::new();
+            for e in self.assignment_units(&self.db, round, &worker).await? {
+                parts.push(Shard::from_bytes(&self.blobs.get(&self.units[e.unit as usize]).await?)?);
+            }
+            let unit = Shard::concat(&parts)?;
             let global = self.blobs.get(&hash_col(&row, "global_hash")?).await?;
             let payload = self.blobs.get(&hash_col(&row, "delta_hash")?).await?;
             let residual_hash: Option<Hash32> =
                 row.try_get::<Option<String>, _>("residual_hash")?.and_then(|h| h.parse().ok());
             let me = self.clone();
-            let steps = self.run.inner.steps;
+            let (first_step, steps) = (self.rounds.first_step(round), self.rounds.steps(round));
             let tolerance = self.run.trust.tolerance;
             let verdict = tokio::task::spawn_blocking(move || -> Result<String> {
                 let theta = from_named(&decode_tensors(&global, Some(&me.specs))?.0, Device::Cpu);
@@ -141,9 +145,9 @@ impl Coordinator {
                     &me.run.train_config(),
                     &me.specs,
                     &unit,
-                    round * steps,
+                    first_step,
                     steps,
-                    &me.chain_bounds(),
+                    &me.chain_bounds(round),
                     segment,
                     merge,
                     state(segment),

@@ -133,8 +133,17 @@ fn default_val_fraction() -> f64 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct InnerSection {
-    /// Inner AdamW steps per round (H).
+    /// Inner AdamW steps per round (H): every round's length, or their mean when `round_lr_power` > 0.
     pub steps: u64,
+    /// Round lengths that follow the inner learning rate: each round holds an equal share of
+    /// Σ (lr_t / peak)^P over the run's steps (`agora_diloco::round_starts`), so rounds are short while the
+    /// rate is high and long once it has decayed; the number of rounds and of steps stay the same. 0: every
+    /// round `steps` long.
+    pub round_lr_power: f64,
+    /// Inner steps in one data unit; a round trains a whole number of units. Default: the whole round when
+    /// rounds are equal, else the largest divisor of `steps` up to a fifth of it (10 at H = 50).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit_steps: Option<u64>,
     /// Windows per inner step, per worker.
     pub batch_size: usize,
     pub seq_len: usize,
@@ -149,6 +158,8 @@ impl Default for InnerSection {
     fn default() -> Self {
         InnerSection {
             steps: 50,
+            round_lr_power: agora_diloco::DEFAULT_ROUND_LR_POWER,
+            unit_steps: None,
             batch_size: 16,
             seq_len: 128,
             lr: 3e-3,
@@ -272,10 +283,22 @@ impl RunFile {
         if i.steps == 0 || i.batch_size == 0 || i.seq_len == 0 {
             bail!("[inner] steps, batch_size and seq_len must be positive");
         }
+        if !(i.round_lr_power.is_finite() && i.round_lr_power >= 0.0) {
+            bail!("[inner] round_lr_power must be a number ≥ 0 (0: equal rounds), got {}", i.round_lr_power);
+        }
+        if let Some(u) = i.unit_steps {
+            if u == 0 || i.steps % u != 0 {
+                bail!("[inner] unit_steps must divide steps ({}), got {u}", i.steps);
+            }
+        }
         self.train_config().validate().context("[inner]")?;
         self.outer.validate().context("[outer]")?;
         self.compression.validate().context("[compression]")?;
-        self.compression.overlap().validate(i.steps).context("[compression] overlap_steps")?;
+        let plan = self.round_plan().context("[inner]")?;
+        self.compression
+            .overlap()
+            .validate(plan.shortest())
+            .context("[compression] overlap_steps (the shortest round)")?;
         if r.deadline_secs == 0 || r.heartbeat_timeout_secs == 0 {
             bail!("[rounds] deadline_secs and heartbeat_timeout_secs must be positive");
         }
@@ -319,32 +342,57 @@ impl RunFile {
         }
     }
 
-    /// Rounds the run is planned for: `count`, or the token budget at `min_workers` units per round.
+    /// Rounds the run is planned for: `count`, or the token budget at `min_workers` contributions of H
+    /// steps per round.
     pub fn planned_rounds(&self) -> u64 {
         match (self.rounds.count, self.rounds.tokens) {
             (Some(count), _) => count,
-            (None, Some(tokens)) => tokens.div_ceil(self.rounds.min_workers * self.tokens_per_unit()).max(1),
+            (None, Some(tokens)) => tokens.div_ceil(self.rounds.min_workers * self.tokens_per_round()).max(1),
             (None, None) => unreachable!("validated: count or tokens"),
         }
     }
 
-    /// Training tokens (predicted positions) in one data unit.
-    pub fn tokens_per_unit(&self) -> u64 {
-        (self.windows_per_unit() * self.inner.seq_len) as u64
+    /// Training tokens (predicted positions) one worker trains in a round of `steps` inner steps.
+    pub fn tokens_per_steps(&self, steps: u64) -> u64 {
+        steps * (self.inner.batch_size * self.inner.seq_len) as u64
     }
 
-    /// Whether the run is over after `rounds` closed rounds that applied `units_applied` units in all.
-    pub fn is_finished(&self, rounds: u64, units_applied: u64) -> bool {
+    /// Training tokens in one round of the mean length (H steps).
+    pub fn tokens_per_round(&self) -> u64 {
+        self.tokens_per_steps(self.inner.steps)
+    }
+
+    /// Whether the run is over after `rounds` closed rounds that applied `tokens_applied` training tokens.
+    pub fn is_finished(&self, rounds: u64, tokens_applied: u64) -> bool {
         match (self.rounds.count, self.rounds.tokens) {
             (Some(count), _) => rounds >= count,
-            (None, Some(tokens)) => units_applied * self.tokens_per_unit() >= tokens,
+            (None, Some(tokens)) => tokens_applied >= tokens,
             (None, None) => unreachable!("validated: count or tokens"),
         }
     }
 
-    /// Windows in one data unit: one worker's data for one round.
+    /// Inner steps in one data unit.
+    pub fn unit_steps(&self) -> u64 {
+        let i = &self.inner;
+        i.unit_steps.unwrap_or_else(|| agora_diloco::default_unit_steps(i.steps, i.round_lr_power))
+    }
+
+    /// Windows in one data unit.
     pub fn windows_per_unit(&self) -> usize {
-        self.inner.steps as usize * self.inner.batch_size
+        self.unit_steps() as usize * self.inner.batch_size
+    }
+
+    /// Where each round starts and how many steps and data units it holds (the inner schedule decides the
+    /// lengths when `round_lr_power` > 0).
+    pub fn round_plan(&self) -> Result<agora_diloco::RoundPlan> {
+        let i = &self.inner;
+        agora_diloco::RoundPlan::new(
+            &self.train_config().schedule(),
+            self.planned_rounds(),
+            i.steps,
+            i.round_lr_power,
+            self.unit_steps(),
+        )
     }
 
     /// The run id: a hash of the canonical form of this file (paths included; `[admission] previous` left
@@ -447,172 +495,5 @@ fn hash_contents(h: &mut blake3::Hasher, path: &Path) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn write(dir: &Path, text: &str) -> PathBuf {
-        std::fs::write(dir.join("corpus.txt"), "some text\n").unwrap();
-        let path = dir.join("run.toml");
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-
-    #[test]
-    fn the_readme_diloco_run_file_is_valid() {
-        let readme = include_str!("../../../README.md");
-        let block = readme
-            .split("```toml\n")
-            .skip(1)
-            .map(|b| &b[..b.find("```").expect("closed code block")])
-            .find(|b| b.contains("[rounds]"))
-            .expect("README has a DiLoCo run file");
-        let dir = tempfile::tempdir().unwrap();
-        let run = RunFile::load(&write(dir.path(), block)).unwrap();
-        assert_eq!(run.inner.steps, 50);
-        assert_eq!(run.outer, OuterConfig::default());
-        assert_eq!(run.rounds.count, Some(40));
-        assert_eq!(run.train_config().steps, 40 * 50, "the schedule spans every inner step of the run");
-        assert_eq!(run.data.files, vec![std::fs::canonicalize(dir.path().join("corpus.txt")).unwrap()]);
-        assert_eq!(run.run_id().unwrap(), run.run_id().unwrap());
-    }
-
-    #[test]
-    fn invalid_run_files_say_what_is_wrong() {
-        let dir = tempfile::tempdir().unwrap();
-        let base =
-            "[model]\npreset = \"tiny\"\n[data]\nfiles = [\"corpus.txt\"]\nvocab_size = 300\n[rounds]\ncount = 3\n";
-        assert!(RunFile::load(&write(dir.path(), base)).is_ok());
-        let cases = [
-            (base.replace("preset = \"tiny\"", "preset = \"huge\""), "huge"),
-            (base.replace("corpus.txt", "missing.txt"), "does not exist"),
-            (base.replace("count = 3", "count = 0"), "count must be positive"),
-            (base.replace("count = 3", "count = 3\ntokens = 100"), "exactly one of count"),
-            (base.replace("count = 3", "min_workers = 1"), "exactly one of count"),
-            (format!("{base}min_workers = 0\n"), "min_workers"),
-            (format!("{base}[outer]\nmomentum = 1.5\n"), "outer.momentum"),
-            (format!("{base}[outer]\nkind = \"adam\"\n"), "unknown variant"),
-            (format!("{base}[inner]\nsteps = 0\n"), "[inner]"),
-            (format!("{base}[inner]\nlr = -1.0\n"), "lr must be positive"),
-            (format!("{base}surprise = 1\n"), "unknown field"),
-            (base.replace("vocab_size = 300", "vocab_size = 10"), "at least 260"),
-        ];
-        for (text, expected) in cases {
-            let err = format!("{:#}", RunFile::load(&write(dir.path(), &text)).unwrap_err());
-            assert!(err.contains(expected), "expected {expected:?} in: {err}");
-        }
-    }
-
-    #[test]
-    fn a_token_budget_plans_rounds_and_ends_the_run() {
-        let dir = tempfile::tempdir().unwrap();
-        let text = "[model]\npreset = \"tiny\"\n[data]\nfiles = [\"corpus.txt\"]\n[inner]\nsteps = 10\nbatch_size = 4\nseq_len = 32\n[rounds]\ntokens = 25600\nmin_workers = 2\n";
-        let run = RunFile::load(&write(dir.path(), text)).unwrap();
-        assert_eq!(run.tokens_per_unit(), 10 * 4 * 32);
-        assert_eq!(run.planned_rounds(), 10, "25600 tokens at 2 units of 1280 tokens per round");
-        assert_eq!(run.train_config().steps, 100);
-        assert!(!run.is_finished(5, 19));
-        assert!(run.is_finished(5, 20), "the budget counts applied units, however many rounds they took");
-    }
-
-    #[test]
-    fn the_run_id_changes_with_the_run() {
-        let dir = tempfile::tempdir().unwrap();
-        let base = "[model]\npreset = \"tiny\"\n[data]\nfiles = [\"corpus.txt\"]\n[rounds]\ncount = 3\n";
-        let a = RunFile::load(&write(dir.path(), base)).unwrap().run_id().unwrap();
-        let b = RunFile::load(&write(dir.path(), &base.replace("count = 3", "count = 4"))).unwrap().run_id().unwrap();
-        assert_ne!(a, b);
-    }
-
-    /// A run that starts from a checkpoint: it must name the checkpoint's tokenizer, momentum only comes
-    /// with a checkpoint, and the run id covers the checkpoint's weights and the momentum file.
-    #[test]
-    fn a_checkpoint_start_is_validated_and_hashed_into_the_run_id() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = agora_model::preset("tiny", Some(300)).unwrap();
-        let ckpt = dir.path().join("ckpt");
-        agora_model::save_pretrained(&agora_model::Llama::new(&config, tch::Device::Cpu, 0), &ckpt).unwrap();
-        std::fs::write(dir.path().join("tokenizer.json"), "{}").unwrap();
-        std::fs::write(dir.path().join("momentum.safetensors"), "m1").unwrap();
-        let base = "[model]\ncheckpoint = \"ckpt\"\n[data]\nfiles = [\"corpus.txt\"]\ntokenizer = \"tokenizer.json\"\n[rounds]\ncount = 3\n";
-        let run = RunFile::load(&write(dir.path(), base)).unwrap();
-        assert_eq!(run.model.checkpoint, Some(std::fs::canonicalize(&ckpt).unwrap()), "resolved beside the file");
-        let a = run.run_id().unwrap();
-        let with_momentum = base.replace("ckpt\"\n", "ckpt\"\nouter_momentum = \"momentum.safetensors\"\n");
-        let momentum_run = RunFile::load(&write(dir.path(), &with_momentum)).unwrap();
-        let b = momentum_run.run_id().unwrap();
-        assert_ne!(a, b, "the momentum is part of the run");
-        std::fs::write(dir.path().join("momentum.safetensors"), "m2").unwrap();
-        assert_ne!(momentum_run.run_id().unwrap(), b, "and so are its contents");
-        // Other weights in the same directory: another run.
-        agora_model::save_pretrained(&agora_model::Llama::new(&config, tch::Device::Cpu, 1), &ckpt).unwrap();
-        assert_ne!(run.run_id().unwrap(), a, "the checkpoint's weights are part of the run");
-
-        let cases = [
-            (base.replace("tokenizer = \"tokenizer.json\"", "vocab_size = 300"), "name its tokenizer"),
-            (base.replace("checkpoint = \"ckpt\"", "checkpoint = \"nowhere\""), "not a checkpoint directory"),
-            (base.replace("checkpoint = \"ckpt\"", "checkpoint = \"ckpt\"\npreset = \"tiny\""), "exactly one of"),
-            (
-                base.replace("checkpoint = \"ckpt\"", "preset = \"tiny\"\nouter_momentum = \"momentum.safetensors\""),
-                "only a run that starts from a checkpoint",
-            ),
-            (with_momentum.replace("momentum.safetensors", "missing.safetensors"), "does not exist"),
-        ];
-        for (text, expected) in cases {
-            let err = format!("{:#}", RunFile::load(&write(dir.path(), &text)).unwrap_err());
-            assert!(err.contains(expected), "expected {expected:?} in: {err}");
-        }
-    }
-
-    /// An earlier run pinned by its id is the same earlier run however its store is reached (a moved file,
-    /// a rotated password): its URL is not part of the run id then; unpinned, it is.
-    #[test]
-    fn a_pinned_previous_run_is_identified_by_its_id_not_its_url() {
-        let dir = tempfile::tempdir().unwrap();
-        let base = "[model]\npreset = \"tiny\"\n[data]\nfiles = [\"corpus.txt\"]\n[rounds]\ncount = 3\n[admission]\n";
-        let id = |admission: &str| {
-            RunFile::load(&write(dir.path(), &format!("{base}{admission}"))).unwrap().run_id().unwrap()
-        };
-        let pinned = |url: &str, run: &str| id(&format!("previous = \"{url}\"\nprevious_run = \"{run}\"\n"));
-        assert_eq!(pinned("postgres://u:old@h/db", "abc"), pinned("postgres://u:new@h/db", "abc"));
-        assert_ne!(pinned("postgres://u:old@h/db", "abc"), pinned("postgres://u:old@h/db", "abd"));
-        assert_ne!(id("previous = \"sqlite:///a.db\"\n"), id("previous = \"sqlite:///b.db\"\n"));
-    }
-
-    /// A changed byte of the corpus (same size, same path, same run file) is a different run.
-    #[test]
-    fn the_run_id_hashes_the_corpus_contents_not_their_sizes() {
-        let dir = tempfile::tempdir().unwrap();
-        let base = "[model]\npreset = \"tiny\"\n[data]\nfiles = [\"corpus.txt\"]\n[rounds]\ncount = 3\n";
-        let run = RunFile::load(&write(dir.path(), base)).unwrap();
-        let a = run.run_id().unwrap();
-        let corpus = dir.path().join("corpus.txt");
-        std::fs::write(&corpus, "some test\n").unwrap();
-        let b = run.run_id().unwrap();
-        assert_ne!(a, b, "one byte of the corpus changed, its size did not");
-        std::fs::write(&corpus, "some text\n").unwrap();
-        assert_eq!(run.run_id().unwrap(), a, "the same contents are the same run");
-
-        // A corpus directory: a byte of a file inside it.
-        std::fs::create_dir(dir.path().join("shards")).unwrap();
-        std::fs::write(dir.path().join("shards/a.txt"), "alpha\n").unwrap();
-        std::fs::write(dir.path().join("shards/b.jsonl"), "{\"text\": \"beta\"}\n").unwrap();
-        let run = RunFile::load(&write(dir.path(), &base.replace("corpus.txt", "shards"))).unwrap();
-        let c = run.run_id().unwrap();
-        std::fs::write(dir.path().join("shards/b.jsonl"), "{\"text\": \"beto\"}\n").unwrap();
-        assert_ne!(run.run_id().unwrap(), c);
-
-        // A tokenizer file, likewise.
-        std::fs::write(dir.path().join("tokenizer.json"), "{\"v\": 1}").unwrap();
-        let with_tokenizer =
-            base.replace("files = [\"corpus.txt\"]", "files = [\"corpus.txt\"]\ntokenizer = \"tokenizer.json\"");
-        let run = RunFile::load(&write(dir.path(), &with_tokenizer)).unwrap();
-        let d = run.run_id().unwrap();
-        std::fs::write(dir.path().join("tokenizer.json"), "{\"v\": 2}").unwrap();
-        assert_ne!(run.run_id().unwrap(), d);
-
-        // A file that cannot be read is an error that names it.
-        std::fs::remove_file(&corpus).unwrap();
-        let err = format!("{:#}", run.run_id().unwrap_err());
-        assert!(err.contains("corpus.txt"), "{err}");
-    }
-}
+#[path = "run_file_tests.rs"]
+mod tests;

@@ -37,7 +37,7 @@ impl Coordinator {
             .fetch_one(&mut **tx)
             .await?
             .try_get("n")?;
-        let tokens = self.run.tokens_per_unit();
+        let tokens = self.run.tokens_per_steps(self.rounds.steps(round));
         let mut leaves = Vec::with_capacity(subs.len());
         let mut standing: HashMap<WorkerId, Standing> = HashMap::new();
         for (position, (sub, j)) in subs.iter().zip(&judged.judgements).enumerate() {
@@ -92,14 +92,7 @@ impl Coordinator {
             .execute(&mut **tx)
             .await?;
             if !accepted {
-                sqlx::query(
-                    "UPDATE work_queue SET state = 'pending' WHERE EXISTS (SELECT 1 FROM assignments a WHERE a.round = $1 \
-                     AND a.worker = $2 AND a.epoch = work_queue.epoch AND a.position = work_queue.position)",
-                )
-                .bind(round as i64)
-                .bind(sub.worker.hex())
-                .execute(&mut **tx)
-                .await?;
+                set_queue_state(tx, "pending", round, Some(&sub.worker), None).await?;
                 sqlx::query("UPDATE assignments SET state = 'rejected' WHERE round = $1 AND worker = $2")
                     .bind(round as i64)
                     .bind(sub.worker.hex())

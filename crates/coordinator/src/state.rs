@@ -100,6 +100,8 @@ pub struct Coordinator {
     pub(crate) db: AnyPool,
     pub(crate) val: Shard,
     pub(crate) units: Vec<Hash32>,
+    /// Where each round starts and how many steps and units it holds.
+    pub(crate) rounds: agora_diloco::RoundPlan,
     pub(crate) live: Mutex<Live>,
     /// Known worker ids (joined at some point) and their names.
     pub(crate) known: std::sync::Mutex<HashMap<WorkerId, String>>,
@@ -245,6 +247,7 @@ impl Coordinator {
         metrics.restore(&counters);
         let (admitted, admission_note) = admission(&run, &db).await?;
         tracing::info!(run_id, round = live.round, finished = live.finished, units = units.len(), "run opened");
+        let rounds = run.round_plan()?;
         Ok(Arc::new(Coordinator {
             run,
             run_id,
@@ -260,6 +263,7 @@ impl Coordinator {
             db,
             val,
             units,
+            rounds,
             live: Mutex::new(live),
             known: std::sync::Mutex::new(known),
             presence: std::sync::Mutex::new(presence),
@@ -410,10 +414,10 @@ impl Coordinator {
         let fragment = self.plan.synced_in(round);
         Expected { config: &self.run.compression, fragment, specs: &self.fragment_specs[fragment] }
     }
-    /// The step boundaries of a round's hash chain (empty: the run does not spot-check): the `[trust]`
-    /// segments, and under overlap the merge point τ (`agora_verify::chain::chain_bounds`).
-    pub(crate) fn chain_bounds(&self) -> Vec<u64> {
-        let steps = self.run.inner.steps;
+    /// The step boundaries of `round`'s hash chain (empty: the run does not spot-check): the `[trust]`
+    /// segments of its steps, and under overlap the merge point τ (`agora_verify::chain::chain_bounds`).
+    pub(crate) fn chain_bounds(&self, round: u64) -> Vec<u64> {
+        let steps = self.rounds.steps(round);
         let segments = if self.run.trust.verify { self.run.trust.chain_segments(steps) } else { 0 };
         if segments == 0 {
             return Vec::new();
@@ -421,9 +425,9 @@ impl Coordinator {
         agora_verify::chain::chain_bounds(steps, segments, self.run.compression.overlap_steps)
     }
 
-    /// Segments of a round's hash chain (0: the run does not spot-check).
-    pub(crate) fn chain_segments(&self) -> u64 {
-        self.chain_bounds().len().saturating_sub(1) as u64
+    /// Segments of `round`'s hash chain (0: the run does not spot-check).
+    pub(crate) fn chain_segments(&self, round: u64) -> u64 {
+        self.chain_bounds(round).len().saturating_sub(1) as u64
     }
 }
 

@@ -55,6 +55,30 @@ pub(crate) async fn update_reputation(
     Ok(())
 }
 
+/// Sets the work-queue state of every data unit held by the assignments of `round` (one worker's, or
+/// all; those in `held_state`, or in any state): `pending` puts the units back for whoever asks next, `done`
+/// retires them for their epoch.
+pub(crate) async fn set_queue_state(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    state: &str,
+    round: u64,
+    worker: Option<&WorkerId>,
+    held_state: Option<&str>,
+) -> Result<(), ApiError> {
+    sqlx::query(
+        "UPDATE work_queue SET state = $3 WHERE EXISTS (SELECT 1 FROM assignments a JOIN assignment_units u \
+         ON u.round = a.round AND u.worker = a.worker WHERE a.round = $1 AND ($2 = '' OR a.worker = $2) \
+         AND ($4 = '' OR a.state = $4) AND u.epoch = work_queue.epoch AND u.position = work_queue.position)",
+    )
+    .bind(round as i64)
+    .bind(worker.map(|w| w.hex()).unwrap_or_default())
+    .bind(state)
+    .bind(held_state.unwrap_or_default())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// Releases the `training` assignments of `round` (one worker's, or all) and puts their units back in
 /// the queue for whoever asks next. Returns how many were released.
 pub(crate) async fn release_training(
@@ -62,17 +86,15 @@ pub(crate) async fn release_training(
     round: u64,
     worker: Option<&WorkerId>,
 ) -> Result<u64, ApiError> {
-    let worker = worker.map(|w| w.hex()).unwrap_or_default();
-    let filter = "round = $1 AND state = 'training' AND ($2 = '' OR worker = $2)";
-    let requeue = "UPDATE work_queue SET state = 'pending' WHERE EXISTS (SELECT 1 FROM assignments a WHERE a.round = $1 \
-         AND a.state = 'training' AND ($2 = '' OR a.worker = $2) AND a.epoch = work_queue.epoch AND a.position = work_queue.position)";
-    sqlx::query(requeue).bind(round as i64).bind(&worker).execute(&mut **tx).await?;
-    let released = sqlx::query(&format!("UPDATE assignments SET state = 'released' WHERE {filter}"))
-        .bind(round as i64)
-        .bind(&worker)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
+    set_queue_state(tx, "pending", round, worker, Some("training")).await?;
+    let released = sqlx::query(
+        "UPDATE assignments SET state = 'released' WHERE round = $1 AND state = 'training' AND ($2 = '' OR worker = $2)",
+    )
+    .bind(round as i64)
+    .bind(worker.map(|w| w.hex()).unwrap_or_default())
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
     Ok(released)
 }
 

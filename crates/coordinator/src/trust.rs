@@ -32,8 +32,8 @@ pub struct StoredPayload {
 pub struct Candidate {
     pub worker: WorkerId,
     pub payload: StoredPayload,
-    /// The blob of the data unit the worker was assigned.
-    pub unit: Hash32,
+    /// The blobs of the data units the worker was assigned, in training order.
+    pub units: Vec<Hash32>,
     /// `None`: not challenged; else `pending`, `passed` or `failed: ...`.
     pub spot_check: Option<String>,
     /// Its decoded values equal a pseudo-gradient accepted in an earlier round.
@@ -72,6 +72,7 @@ pub struct JudgeContext<'a> {
     pub val: &'a Shard,
     pub seq_len: usize,
     pub batch_size: usize,
+    /// The round's inner steps (every upload of a round trained as many).
     pub inner_steps: u64,
     /// Secret per-round seed: which held-out and assigned batches are scored.
     pub seed: u64,
@@ -176,7 +177,8 @@ pub fn judge_round(ctx: &JudgeContext<'_>, candidates: &[Candidate]) -> Result<R
             continue;
         }
         let delta = decode_whole(ctx, &fragment_specs, &c.payload)?;
-        let unit = Shard::from_bytes(&(ctx.read)(&c.unit, None)?)?;
+        let parts = c.units.iter().map(|h| Shard::from_bytes(&(ctx.read)(h, None)?)).collect::<Result<Vec<_>>>()?;
+        let unit = Shard::concat(&parts)?;
         let assigned = assigned_batches(ctx, &unit);
         load_weights(&model, ctx.global);
         let assigned_before = agora_train::loss_on(&model, &unit, &assigned, ctx.seq_len)?;

@@ -39,14 +39,7 @@ impl Coordinator {
             _ => return Ok(()),
         }
         let mut tx = self.db.begin().await?;
-        sqlx::query(
-            "UPDATE work_queue SET state = 'pending' WHERE EXISTS (SELECT 1 FROM assignments a WHERE a.round = $1 \
-             AND a.worker = $2 AND a.epoch = work_queue.epoch AND a.position = work_queue.position)",
-        )
-        .bind(round as i64)
-        .bind(worker.hex())
-        .execute(&mut *tx)
-        .await?;
+        set_queue_state(&mut tx, "pending", round, Some(&worker), None).await?;
         sqlx::query("UPDATE assignments SET state = 'rejected' WHERE round = $1 AND worker = $2")
             .bind(round as i64)
             .bind(worker.hex())
@@ -175,11 +168,11 @@ impl Coordinator {
             }
         };
         expect(delta_meta::ROUND, round.to_string())?;
-        expect(delta_meta::UNIT, row.unit.to_string())?;
+        expect(delta_meta::UNIT, agora_protocol::unit_list(&self.data_units(&row.units)))?;
         expect(delta_meta::BASE, live.global_hash.hex())?;
         let train_loss: Option<f64> =
             meta.get(delta_meta::TRAIN_LOSS).and_then(|v| v.parse().ok()).filter(|v: &f64| v.is_finite());
-        let segments = self.chain_segments();
+        let segments = self.chain_segments(round);
         let chain = if segments > 0 {
             let hashes = agora_verify::chain::parse_chain(meta, segments)
                 .map_err(|e| ApiError::unprocessable("wrong_metadata", e))?;
@@ -231,8 +224,8 @@ impl Coordinator {
         )
         .bind(round as i64)
         .bind(worker.hex())
-        .bind(row.epoch as i64)
-        .bind(row.unit as i64)
+        .bind(row.first().epoch as i64)
+        .bind(row.first().unit as i64)
         .bind(hash.hex())
         .bind(bytes)
         .bind_f64(train_loss)
@@ -274,7 +267,15 @@ impl Coordinator {
             }
         }
         self.metrics.uploads_received.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(worker = worker.short(), round, unit = row.unit, bytes, train_loss, "pseudo-gradient received");
+        tracing::info!(
+            worker = worker.short(),
+            round,
+            unit = row.first().unit,
+            units = row.units.len(),
+            bytes,
+            train_loss,
+            "pseudo-gradient received"
+        );
         self.notify();
         self.maybe_close_round(&mut live).await?;
         Ok(SubmitResponse { round, delta_hash: hash, newly_received: true, challenge })

@@ -287,11 +287,7 @@ impl Coordinator {
                 bytes_received: r.try_get::<i64, _>("bytes_received")? as u64,
             });
         }
-        let applied: i64 = sqlx::query("SELECT COUNT(*) AS n FROM submissions WHERE applied = 1")
-            .fetch_one(&self.db)
-            .await?
-            .try_get("n")?;
-        let tokens_trained = applied as u64 * self.run.tokens_per_unit();
+        let tokens_trained = self.tokens_applied().await?;
         let counters = self.metrics.snapshot();
         Ok(StatusReport {
             run_id: self.run_id.clone(),
@@ -310,22 +306,51 @@ impl Coordinator {
         })
     }
     pub async fn contributions(&self) -> Result<Vec<Contribution>, ApiError> {
-        sqlx::query("SELECT round, worker, epoch, unit, delta_hash, bytes FROM submissions WHERE applied = 1 ORDER BY round, worker")
-            .fetch_all(&self.db)
-            .await?
-            .iter()
+        let rows = sqlx::query(
+            "SELECT round, worker, delta_hash, bytes FROM submissions WHERE applied = 1 ORDER BY round, worker",
+        )
+        .fetch_all(&self.db)
+        .await?;
+        let mut units: HashMap<(i64, String), Vec<(u64, u64)>> = HashMap::new();
+        for r in sqlx::query(
+            "SELECT u.round, u.worker, u.epoch, u.unit FROM assignment_units u JOIN submissions s \
+             ON s.round = u.round AND s.worker = u.worker WHERE s.applied = 1 ORDER BY u.round, u.worker, u.seq",
+        )
+        .fetch_all(&self.db)
+        .await?
+        {
+            let key = (r.try_get::<i64, _>("round")?, r.try_get::<String, _>("worker")?);
+            let unit = (r.try_get::<i64, _>("epoch")? as u64, r.try_get::<i64, _>("unit")? as u64);
+            units.entry(key).or_default().push(unit);
+        }
+        rows.iter()
             .map(|r| {
+                let round: i64 = r.try_get("round")?;
+                let worker: String = r.try_get("worker")?;
                 Ok(Contribution {
-                    round: r.try_get::<i64, _>("round")? as u64,
+                    round: round as u64,
                     worker: worker_col(r, "worker")?,
-                    epoch: r.try_get::<i64, _>("epoch")? as u64,
-                    unit: r.try_get::<i64, _>("unit")? as u64,
+                    units: units.remove(&(round, worker)).unwrap_or_default(),
                     delta_hash: hash_col(r, "delta_hash")?,
                     bytes: r.try_get::<i64, _>("bytes")? as u64,
                 })
             })
             .collect::<Result<Vec<_>>>()
             .map_err(ApiError::from)
+    }
+
+    /// Training tokens in the applied pseudo-gradients: each trained its round's steps.
+    pub(crate) async fn tokens_applied(&self) -> Result<u64, ApiError> {
+        let mut tokens = 0;
+        for r in
+            sqlx::query("SELECT round, CAST(COUNT(*) AS BIGINT) AS n FROM submissions WHERE applied = 1 GROUP BY round")
+                .fetch_all(&self.db)
+                .await?
+        {
+            let (round, n): (i64, i64) = (r.try_get("round")?, r.try_get("n")?);
+            tokens += self.run.tokens_per_steps(self.rounds.steps(round as u64)) * n as u64;
+        }
+        Ok(tokens)
     }
     pub async fn gauges(&self) -> Gauges {
         let (round, finished) = {

@@ -180,6 +180,27 @@ impl Shard {
         Ok(Shard { tokenizer_hash, content_hash, dtype, tokens })
     }
 
+    /// The shards' tokens back to back, as one shard (a round that trains several data units). They must
+    /// share a tokenizer and a storage width.
+    pub fn concat(parts: &[Shard]) -> Result<Shard> {
+        let first = parts.first().ok_or_else(|| anyhow!("no shards to concatenate"))?;
+        if let Some(other) = parts.iter().find(|p| p.tokenizer_hash != first.tokenizer_hash || p.dtype != first.dtype) {
+            bail!(
+                "shards of different tokenizers or widths cannot be joined ({} {:?}, {} {:?})",
+                first.tokenizer_hash_hex(),
+                first.dtype,
+                other.tokenizer_hash_hex(),
+                other.dtype
+            );
+        }
+        if parts.len() == 1 {
+            return Ok(first.clone());
+        }
+        let tokens: Vec<u32> = parts.iter().flat_map(|p| p.tokens.iter().copied()).collect();
+        let content_hash = *blake3::hash(&encode_payload(&tokens, first.dtype)).as_bytes();
+        Ok(Shard { tokenizer_hash: first.tokenizer_hash, content_hash, dtype: first.dtype, tokens })
+    }
+
     /// The token ids.
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
@@ -360,5 +381,21 @@ mod tests {
         assert_eq!(split_text_at(text, 0.5), 15);
         assert_eq!(split_text_at("no newline here", 0.5), 7);
         assert_eq!(split_text_at("ééééé", 0.5), 6);
+    }
+
+    #[test]
+    fn shards_concatenate_as_if_written_whole() {
+        let t = [7u8; 32];
+        let a = Shard::from_tokens(vec![1, 2, 3], t, 300).unwrap();
+        let b = Shard::from_tokens(vec![4, 5], t, 300).unwrap();
+        let joined = Shard::concat(&[a.clone(), b]).unwrap();
+        let whole = Shard::from_tokens(vec![1, 2, 3, 4, 5], t, 300).unwrap();
+        assert_eq!((joined.tokens(), joined.content_hash), (whole.tokens(), whole.content_hash));
+        assert_eq!(Shard::concat(&[a.clone()]).unwrap().content_hash, a.content_hash);
+        assert!(Shard::concat(&[]).is_err());
+        let other_tokenizer = Shard::from_tokens(vec![4], [8u8; 32], 300).unwrap();
+        assert!(Shard::concat(&[a.clone(), other_tokenizer]).is_err());
+        let wide = Shard::from_tokens(vec![4], t, 70_000).unwrap();
+        assert!(Shard::concat(&[a, wide]).is_err(), "u16 and u32 shards do not mix");
     }
 }

@@ -26,6 +26,6 @@ pub use fragments::FragmentPlan;
 pub use inner::{train_round, train_steps, RoundStats};
 pub use outer::{mean, pseudo_gradient, OuterConfig, OuterKind, OuterOptimizer};
 pub use overlap::{train_round_overlapped, Overlap};
-pub use rounds::round_starts;
+pub use rounds::{default_unit_steps, round_starts, RoundPlan, DEFAULT_ROUND_LR_POWER};
 pub use sync::{SyncState, Upload};
 pub use units::{cut_units, unit_batches, unit_order};

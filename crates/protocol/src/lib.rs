@@ -17,7 +17,7 @@ pub use messages::*;
 pub use tensors::{decode_tensors, encode_tensors, NamedTensor, TensorError, TensorSpec};
 
 /// Bumped whenever a message or payload changes incompatibly; the coordinator refuses other versions.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Request headers. Every worker request carries all six; the signature covers the other five and the body.
 pub const HEADER_RUN: &str = "x-agora-run";

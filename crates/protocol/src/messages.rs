@@ -122,14 +122,14 @@ pub enum WorkResponse {
     },
 }
 
-/// One round's job for one worker: start from `global_hash`, train `inner_steps` steps on `unit_hash`.
+/// One round's job for one worker: start from `global_hash`, train `inner_steps` steps on `units`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Assignment {
     pub round: u64,
     pub global_hash: Hash32,
-    pub unit: u64,
-    pub unit_hash: Hash32,
-    pub epoch: u64,
+    /// The data to train, in order: the units' windows back to back, `inner_steps / units.len()` steps
+    /// each (one unit when every round is `[inner] steps` long; more in a round longer than its unit).
+    pub units: Vec<DataUnit>,
     /// Position of this round's first inner step in the run's learning-rate schedule.
     pub first_step: u64,
     pub inner_steps: u64,
@@ -137,13 +137,25 @@ pub struct Assignment {
     pub deadline_unix_ms: u64,
 }
 
+/// One data unit of an assignment: its index among the run's units, the epoch of the work queue it was
+/// drawn from, and the hash of its blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataUnit {
+    pub epoch: u64,
+    pub index: u64,
+    pub hash: Hash32,
+}
+
+/// The upload metadata naming the units trained (`agora.unit`): their indices, comma-separated.
+pub fn unit_list(units: &[DataUnit]) -> String {
+    units.iter().map(|u| u.index.to_string()).collect::<Vec<_>>().join(",")
+}
+
 /// The next round's job before its global weights exist ([`WorkResponse::Ahead`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AheadAssignment {
     pub round: u64,
-    pub unit: u64,
-    pub unit_hash: Hash32,
-    pub epoch: u64,
+    pub units: Vec<DataUnit>,
     pub first_step: u64,
     pub inner_steps: u64,
 }
@@ -169,6 +181,7 @@ pub struct HeartbeatResponse {
 /// Metadata keys every pseudo-gradient upload (`POST /v1/rounds/{round}/delta`, a safetensors body) carries.
 pub mod delta_meta {
     pub const ROUND: &str = "agora.round";
+    /// The indices of the units trained, comma-separated ([`super::unit_list`]).
     pub const UNIT: &str = "agora.unit";
     pub const BASE: &str = "agora.base";
     pub const TRAIN_LOSS: &str = "agora.train_loss";
@@ -295,7 +308,7 @@ pub struct WorkerStatus {
     /// `training`, `submitted`, `idle` or `dropped`.
     pub state: String,
     pub active: bool,
-    /// The data this worker holds in the open round: (epoch, unit).
+    /// The data this worker holds in the open round: (epoch, unit) of its first unit.
     pub assignment: Option<(u64, u64)>,
     pub inner_step: u64,
     pub last_loss: Option<f64>,
@@ -329,8 +342,8 @@ pub struct RoundSummary {
 pub struct Contribution {
     pub round: u64,
     pub worker: WorkerId,
-    pub unit: u64,
-    pub epoch: u64,
+    /// The data units it was trained on, in order: (epoch, unit index).
+    pub units: Vec<(u64, u64)>,
     pub delta_hash: Hash32,
     pub bytes: u64,
 }

@@ -24,7 +24,7 @@ use agora_diloco::{train_steps, CompressionConfig, FragmentPlan};
 use agora_model::{Llama, LlamaConfig};
 use agora_protocol::messages::delta_meta;
 use agora_protocol::{
-    decode_tensors, hash_bytes, AheadAssignment, Assignment, Hash32, Heartbeat, HeartbeatResponse, Identity,
+    decode_tensors, hash_bytes, unit_list, AheadAssignment, Assignment, Hash32, Heartbeat, HeartbeatResponse, Identity,
     JoinRequest, JoinResponse, ProofResponse, ReceiptResponse, RunInfo, SubmitResponse, TensorSpec, WorkResponse,
     WorkerId, PROTOCOL_VERSION,
 };
@@ -266,7 +266,6 @@ fn run_in(options: &WorkerOptions, expected: Option<WorkerId>) -> Result<WorkerS
         run_dir,
         run_id: info.run_id.clone(),
         coordinator_key,
-        inner_steps: info.inner_steps,
         device: options.device,
         #[cfg(feature = "adversary")]
         adversary: std::cell::RefCell::new(adversary::Adversary::new(options.behaviour.clone())),
@@ -492,10 +491,14 @@ fn await_open_round(
     let waiting = Instant::now();
     let result = loop {
         match with.client.post_json::<WorkResponse>("/v1/work", &serde_json::json!({}))? {
-            WorkResponse::Assignment(a) if a.round == ahead.round && a.unit == ahead.unit => break Some(a),
+            WorkResponse::Assignment(a) if a.round == ahead.round && a.units == ahead.units => break Some(a),
             WorkResponse::Wait { .. } => continue,
             other => {
-                tracing::warn!(round = ahead.round, unit = ahead.unit, "the early start is void ({other:?})");
+                tracing::warn!(
+                    round = ahead.round,
+                    units = unit_list(&ahead.units),
+                    "the early start is void ({other:?})"
+                );
                 break None;
             }
         }
@@ -518,8 +521,6 @@ struct RunContext {
     run_id: String,
     /// The coordinator key pinned on first contact: receipts and round roots must be signed by it.
     coordinator_key: WorkerId,
-    /// Inner steps per round (H): the hash chain's length follows from it.
-    inner_steps: u64,
     device: Device,
     #[cfg(feature = "adversary")]
     adversary: std::cell::RefCell<adversary::Adversary>,
@@ -702,7 +703,13 @@ fn send_proof(client: &Client, ctx: &RunContext, round: u64, segment: u64, summa
     };
     // The challenged segment and both links (agora_verify::binding): the states at 0, j, j + 1 and S, and
     // the residual the round started from.
-    let segments = ctx.chain_segments(ctx.inner_steps);
+    // The chain this round committed to: one state per boundary (its length follows the round's steps,
+    // which vary when round lengths follow the learning rate).
+    let committed = (0..).take_while(|k| dir.join(format!("state-{k}.bin")).exists()).count() as u64;
+    if committed < 2 {
+        bail!("round {round}: no committed chain in {} to answer the spot check from", dir.display());
+    }
+    let segments = committed - 1;
     let states: Vec<(u64, Vec<u8>)> =
         binding::proof_boundaries(segment, segments).into_iter().map(|k| Ok((k, read(k)?))).collect::<Result<_>>()?;
     let residual_path = dir.join("residual.bin");
@@ -748,9 +755,9 @@ fn train_job(
 ) -> Result<Option<PendingUpload>> {
     let started = Instant::now();
     let client = with.client;
-    let (round, unit_index, unit_hash, epoch, first_step, inner_steps) = match &job {
-        Job::Open(a) => (a.round, a.unit, a.unit_hash, a.epoch, a.first_step, a.inner_steps),
-        Job::Ahead(a) => (a.round, a.unit, a.unit_hash, a.epoch, a.first_step, a.inner_steps),
+    let (round, units, first_step, inner_steps) = match &job {
+        Job::Open(a) => (a.round, a.units.clone(), a.first_step, a.inner_steps),
+        Job::Ahead(a) => (a.round, a.units.clone(), a.first_step, a.inner_steps),
     };
     let fetch_global = |a: &Assignment, summary: &mut WorkerSummary| -> Result<Vec<tch::Tensor>> {
         let (bytes, fetched) = client.blob(&a.global_hash)?;
@@ -766,11 +773,16 @@ fn train_job(
         }
         Job::Ahead(_) => (None, None),
     };
-    let (unit_bytes, fetched_unit) = client.blob(&unit_hash)?;
-    summary.bytes_received += fetched_unit;
-    let unit = Shard::from_bytes(&unit_bytes).with_context(|| format!("data unit {unit_hash}"))?;
+    let mut parts = Vec::with_capacity(units.len());
+    for u in &units {
+        let (bytes, fetched) = client.blob(&u.hash)?;
+        summary.bytes_received += fetched;
+        parts.push(Shard::from_bytes(&bytes).with_context(|| format!("data unit {} ({})", u.index, u.hash))?);
+    }
+    // A round longer than one unit trains its units' windows back to back.
+    let unit = Shard::concat(&parts).context("the assignment's data units")?;
     *progress.lock().expect("progress lock") = Progress { round: Some(round), step: 0, loss: None };
-    tracing::info!(round, unit = unit_index, epoch, steps = inner_steps, ahead = open.is_none(), "training");
+    tracing::info!(round, units = unit_list(&units), steps = inner_steps, ahead = open.is_none(), "training");
     // With error feedback, the residual this round starts from is committed to (the spot check's start link)
     // and kept with the chain's states until the round is settled.
     let residual_commitment = if ctx.chain_segments(inner_steps) > 0 && ctx.compression.uses_feedback() {
@@ -843,7 +855,7 @@ fn train_job(
         if overlap.is_on() && window[1] == overlap.steps {
             if global.is_none() {
                 summary.train_seconds += training.elapsed().as_secs_f64();
-                let ahead = AheadAssignment { round, unit: unit_index, unit_hash, epoch, first_step, inner_steps };
+                let ahead = AheadAssignment { round, units: units.clone(), first_step, inner_steps };
                 let Some(a) = await_open_round(with, ctx, state, &ahead, summary)? else { return Ok(None) };
                 global = Some(fetch_global(&a, summary)?);
                 open = Some(a);
@@ -873,7 +885,7 @@ fn train_job(
     }
     let mut metadata = BTreeMap::from([
         (delta_meta::ROUND.to_string(), a.round.to_string()),
-        (delta_meta::UNIT.to_string(), a.unit.to_string()),
+        (delta_meta::UNIT.to_string(), unit_list(&a.units)),
         (delta_meta::BASE.to_string(), a.global_hash.hex()),
         (delta_meta::TRAIN_LOSS.to_string(), format!("{stats_mean_loss}")),
     ]);
@@ -906,7 +918,7 @@ fn train_job(
     );
     Ok(Some(PendingUpload {
         round: a.round,
-        unit: a.unit,
+        units: unit_list(&a.units),
         base: a.global_hash,
         train_loss: stats_mean_loss,
         fragment: upload.fragment,

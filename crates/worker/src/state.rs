@@ -22,7 +22,8 @@ const STATE_FILE: &str = "worker_state.safetensors";
 /// receipt says whether it was accepted; in a run that does not verify, until it is received.
 pub struct PendingUpload {
     pub round: u64,
-    pub unit: u64,
+    /// The units it trained, as its `agora.unit` metadata names them.
+    pub units: String,
     pub base: Hash32,
     pub train_loss: f64,
     pub fragment: usize,
@@ -121,7 +122,7 @@ impl WorkerState {
             keep = Some(file);
             tensors.extend(renamed("pending_residual", &plan.specs(specs, p.fragment), p.residual.iter().cloned()));
             meta.insert("pending.round".into(), p.round.to_string());
-            meta.insert("pending.unit".into(), p.unit.to_string());
+            meta.insert("pending.unit".into(), p.units.clone());
             meta.insert("pending.base".into(), p.base.hex());
             meta.insert("pending.train_loss".into(), p.train_loss.to_string());
             meta.insert("pending.fragment".into(), p.fragment.to_string());
@@ -200,7 +201,7 @@ impl WorkerState {
             };
             Some(PendingUpload {
                 round: get("pending.round")?.parse()?,
-                unit: get("pending.unit")?.parse()?,
+                units: get("pending.unit")?.to_string(),
                 base: get("pending.base")?.parse().map_err(|e: String| corrupt(e))?,
                 train_loss: get("pending.train_loss")?.parse()?,
                 fragment,

@@ -285,7 +285,7 @@ fn coordinator_memory(a: &AggregateArgs) -> Result<()> {
                 }
                 let metadata = BTreeMap::from([
                     (delta_meta::ROUND.to_string(), "0".to_string()),
-                    (delta_meta::UNIT.to_string(), work.unit.to_string()),
+                    (delta_meta::UNIT.to_string(), agora_protocol::unit_list(&work.units)),
                     (delta_meta::BASE.to_string(), work.global_hash.hex()),
                 ]);
                 uploads.push((client, codec::compress(&config, 0, &specs, &delta, None, &metadata).0));

@@ -133,10 +133,6 @@ pub fn compression(c: CompressionArgs) -> Result<()> {
         configs.first().is_some_and(|(_, c)| c.codec == Codec::None && c.fragments == 1 && !c.overlap().is_on()),
         "--codecs must start with `none` (fp32 DiLoCo, the reference)"
     );
-    ensure!(
-        a.round_lr_power == 0.0,
-        "--round-lr-power is measured with `agora bench diloco`; `agora bench compression` keeps equal rounds"
-    );
     let mut round_steps = Vec::new();
     for (spec, c) in &configs {
         ensure!(h.is_multiple_of(c.fragments as u64), "{spec}: H = {h} is not divisible by {} fragments", c.fragments);

@@ -46,6 +46,8 @@ pub struct RunSpec {
     pub min_workers: u64,
     pub deadline_secs: u64,
     pub heartbeat_timeout_secs: u64,
+    /// More `[inner]` lines (e.g. `round_lr_power = 1.0`).
+    pub inner: String,
     /// The body of a `[compression]` section (fp32 when empty).
     pub compression: String,
     /// The bodies of the `[trust]` and `[admission]` sections (defaults when empty).
@@ -61,6 +63,7 @@ impl Default for RunSpec {
             min_workers: 1,
             deadline_secs: 120,
             heartbeat_timeout_secs: 8,
+            inner: String::new(),
             compression: String::new(),
             trust: String::new(),
             admission: String::new(),
@@ -89,6 +92,7 @@ seq_len = 32
 lr = 3e-3
 min_lr = 3e-4
 warmup_steps = 5
+{}
 [rounds]
 count = {}
 min_workers = {}
@@ -104,6 +108,7 @@ batches = 4
 {}
 "#,
             spec.inner_steps,
+            spec.inner,
             spec.rounds,
             spec.min_workers,
             spec.deadline_secs,
@@ -326,7 +331,10 @@ pub fn check_contributions(contributions: &[Contribution], rounds: u64) {
     for c in contributions {
         *by_round.entry(c.round).or_default() += 1;
         assert!(seen_worker.insert((c.round, c.worker)), "worker {:?} applied twice in round {}", c.worker, c.round);
-        assert!(seen_unit.insert((c.epoch, c.unit)), "unit {} of epoch {} applied twice", c.unit, c.epoch);
+        assert!(!c.units.is_empty(), "round {} of {:?} names no data", c.round, c.worker);
+        for &(epoch, unit) in &c.units {
+            assert!(seen_unit.insert((epoch, unit)), "unit {unit} of epoch {epoch} applied twice");
+        }
     }
     let applied: Vec<u64> = by_round.keys().copied().collect();
     assert_eq!(applied, (0..rounds).collect::<Vec<_>>(), "every round has applied contributions, no gaps");

@@ -43,8 +43,8 @@ use agora_data::{prepare, train_bpe, Shard};
 use agora_diloco::codec::{self, Accumulator, Expected};
 use agora_diloco::tensors::{from_named, load_weights, model_weights, param_specs};
 use agora_diloco::{
-    cut_units, round_starts, train_round, train_round_overlapped, unit_batches, unit_order, CompressionConfig,
-    FragmentPlan, OuterConfig, OuterOptimizer, SyncState,
+    cut_units, default_unit_steps, train_round, train_round_overlapped, unit_batches, unit_order, CompressionConfig,
+    FragmentPlan, OuterConfig, OuterOptimizer, RoundPlan, SyncState,
 };
 use agora_model::{preset, Llama, LlamaConfig};
 use agora_train::{evaluate, Trainer};
@@ -257,13 +257,16 @@ pub(crate) fn run_diloco(
     let fragment_specs: Vec<_> = (0..plan.count()).map(|f| plan.specs(&specs, f)).collect();
     let mut syncs: Vec<SyncState> = (0..k).map(|_| SyncState::new(&specs, compression)).collect();
     let rounds = p.steps / h;
-    let bounds = round_starts(&p.train_config(batch, lr, seed).schedule(), p.steps, rounds, p.round_lr_power)?;
-    let shortest = bounds.windows(2).map(|b| b[1] - b[0]).min().expect("at least one round");
+    let unit_steps = p.unit_steps.unwrap_or_else(|| default_unit_steps(h, p.round_lr_power));
+    let schedule = p.train_config(batch, lr, seed).schedule();
+    // The coordinator's plan of the same run: round lengths in whole units, the rounds and steps of S/H.
+    let round_plan = RoundPlan::new(&schedule, rounds, h, p.round_lr_power, unit_steps)?;
+    let shortest = round_plan.shortest();
     overlap.validate(shortest)?;
     let report_every = (rounds / 10).max(1);
     let overlapped =
         if overlap.is_on() { format!(" overlap {} merge {}", overlap.steps, overlap.merge) } else { String::new() };
-    let round_lengths: Vec<u64> = bounds.windows(2).map(|b| b[1] - b[0]).collect();
+    let round_lengths = round_plan.lengths();
     let longest = round_lengths.iter().max().expect("at least one round");
     let lengths = if p.round_lr_power > 0.0 {
         format!(" rounds following lr^{}: {shortest}..{longest} steps", p.round_lr_power)
@@ -282,7 +285,7 @@ pub(crate) fn run_diloco(
         let expected = Expected { config: compression, fragment, specs: &fragment_specs[fragment] };
         let mut sum = Accumulator::new(*compression, fragment_specs[fragment].clone());
         let mut loss = 0.0;
-        let (first, steps) = (bounds[round as usize], bounds[round as usize + 1] - bounds[round as usize]);
+        let (first, steps) = (round_plan.first_step(round), round_plan.steps(round));
         for (worker, sync) in workers.iter_mut().zip(syncs.iter_mut()) {
             let unit = &windows.take(steps as usize * batch, s)?;
             let (local, stats) = if overlap.is_on() {
@@ -305,7 +308,7 @@ pub(crate) fn run_diloco(
         outer_opt.step_subset(&plan.tensors(fragment), &global, &from_named(&sum.mean(), Device::Cpu), lr, mu);
         last_train_loss = loss;
         if (round + 1) % report_every == 0 || round + 1 == rounds {
-            log_progress(&label, bounds[round as usize + 1], p.steps, started, loss);
+            log_progress(&label, round_plan.first_step(round + 1), p.steps, started, loss);
         }
     }
     load_weights(&global_model, &global);

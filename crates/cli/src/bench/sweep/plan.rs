@@ -85,10 +85,14 @@ pub struct SweepArgs {
     pub outer_average_last_step: Option<bool>,
     /// Round lengths that follow the inner learning rate: each round holds an equal share of
     /// Σ (lr_t / peak)^P over the run's steps, the number of rounds (S/H) unchanged; 0: every round H steps.
-    /// The outer schedule still counts rounds (its warmup then spans fewer steps). `agora bench diloco` only:
-    /// the coordinator's rounds are all `[inner] steps` long.
-    #[arg(long, default_value_t = 0.0)]
-    pub round_lr_power: f64,
+    /// The outer schedule still counts rounds (its warmup then spans fewer steps). Default: the run file's
+    /// `[inner] round_lr_power`.
+    #[arg(long)]
+    pub round_lr_power: Option<f64>,
+    /// Inner steps in one data unit: every round length is a whole number of them (default: a round when
+    /// rounds are equal, else the largest divisor of H up to H/5, the run file's rule). Divides --steps.
+    #[arg(long)]
+    pub unit_steps: Option<u64>,
     /// Model initialisation and data order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -127,7 +131,8 @@ impl Default for SweepArgs {
             outer_final_momentum_fraction: None,
             outer_full_lr_contributions: None,
             outer_average_last_step: None,
-            round_lr_power: 0.0,
+            round_lr_power: None,
+            unit_steps: None,
             seed: 0,
             threads: None,
             quick: false,
@@ -226,6 +231,8 @@ pub(crate) struct Plan {
     pub(crate) warmup: u64,
     /// Round lengths follow the inner rate to this power ([`agora_diloco::round_starts`]); 0: equal rounds.
     pub(crate) round_lr_power: f64,
+    /// Steps per data unit (`--unit-steps`); None: `agora_diloco::default_unit_steps` for each H.
+    pub(crate) unit_steps: Option<u64>,
     /// Every configuration's inner AdamW (β1, β2 and weight decay from the flags; ε the run file's default).
     pub(crate) adamw: AdamWConfig,
     /// Every configuration's gradient-norm bound (0: none).
@@ -288,7 +295,8 @@ impl Plan {
             lr_scaling: a.lr_scaling,
             min_lr_fraction: a.min_lr_fraction,
             warmup: a.warmup.unwrap_or((steps / 20).max(1)),
-            round_lr_power: a.round_lr_power,
+            round_lr_power: a.round_lr_power.unwrap_or(agora_diloco::DEFAULT_ROUND_LR_POWER),
+            unit_steps: a.unit_steps,
             adamw: {
                 let d = AdamWConfig::default();
                 AdamWConfig {
@@ -324,6 +332,9 @@ impl Plan {
         );
         let p = self.round_lr_power;
         ensure!(p.is_finite() && p >= 0.0, "--round-lr-power must be at least 0, got {p}");
+        if let Some(u) = self.unit_steps {
+            ensure!(u > 0 && self.steps % u == 0, "--unit-steps must divide --steps {}, got {u}", self.steps);
+        }
         for (flag, beta) in [("--adam-beta1", self.adamw.beta1), ("--adam-beta2", self.adamw.beta2)] {
             ensure!((0.0..1.0).contains(&beta), "{flag} must be in [0, 1), got {beta}");
         }
@@ -557,15 +568,23 @@ pub(super) mod tests {
         }
     }
 
-    /// --round-lr-power reaches the plan; a negative or non-finite power is refused.
+    /// --round-lr-power reaches the plan (by default the run file's); a negative or non-finite power is
+    /// refused, and so is a --unit-steps that does not divide --steps.
     #[test]
     fn round_lengths_that_follow_the_rate_are_validated() {
-        assert_eq!(Plan::from_args(&args()).unwrap().round_lr_power, 0.0, "equal rounds by default");
-        let sweep = SweepArgs { round_lr_power: 1.0, ..SweepArgs::default() };
-        assert_eq!(Plan::from_args(&DilocoArgs { sweep, ..args() }).unwrap().round_lr_power, 1.0);
+        let default = Plan::from_args(&args()).unwrap();
+        assert_eq!(default.round_lr_power, agora_diloco::DEFAULT_ROUND_LR_POWER, "the run file's by default");
+        assert_eq!(default.unit_steps, None);
+        let sweep = SweepArgs { round_lr_power: Some(2.5), unit_steps: Some(5), ..SweepArgs::default() };
+        let p = Plan::from_args(&DilocoArgs { sweep, ..args() }).unwrap();
+        assert_eq!((p.round_lr_power, p.unit_steps), (2.5, Some(5)));
         for bad in [-1.0, f64::NAN, f64::INFINITY] {
-            let sweep = SweepArgs { round_lr_power: bad, ..SweepArgs::default() };
+            let sweep = SweepArgs { round_lr_power: Some(bad), ..SweepArgs::default() };
             assert!(Plan::from_args(&DilocoArgs { sweep, ..args() }).is_err(), "{bad} accepted");
+        }
+        for bad in [0, 7] {
+            let sweep = SweepArgs { steps: Some(100), unit_steps: Some(bad), ..SweepArgs::default() };
+            assert!(Plan::from_args(&DilocoArgs { sweep, ..args() }).is_err(), "--unit-steps {bad} accepted");
         }
     }
 
