@@ -39,19 +39,7 @@ pub fn prepare_data(run: &RunFile, work_dir: &Path) -> Result<Prepared> {
         );
     }
     let cut = cut_units(train.tokens(), seq_len, run.windows_per_unit(), run.seed);
-    // The longest round's units, all distinct: one worker's assignment must fit in the data.
-    let longest = run.round_plan()?.lengths().into_iter().max().expect("at least one round");
-    let needed = (longest / run.unit_steps()) as usize;
-    if cut.units.len() < needed {
-        bail!(
-            "the training split has {} windows of {} tokens but the longest round of one worker needs {} \
-             ({longest} steps × [inner] batch_size {}): add data or lower them",
-            cut.total_windows,
-            seq_len + 1,
-            needed * run.windows_per_unit(),
-            run.inner.batch_size
-        );
-    }
+    data_fits(cut.units.len(), cut.total_windows, run)?;
     tracing::info!(
         units = cut.units.len(),
         windows = cut.total_windows,
@@ -92,4 +80,51 @@ pub fn prepare_data(run: &RunFile, work_dir: &Path) -> Result<Prepared> {
     std::fs::write(work_dir.join("tokenizer.json"), tokenizer.to_json_string())
         .with_context(|| format!("{}: cannot write the tokenizer", work_dir.display()))?;
     Ok(Prepared { tokenizer, model_config, val, units })
+}
+
+/// A round closes with `min_workers` contributions, each on units of its own: the longest planned round
+/// must find that many distinct units in the data, or it could never close.
+fn data_fits(units: usize, total_windows: usize, run: &RunFile) -> Result<()> {
+    let longest = run.round_plan()?.lengths().into_iter().max().expect("at least one round");
+    let per_worker = (longest / run.unit_steps()) as usize;
+    let needed = per_worker * run.rounds.min_workers as usize;
+    if units < needed {
+        bail!(
+            "the training split has {total_windows} windows of {} tokens, {units} data units of {} windows, but \
+             the longest round ({longest} steps) needs {needed} units: {per_worker} for each of [rounds] \
+             min_workers = {}. Add data, or lower [inner] steps, batch_size or round_lr_power, or min_workers",
+            run.inner.seq_len + 1,
+            run.windows_per_unit(),
+            run.rounds.min_workers
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_round_must_fit_min_workers_times() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("corpus.txt"), "some text\n").unwrap();
+        let path = dir.path().join("run.toml");
+        let text =
+            "[model]\npreset = \"tiny\"\n[data]\nfiles = [\"corpus.txt\"]\n[rounds]\ncount = 20\nmin_workers = 3\n\
+                    [inner]\nsteps = 20\nbatch_size = 2\n";
+        std::fs::write(&path, text).unwrap();
+        let equal = RunFile::load(&path).unwrap();
+        assert!(data_fits(3, 120, &equal).is_ok(), "one unit of a round per worker");
+        let err = format!("{:#}", data_fits(2, 80, &equal).unwrap_err());
+        assert!(err.contains("needs 3 units") && err.contains("min_workers = 3"), "{err}");
+
+        std::fs::write(&path, format!("{text}round_lr_power = 1.0\n")).unwrap();
+        let following = RunFile::load(&path).unwrap();
+        let longest = following.round_plan().unwrap().lengths().into_iter().max().unwrap();
+        let needed = (longest / 4 * 3) as usize;
+        assert!(longest > 20);
+        assert!(data_fits(needed, needed * 8, &following).is_ok());
+        assert!(data_fits(needed - 1, needed * 8, &following).is_err(), "the longest round does not fit 3 times");
+    }
 }
