@@ -287,7 +287,7 @@ impl RunFile {
             bail!("[inner] round_lr_power must be a number ≥ 0 (0: equal rounds), got {}", i.round_lr_power);
         }
         if let Some(u) = i.unit_steps {
-            if u == 0 || i.steps % u != 0 {
+            if u == 0 || !i.steps.is_multiple_of(u) {
                 bail!("[inner] unit_steps must divide steps ({}), got {u}", i.steps);
             }
         }

@@ -391,7 +391,7 @@ mod tests {
         let joined = Shard::concat(&[a.clone(), b]).unwrap();
         let whole = Shard::from_tokens(vec![1, 2, 3, 4, 5], t, 300).unwrap();
         assert_eq!((joined.tokens(), joined.content_hash), (whole.tokens(), whole.content_hash));
-        assert_eq!(Shard::concat(&[a.clone()]).unwrap().content_hash, a.content_hash);
+        assert_eq!(Shard::concat(std::slice::from_ref(&a)).unwrap().content_hash, a.content_hash);
         assert!(Shard::concat(&[]).is_err());
         let other_tokenizer = Shard::from_tokens(vec![4], [8u8; 32], 300).unwrap();
         assert!(Shard::concat(&[a.clone(), other_tokenizer]).is_err());

@@ -22,7 +22,10 @@ pub const DEFAULT_ROUND_LR_POWER: f64 = 0.0;
 /// `units`): with `unit_steps` 1 the bounds fall on any step.
 pub fn round_starts(schedule: &Schedule, steps: u64, rounds: u64, lr_power: f64, unit_steps: u64) -> Result<Vec<u64>> {
     ensure!(unit_steps > 0, "a data unit must hold at least one inner step");
-    ensure!(steps % unit_steps == 0, "{steps} inner steps are not a whole number of units of {unit_steps} steps");
+    ensure!(
+        steps.is_multiple_of(unit_steps),
+        "{steps} inner steps are not a whole number of units of {unit_steps} steps"
+    );
     let units = steps / unit_steps;
     ensure!(
         rounds > 0 && rounds <= units,
@@ -72,7 +75,7 @@ impl RoundPlan {
     pub fn new(schedule: &Schedule, rounds: u64, mean_steps: u64, lr_power: f64, unit_steps: u64) -> Result<RoundPlan> {
         ensure!(mean_steps > 0, "a round must hold at least one inner step");
         ensure!(
-            unit_steps > 0 && mean_steps % unit_steps == 0,
+            unit_steps > 0 && mean_steps.is_multiple_of(unit_steps),
             "a data unit of {unit_steps} steps does not divide a round of {mean_steps} steps"
         );
         let bounds = round_starts(schedule, rounds * mean_steps, rounds, lr_power, unit_steps)?;
@@ -129,7 +132,7 @@ pub fn default_unit_steps(h: u64, lr_power: f64) -> u64 {
     if lr_power == 0.0 {
         return h;
     }
-    (1..=(h / 5).max(1)).rev().find(|d| h % d == 0).unwrap_or(1)
+    (1..=(h / 5).max(1)).rev().find(|&d| h.is_multiple_of(d)).unwrap_or(1)
 }
 
 #[cfg(test)]

@@ -333,7 +333,7 @@ impl Plan {
         let p = self.round_lr_power;
         ensure!(p.is_finite() && p >= 0.0, "--round-lr-power must be at least 0, got {p}");
         if let Some(u) = self.unit_steps {
-            ensure!(u > 0 && self.steps % u == 0, "--unit-steps must divide --steps {}, got {u}", self.steps);
+            ensure!(u > 0 && self.steps.is_multiple_of(u), "--unit-steps must divide --steps {}, got {u}", self.steps);
         }
         for (flag, beta) in [("--adam-beta1", self.adamw.beta1), ("--adam-beta2", self.adamw.beta2)] {
             ensure!((0.0..1.0).contains(&beta), "{flag} must be in [0, 1), got {beta}");
