@@ -99,7 +99,7 @@ fn overlapped_fragments_learn_and_a_tau_beyond_the_round_is_refused() {
             .args(["bench", "compression", "--quick", "--data"])
             .arg(&corpus)
             .args(["--steps", "16", "--global-batch", "4", "--seq-len", "16", "--workers", "2", "--inner-steps", "4"])
-            .args(["--codecs", codecs, "--threads", "1", "--json"])
+            .args(["--codecs", codecs, "--threads", "1", "--json", "--round-lr-power", "0"])
             .output()
             .expect("agora runs")
     };
@@ -122,9 +122,9 @@ fn overlapped_fragments_learn_and_a_tau_beyond_the_round_is_refused() {
     assert!(err.contains("overlap τ = 2 must be fewer than the round's 2 inner steps"), "{err}");
 }
 
-/// Rounds whose lengths follow the inner rate (--round-lr-power) keep the run's steps and rounds, are short
-/// at the peak rate and long at the end, learn, and train differently from equal rounds; bench compression
-/// refuses the flag.
+/// Rounds whose lengths follow the inner rate (--round-lr-power; by default the run file's 0) keep the
+/// run's steps and rounds, are short at the peak rate and long at the end in whole units (--unit-steps),
+/// learn, and train differently from equal rounds; bench compression takes the same plan.
 #[test]
 fn round_lengths_that_follow_the_rate_learn() {
     let dir = tempfile::tempdir().unwrap();
@@ -153,13 +153,16 @@ fn round_lengths_that_follow_the_rate_learn() {
         assert_eq!((lengths.len(), lengths.iter().sum::<u64>()), (6, 24), "6 rounds, every one of the 24 steps");
         (r["initial_val_loss"].as_f64().unwrap(), row["mean_val_loss"].as_f64().unwrap(), lengths)
     };
-    let (initial, equal, equal_lengths) = sweep(&[]);
+    let (initial, equal, equal_lengths) = sweep(&["--round-lr-power", "0"]);
     assert_eq!(equal_lengths, [4; 6]);
     let (_, following, lengths) = sweep(&["--round-lr-power", "2"]);
     assert!(lengths[0] < 4 && lengths[5] > 4, "short rounds first, long ones last: {lengths:?}");
     assert!(following.is_finite() && following < initial - 0.3, "{following} from {initial}");
     assert_ne!(equal, following, "other round lengths, another trajectory");
+    let (_, _, default_lengths) = sweep(&[]);
+    assert_eq!(default_lengths, [4; 6], "the run file's default: equal rounds");
+    let (_, _, units) = sweep(&["--round-lr-power", "1", "--unit-steps", "2"]);
+    assert!(units.iter().all(|l| l % 2 == 0) && units != [4; 6], "whole units of 2 steps: {units:?}");
     let out = run("compression", &["--round-lr-power", "1"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("keeps equal rounds"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

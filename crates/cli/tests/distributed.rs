@@ -271,12 +271,7 @@ fn overlapped_rounds_over_http_pass_every_spot_check() {
         trust: "spot_check = 1.0".into(),
         ..RunSpec::default()
     };
-    let mut cluster = Cluster::start(dir.path(), &spec, None);
-    for name in ["w0", "w1", "w2"] {
-        cluster.start_worker(name);
-    }
-    let report = cluster.wait_for("the run to finish", LONG, |r| r.finished);
-    let summaries = cluster.finish_workers(Duration::from_secs(60));
+    let (cluster, report, summaries) = three_workers_to_the_end(dir.path(), &spec);
 
     assert_eq!(report.codec, "fp32, 2 fragments, overlap 3 steps (merge 0)");
     let judgements = cluster.judgements();
@@ -309,6 +304,21 @@ fn overlapped_rounds_over_http_pass_every_spot_check() {
     assert!(ahead >= 4, "{ahead} rounds started ahead\n{}", cluster.logs());
 }
 
+/// Runs `spec` with workers w0, w1 and w2 until it finishes: the cluster, its last report and the
+/// workers' summaries.
+fn three_workers_to_the_end(
+    dir: &std::path::Path,
+    spec: &RunSpec,
+) -> (Cluster, agora_protocol::StatusReport, Vec<(String, serde_json::Value)>) {
+    let mut cluster = Cluster::start(dir, spec, None);
+    for name in ["w0", "w1", "w2"] {
+        cluster.start_worker(name);
+    }
+    let report = cluster.wait_for("the run to finish", LONG, |r| r.finished);
+    let summaries = cluster.finish_workers(Duration::from_secs(60));
+    (cluster, report, summaries)
+}
+
 /// Rounds whose lengths follow the learning rate (`[inner] round_lr_power = 1`, units of 2 steps): the
 /// coordinator hands each round as many units as its length holds, the workers train and the spot checks
 /// re-run rounds of every length bit for bit, no unit is trained twice in a round or an epoch, and the
@@ -325,12 +335,7 @@ fn rounds_whose_lengths_follow_the_rate_over_http() {
         trust: "spot_check = 1.0".into(),
         ..RunSpec::default()
     };
-    let mut cluster = Cluster::start(dir.path(), &spec, None);
-    for name in ["w0", "w1", "w2"] {
-        cluster.start_worker(name);
-    }
-    let report = cluster.wait_for("the run to finish", LONG, |r| r.finished);
-    let summaries = cluster.finish_workers(Duration::from_secs(60));
+    let (cluster, report, summaries) = three_workers_to_the_end(dir.path(), &spec);
 
     let run = agora_coordinator::run_file::RunFile::load(&cluster.run_file).unwrap();
     let lengths = run.round_plan().unwrap().lengths();

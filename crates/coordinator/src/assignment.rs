@@ -26,6 +26,15 @@ impl AssignmentRow {
     }
 }
 
+/// A row's `epoch`, `position` and `unit` (of `work_queue` or `assignment_units`).
+fn queue_entry(r: &sqlx::any::AnyRow) -> Result<QueueEntry, sqlx::Error> {
+    Ok(QueueEntry {
+        epoch: r.try_get::<i64, _>("epoch")? as u64,
+        position: r.try_get::<i64, _>("position")? as u64,
+        unit: r.try_get::<i64, _>("unit")? as u64,
+    })
+}
+
 /// How long a waiting worker is told to wait before asking again (it long-polls meanwhile).
 const RETRY_AFTER_MS: u64 = 1000;
 
@@ -61,16 +70,7 @@ impl Coordinator {
         .bind(worker.hex())
         .fetch_all(db)
         .await?;
-        let units = rows
-            .iter()
-            .map(|r| {
-                Ok(QueueEntry {
-                    epoch: r.try_get::<i64, _>("epoch")? as u64,
-                    position: r.try_get::<i64, _>("position")? as u64,
-                    unit: r.try_get::<i64, _>("unit")? as u64,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let units = rows.iter().map(queue_entry).collect::<Result<Vec<_>, sqlx::Error>>()?;
         assert!(!units.is_empty(), "assignment of round {round} holds no units");
         Ok(units)
     }
@@ -207,13 +207,7 @@ impl Coordinator {
                     .fetch_all(&mut *tx)
                     .await?
                     .iter()
-                    .map(|r| {
-                        Ok(QueueEntry {
-                            epoch: r.try_get::<i64, _>("epoch")? as u64,
-                            position: r.try_get::<i64, _>("position")? as u64,
-                            unit: r.try_get::<i64, _>("unit")? as u64,
-                        })
-                    })
+                    .map(queue_entry)
                     .collect::<Result<_, sqlx::Error>>()?;
             match choose_units(&pending, &busy, n, self.units.len() as u64) {
                 UnitChoice::Take(entries) => break entries,

@@ -114,6 +114,7 @@ mod tests {
             "[model]\npreset = \"tiny\"\n[data]\nfiles = [\"corpus.txt\"]\n[rounds]\ncount = 20\nmin_workers = 3\n\
                     [inner]\nsteps = 20\nbatch_size = 2\n";
         std::fs::write(&path, text).unwrap();
+        std::fs::write(&path, format!("{text}round_lr_power = 0.0\n")).unwrap();
         let equal = RunFile::load(&path).unwrap();
         assert!(data_fits(3, 120, &equal).is_ok(), "one unit of a round per worker");
         let err = format!("{:#}", data_fits(2, 80, &equal).unwrap_err());

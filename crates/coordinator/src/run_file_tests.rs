@@ -22,6 +22,7 @@ fn the_readme_diloco_run_file_is_valid() {
     let run = RunFile::load(&write(dir.path(), block)).unwrap();
     assert_eq!(run.inner.steps, 50);
     assert_eq!(run.outer, OuterConfig::default());
+    assert_eq!(run.inner, InnerSection { warmup_steps: 100, seq_len: 128, ..InnerSection::default() }, "the defaults");
     assert_eq!(run.rounds.count, Some(40));
     assert_eq!(run.train_config().steps, 40 * 50, "the schedule spans every inner step of the run");
     assert_eq!(run.data.files, vec![std::fs::canonicalize(dir.path().join("corpus.txt")).unwrap()]);
@@ -174,7 +175,7 @@ fn round_lengths_follow_the_rate_in_whole_units() {
     let dir = tempfile::tempdir().unwrap();
     let base =
         "[model]\npreset = \"tiny\"\n[data]\nfiles = [\"corpus.txt\"]\n[rounds]\ncount = 20\n[inner]\nsteps = 20\n";
-    let equal = RunFile::load(&write(dir.path(), base)).unwrap();
+    let equal = RunFile::load(&write(dir.path(), &format!("{base}round_lr_power = 0.0\n"))).unwrap();
     assert_eq!((equal.unit_steps(), equal.windows_per_unit()), (20, 20 * 16));
     assert_eq!(equal.round_plan().unwrap().lengths(), vec![20; 20]);
 
