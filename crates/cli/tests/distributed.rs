@@ -343,9 +343,17 @@ fn rounds_whose_lengths_follow_the_rate_over_http() {
     assert!(lengths[0] < 10 && lengths[5] > 10, "short rounds first, long ones last: {lengths:?}");
     let contributions = cluster.contributions();
     check_contributions(&contributions, 6);
+    let mut held: HashMap<u64, Vec<u64>> = HashMap::new();
     for c in &contributions {
+        held.entry(c.round).or_default().extend(c.units.iter().map(|&(_, unit)| unit));
         let want = lengths[c.round as usize] / 2;
         assert_eq!(c.units.len() as u64, want, "round {} trains {want} units of 2 steps: {c:?}", c.round);
+    }
+    for (round, mut units) in held {
+        let n = units.len();
+        units.sort();
+        units.dedup();
+        assert_eq!(units.len(), n, "round {round}: a unit index held twice, whatever its epoch");
     }
     let tokens: u64 = contributions.iter().map(|c| lengths[c.round as usize] * 4 * 32).sum();
     assert_eq!(report.tokens_trained, tokens, "each upload counts its round's tokens");

@@ -1,6 +1,7 @@
 -- Issue 12: rounds of varying length. A data unit is `[inner] unit_steps` steps of one worker's data, and
--- an assignment trains every unit of its round's length, in `seq` order (one unit when rounds are equal,
--- as before). The assignment row keeps its first unit's epoch, position and index.
+-- an assignment trains every unit of its round's length, in `seq` order (one unit when rounds are equal and
+-- unit_steps is left at its default, as before). The assignment row keeps its first unit's epoch, position
+-- and index.
 CREATE TABLE assignment_units (
     round BIGINT NOT NULL,
     worker TEXT NOT NULL,

@@ -138,7 +138,8 @@ pub struct InnerSection {
     /// Round lengths that follow the inner learning rate: each round holds an equal share of
     /// Σ (lr_t / peak)^P over the run's steps (`agora_diloco::round_starts`), so rounds are short while the
     /// rate is high and long once it has decayed; the number of rounds and of steps stay the same. 0: every
-    /// round `steps` long.
+    /// round `steps` long. (Left out of the run id's canonical form at 0, so earlier runs keep their ids.)
+    #[serde(skip_serializing_if = "is_zero")]
     pub round_lr_power: f64,
     /// Inner steps in one data unit; a round trains a whole number of units. Default: the whole round when
     /// rounds are equal, else the largest divisor of `steps` up to a fifth of it (10 at H = 50).
@@ -183,8 +184,8 @@ pub struct RoundsSection {
     /// A round needs at least this many accepted pseudo-gradients to close.
     #[serde(default = "one")]
     pub min_workers: u64,
-    /// Seconds after a round opens when it closes without the workers still training (if it has
-    /// `min_workers` submissions).
+    /// Seconds after a round of H steps opens when it closes without the workers still training (if it has
+    /// `min_workers` submissions); a longer round gets its share more (`RunFile::deadline_secs`).
     #[serde(default = "default_deadline")]
     pub deadline_secs: u64,
     /// A worker silent (no heartbeat or request) for this long is dropped and its data reassigned.
@@ -195,6 +196,10 @@ pub struct RoundsSection {
     /// `core::liveness`). A worker that holds work without delivering costs this much, not the deadline.
     #[serde(default = "default_grace_fraction")]
     pub grace_fraction: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 fn one() -> u64 {
@@ -369,6 +374,14 @@ impl RunFile {
             (None, Some(tokens)) => tokens_applied >= tokens,
             (None, None) => unreachable!("validated: count or tokens"),
         }
+    }
+
+    /// Seconds after a round of `steps` inner steps opens when it closes without its stragglers:
+    /// `[rounds] deadline_secs` for a round of H steps or fewer, in proportion for a longer one (rounds that
+    /// follow the rate end up to several times H long).
+    pub fn deadline_secs(&self, steps: u64) -> u64 {
+        let d = self.rounds.deadline_secs;
+        d.saturating_mul(steps).div_ceil(self.inner.steps).max(d)
     }
 
     /// Inner steps in one data unit.

@@ -205,3 +205,22 @@ fn round_lengths_follow_the_rate_in_whole_units() {
     let ok = format!("{base}round_lr_power = 1.0\n[compression]\noverlap_steps = {}\n", plan.shortest() - 1);
     RunFile::load(&write(dir.path(), &ok)).unwrap();
 }
+
+/// A round longer than H gets its share more of the deadline, a shorter one keeps all of it; and a run
+/// file at equal rounds keeps the run id it had before `round_lr_power` existed (left out at 0).
+#[test]
+fn long_rounds_get_a_longer_deadline_and_old_run_ids_stand() {
+    let dir = tempfile::tempdir().unwrap();
+    let base =
+        "[model]\npreset = \"tiny\"\n[data]\nfiles = [\"corpus.txt\"]\n[rounds]\ncount = 20\ndeadline_secs = 100\n\
+                [inner]\nsteps = 20\n";
+    let run = RunFile::load(&write(dir.path(), base)).unwrap();
+    assert_eq!(
+        (run.deadline_secs(20), run.deadline_secs(4), run.deadline_secs(56), run.deadline_secs(21)),
+        (100, 100, 280, 105)
+    );
+    let canonical = serde_json::to_string(&run).unwrap();
+    assert!(!canonical.contains("round_lr_power") && !canonical.contains("unit_steps"), "{canonical}");
+    let explicit = RunFile::load(&write(dir.path(), &format!("{base}round_lr_power = 0.0\n"))).unwrap();
+    assert_eq!(explicit.run_id().unwrap(), run.run_id().unwrap(), "0 is the default, the same run");
+}

@@ -404,7 +404,7 @@ impl Coordinator {
     /// The round's deadline: its opening time plus the run's deadline, but never earlier than a
     /// heartbeat timeout after this process started (workers need a moment to find a restarted coordinator).
     pub(crate) fn deadline_ms(&self, live: &Live) -> i64 {
-        let by_round = live.opened_ms + (self.run.rounds.deadline_secs * 1000) as i64;
+        let by_round = live.opened_ms + (self.run.deadline_secs(self.rounds.steps(live.round)) * 1000) as i64;
         let started_ago = self.started.elapsed().as_millis() as i64;
         let grace = now_ms() - started_ago + (self.run.rounds.heartbeat_timeout_secs * 1000) as i64;
         by_round.max(grace)

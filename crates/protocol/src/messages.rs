@@ -63,7 +63,8 @@ pub struct RunInfo {
     /// The inner loop: an `agora-train` `TrainConfig` object (`steps` is the whole run's inner-step count,
     /// which the learning-rate schedule spans).
     pub inner: serde_json::Value,
-    /// Inner steps per round (H).
+    /// Inner steps per round (H), their mean when round lengths follow the rate; each round's own count is
+    /// its [`Assignment::inner_steps`].
     pub inner_steps: u64,
     /// Windows per inner step, and tokens per window (+1 for the target).
     pub batch_size: usize,
@@ -128,7 +129,8 @@ pub struct Assignment {
     pub round: u64,
     pub global_hash: Hash32,
     /// The data to train, in order: the units' windows back to back, `inner_steps / units.len()` steps
-    /// each (one unit when every round is `[inner] steps` long; more in a round longer than its unit).
+    /// each (one unit when every round is `[inner] steps` long and `unit_steps` is left at its default;
+    /// more in a round longer than its unit).
     pub units: Vec<DataUnit>,
     /// Position of this round's first inner step in the run's learning-rate schedule.
     pub first_step: u64,

@@ -1,7 +1,8 @@
 //! Which units of data a worker gets.
 //!
 //! The policy: **a unit is never trained by two workers in one round, nor twice by one.** An assignment
-//! takes `n` units, the round's length in units (one when every round is `[inner] steps` long). A worker
+//! takes `n` units, the round's length in units (one when every round is `[inner] steps` long and a unit
+//! is a round, the default). A worker
 //! asking for work gets the first `n` pending entries of the work queue (earliest epoch, then position)
 //! whose units nobody holds in the open round, one entry per unit. When fewer than `n` are free, the next
 //! epoch is opened if that would free more (some unit is neither held nor pending); otherwise (more

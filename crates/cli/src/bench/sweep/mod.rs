@@ -12,8 +12,8 @@
 //!   the workers' per-shard mean gradients is the mean gradient of the global batch), so one process stands
 //!   in for all of them. Each worker would send one fp32 gradient per step: `S · 4 · parameters` bytes.
 //! - *DiLoCo with k workers and H inner steps*: `S/H` rounds; in each, every worker starts from the global
-//!   weights, takes `H` AdamW steps (with `--round-lr-power` P > 0 its round's own length, from
-//!   [`round_starts`]) with batch `G/k` on its own data ([`train_round`]; each worker keeps
+//!   weights, takes `H` AdamW steps (with `--round-lr-power` P > 0 its round's own length, from the
+//!   run's [`RoundPlan`], as the coordinator's) with batch `G/k` on its own data ([`train_round`]; each worker keeps
 //!   its own AdamW moments across rounds, as real workers do), then the pseudo-gradients are averaged
 //!   ([`mean`]) and the outer optimizer moves the global weights ([`OuterOptimizer::step`]). Each worker sends
 //!   one fp32 pseudo-gradient per round: `S/H · 4 · parameters` bytes, H× fewer than data-parallel.

@@ -90,7 +90,7 @@ pub struct SweepArgs {
     #[arg(long)]
     pub round_lr_power: Option<f64>,
     /// Inner steps in one data unit: every round length is a whole number of them (default: a round when
-    /// rounds are equal, else the largest divisor of H up to H/5, the run file's rule). Divides --steps.
+    /// rounds are equal, else the largest divisor of H up to H/5, the run file's rule). Divides every H.
     #[arg(long)]
     pub unit_steps: Option<u64>,
     /// Model initialisation and data order.
@@ -333,7 +333,13 @@ impl Plan {
         let p = self.round_lr_power;
         ensure!(p.is_finite() && p >= 0.0, "--round-lr-power must be at least 0, got {p}");
         if let Some(u) = self.unit_steps {
-            ensure!(u > 0 && self.steps.is_multiple_of(u), "--unit-steps must divide --steps {}, got {u}", self.steps);
+            let every_h = self.inner_steps.iter().copied().chain(self.compare.map(|(_, h)| h));
+            ensure!(
+                u > 0 && self.steps.is_multiple_of(u) && every_h.clone().all(|h| h.is_multiple_of(u)),
+                "--unit-steps must divide --steps {} and every --inner-steps H ({:?}), got {u}",
+                self.steps,
+                every_h.collect::<Vec<_>>()
+            );
         }
         for (flag, beta) in [("--adam-beta1", self.adamw.beta1), ("--adam-beta2", self.adamw.beta2)] {
             ensure!((0.0..1.0).contains(&beta), "{flag} must be in [0, 1), got {beta}");
@@ -586,6 +592,12 @@ pub(super) mod tests {
             let sweep = SweepArgs { steps: Some(100), unit_steps: Some(bad), ..SweepArgs::default() };
             assert!(Plan::from_args(&DilocoArgs { sweep, ..args() }).is_err(), "--unit-steps {bad} accepted");
         }
+        let with_h = |h: Vec<u64>, u: u64| {
+            let sweep = SweepArgs { steps: Some(400), unit_steps: Some(u), ..SweepArgs::default() };
+            Plan::from_args(&DilocoArgs { sweep, inner_steps: Some(h), outer_compare: Some("none".into()), ..args() })
+        };
+        assert!(with_h(vec![10, 200], 10).is_ok());
+        assert!(with_h(vec![10, 200], 20).is_err(), "20 does not divide H = 10");
     }
 
     /// --adam-beta1/2 and --weight-decay set every configuration's inner AdamW, the baseline's included; out of
