@@ -8,7 +8,7 @@ use crate::core::assign::{choose_units, QueueEntry, UnitChoice};
 use crate::error::ApiError;
 use crate::state::{now_ms, Coordinator, Live};
 use agora_diloco::unit_order;
-use agora_protocol::{AheadAssignment, Assignment, DataUnit, WorkResponse, WorkerId};
+use agora_protocol::{AheadAssignment, Assignment, DataUnit, Hash32, WorkResponse, WorkerId};
 use anyhow::Context;
 use sqlx::Row;
 use std::collections::BTreeSet;
@@ -52,27 +52,27 @@ impl Coordinator {
         else {
             return Ok(None);
         };
-        let units = self.assignment_units(&self.db, round, worker).await?;
+        let units = self.assignment_units(round, worker).await?;
         Ok(Some(AssignmentRow { units, state: row.try_get("state")? }))
     }
 
     /// The units of `worker`'s assignment in `round`, in training order.
-    pub(crate) async fn assignment_units<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
-        &self,
-        db: E,
-        round: u64,
-        worker: &WorkerId,
-    ) -> Result<Vec<QueueEntry>, ApiError> {
+    pub(crate) async fn assignment_units(&self, round: u64, worker: &WorkerId) -> Result<Vec<QueueEntry>, ApiError> {
         let rows = sqlx::query(
             "SELECT epoch, position, unit FROM assignment_units WHERE round = $1 AND worker = $2 ORDER BY seq",
         )
         .bind(round as i64)
         .bind(worker.hex())
-        .fetch_all(db)
+        .fetch_all(&self.db)
         .await?;
         let units = rows.iter().map(queue_entry).collect::<Result<Vec<_>, sqlx::Error>>()?;
         assert!(!units.is_empty(), "assignment of round {round} holds no units");
         Ok(units)
+    }
+
+    /// The blobs of `worker`'s units in `round`, in training order (what the judge and a spot check re-read).
+    pub(crate) async fn assignment_unit_blobs(&self, round: u64, worker: &WorkerId) -> Result<Vec<Hash32>, ApiError> {
+        Ok(self.assignment_units(round, worker).await?.iter().map(|e| self.units[e.unit as usize]).collect())
     }
 
     /// The units of an assignment as the protocol names them.

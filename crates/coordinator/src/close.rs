@@ -140,12 +140,7 @@ impl Coordinator {
             candidates.push(trust::Candidate {
                 worker: sub.worker,
                 payload: self.stored_payload(&sub.delta_hash).await?,
-                units: self
-                    .assignment_units(&self.db, round, &sub.worker)
-                    .await?
-                    .iter()
-                    .map(|e| self.units[e.unit as usize])
-                    .collect(),
+                units: self.assignment_unit_blobs(round, &sub.worker).await?,
                 spot_check: row.try_get("spot_check")?,
                 replayed,
             });

@@ -93,8 +93,8 @@ impl Coordinator {
             }
             let timer = Instant::now();
             let mut parts = Vec::new();
-            for e in self.assignment_units(&self.db, round, &worker).await? {
-                parts.push(Shard::from_bytes(&self.blobs.get(&self.units[e.unit as usize]).await?)?);
+            for hash in self.assignment_unit_blobs(round, &worker).await? {
+                parts.push(Shard::from_bytes(&self.blobs.get(&hash).await?)?);
             }
             let unit = Shard::concat(&parts)?;
             let global = self.blobs.get(&hash_col(&row, "global_hash")?).await?;

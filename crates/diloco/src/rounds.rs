@@ -118,8 +118,7 @@ impl RoundPlan {
         self.bounds.windows(2).map(|b| b[1] - b[0]).collect()
     }
 
-    /// The shortest round's length (past the plan, rounds are `mean_steps` long, never shorter than this
-    /// bound allows for: a planned round holds at least one unit).
+    /// The shortest round's length, rounds past the plan (`mean_steps` long) included.
     pub fn shortest(&self) -> u64 {
         self.lengths().into_iter().min().expect("at least one round").min(self.mean_steps)
     }
