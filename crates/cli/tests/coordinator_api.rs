@@ -306,6 +306,10 @@ fn api_refuses_bad_input(database: Option<String>) {
     let mut stale = meta.clone();
     stale.insert(delta_meta::BASE.into(), hash_bytes(b"other weights").hex());
     refused(api.signed("POST", path, delta(&zeros, &stale)), StatusCode::UNPROCESSABLE_ENTITY, "wrong_metadata");
+    // Data it was not assigned: one more unit than its assignment lists.
+    let mut other_units = meta.clone();
+    other_units.insert(delta_meta::UNIT.into(), format!("{},{}", unit_list(&assignment.units), u64::MAX));
+    refused(api.signed("POST", path, delta(&zeros, &other_units)), StatusCode::UNPROCESSABLE_ENTITY, "wrong_metadata");
     let stranger = Identity::generate().unwrap();
     refused(
         api.signed_as(&stranger, &api.run_id, "POST", path, delta(&zeros, &meta), &delta(&zeros, &meta)),
