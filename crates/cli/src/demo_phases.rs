@@ -1,13 +1,16 @@
 //! `agora demo --phases N`: a tiny campaign on loopback. `agora campaign` serves N phases of a miniature
 //! ladder (tiny, then twice as deep, then wider), each grown exactly from the last and admitting only the
-//! best of the one before; worker processes follow it from phase to phase. Prints a summary per phase.
+//! best of the one before; worker processes follow it from phase to phase. The second phase's recipe is
+//! chosen by a call for proposals: three researchers propose patches while the first phase trains, each
+//! (and the file's own recipe) trains as a proxy run on the workers, and the best is adopted. Prints a
+//! summary per phase and the call's board.
 
 use crate::children::Children;
 use crate::demo::DemoArgs;
 use crate::net::{fetch_json, spawn_campaign};
 use agora_data::MarkovSource;
 use agora_model::{preset, LlamaConfig};
-use agora_protocol::{CampaignInfo, CampaignState};
+use agora_protocol::{CampaignInfo, CampaignState, ProposalBoard};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::io::Write;
@@ -32,6 +35,29 @@ struct PhaseSummary {
     final_val_loss: f64,
     /// The recipe trained with and who proposed it.
     recipe: String,
+}
+
+/// The demo's three researchers and their patches to phase 2's recipe.
+const PROPOSALS: [(&str, &str); 3] = [
+    ("ada", "[outer]\nlr = 0.8\nmomentum = 0.5\n"),
+    ("grace", "[inner]\nlr = 5e-3\n"),
+    ("barbara", "[outer]\nwarmup_rounds = 1\nfinal_momentum_fraction = 1.5\n"),
+];
+
+/// Phase `phase`'s recipe and who proposed it (`board`'s settled call for it, if it held one).
+fn adopted_recipe(board: &ProposalBoard, phase: usize) -> String {
+    let Some(call) = board.calls.iter().find(|c| c.phase == phase) else { return "the campaign file's".into() };
+    match call.entries.iter().find(|e| e.adopted) {
+        Some(e) if e.id > 0 => format!(
+            "proposal {} by {} ({}): {}",
+            e.id,
+            e.name,
+            e.researcher.map(|r| r.short()).unwrap_or_default(),
+            e.patch.trim().replace('\n', "; ")
+        ),
+        Some(_) => "the campaign file's (it beat every proposal in the call)".into(),
+        None => "the campaign file's (the call was not settled)".into(),
+    }
 }
 
 /// How many of the previous phase's identities phase k (from 1) retains when `workers` started: two
@@ -81,6 +107,13 @@ pub fn demo_phases(args: &DemoArgs, phases: usize) -> Result<()> {
         if k > 0 {
             text += &format!("retain = {}\n[phase.growth]\nmethod = \"{method}\"\n", retained(args.workers, k));
         }
+        if k == 1 {
+            // The call for the second phase's recipe: each proxy run trains two rounds' tokens of the phase.
+            let proxy_tokens = 2 * 2 * args.inner_steps * (args.batch_size * args.seq_len) as u64;
+            text += &format!(
+                "[phase.research]\nproxy_tokens = {proxy_tokens}\nclose_after_secs = 2\nmax_proposals = 4\nreward = 1000000\n"
+            );
+        }
         let min_workers = if k == 0 { args.workers.div_ceil(2) } else { 2 };
         let warmup = (rounds * args.inner_steps / 20).max(1);
         text += &format!(
@@ -100,9 +133,26 @@ pub fn demo_phases(args: &DemoArgs, phases: usize) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the agora binary")?;
     crate::demo::spawn_workers(&mut children, &exe, &url, args.workers, &out, &logs)?;
     writeln!(view, "campaign: {url}; {} workers follow it", args.workers)?;
+    // Three researchers answer the call for phase 2's recipe (what `agora propose` sends).
+    for (r, (name, patch)) in PROPOSALS.iter().enumerate() {
+        let signed = crate::research::signed_proposal(
+            &url,
+            patch,
+            Some(2),
+            name,
+            &out.join("researchers").join(format!("r{r}")),
+        )?;
+        let accepted = crate::research::submit(&url, &signed)?;
+        writeln!(
+            view,
+            "researcher {name} proposed for phase 2 (entry {}): {}",
+            accepted.id,
+            patch.trim().replace('\n', "; ")
+        )?;
+    }
 
-    // Watch: a line whenever the phase, its round or the campaign's state changes.
-    let mut last = (usize::MAX, u64::MAX, CampaignState::Running);
+    // Watch: a line whenever the phase, its round, the campaign's state or the run served changes.
+    let mut last = (usize::MAX, u64::MAX, CampaignState::Running, String::new());
     let info = loop {
         for (name, child) in children.iter_mut() {
             if let Some(status) = child.try_wait()? {
@@ -113,7 +163,7 @@ pub fn demo_phases(args: &DemoArgs, phases: usize) -> Result<()> {
         }
         let info: CampaignInfo = fetch_json(&url, "/v1/campaign")?;
         let phase = &info.phases[info.current];
-        let now = (info.current, phase.rounds, info.state);
+        let now = (info.current, phase.rounds, info.state, info.run_id.clone());
         if now != last {
             writeln!(
                 view,
@@ -125,9 +175,13 @@ pub fn demo_phases(args: &DemoArgs, phases: usize) -> Result<()> {
                 phase.val_loss.unwrap_or(f64::NAN),
                 phase.workers.len(),
                 match info.state {
-                    CampaignState::Running => "",
-                    CampaignState::Growing => " — finished; growing into the next phase",
-                    CampaignState::Finished => " — the campaign is finished",
+                    CampaignState::Running => String::new(),
+                    CampaignState::Research => format!(
+                        " — call for proposals: proxy run {} (every entry trains the same tokens from the same weights)",
+                        &info.run_id[..12.min(info.run_id.len())]
+                    ),
+                    CampaignState::Growing => " — finished; growing into the next phase".into(),
+                    CampaignState::Finished => " — the campaign is finished".into(),
                 }
             )?;
             last = now;
@@ -149,6 +203,7 @@ pub fn demo_phases(args: &DemoArgs, phases: usize) -> Result<()> {
         }
     }
 
+    let board: ProposalBoard = fetch_json(&url, "/v1/campaign/proposals")?;
     let mut summaries = Vec::new();
     for (k, phase) in info.phases.iter().enumerate() {
         let growth = out.join("campaign").join("grown").join(format!("phase-{}", k + 1)).join("growth.json");
@@ -169,13 +224,30 @@ pub fn demo_phases(args: &DemoArgs, phases: usize) -> Result<()> {
             tokens_trained: phase.tokens_trained,
             initial_val_loss: phase.initial_val_loss.unwrap_or(f64::NAN),
             final_val_loss: phase.val_loss.unwrap_or(f64::NAN),
-            recipe: "the campaign file's (no proposals: the research track is not built yet)".into(),
+            recipe: adopted_recipe(&board, k + 1),
         });
     }
     drop(children);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "url": url, "phases": summaries }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "url": url, "phases": summaries, "proposals": board }))?
+        );
         return Ok(());
+    }
+    writeln!(view, "\nthe call for phase 2's recipe (proxy runs of {} tokens each):", board.calls[0].proxy_tokens)?;
+    for e in &board.calls[0].entries {
+        writeln!(
+            view,
+            "  rank {} entry {} by {:<12} val loss {:.4}  credits {:>8}  {}{}",
+            e.rank.unwrap_or(0),
+            e.id,
+            e.name.chars().take(12).collect::<String>(),
+            e.val_loss.unwrap_or(f64::NAN),
+            crate::format::credits(e.credits as i64),
+            if e.id == 0 { "(the campaign file's recipe)".into() } else { e.patch.trim().replace('\n', "; ") },
+            if e.adopted { "  ← adopted" } else { "" }
+        )?;
     }
     writeln!(view, "\nphase   params  grown by                           tokens  val loss (start → end)  workers")?;
     for s in &summaries {
@@ -194,8 +266,8 @@ pub fn demo_phases(args: &DemoArgs, phases: usize) -> Result<()> {
     }
     writeln!(
         view,
-        "each grown phase starts at its predecessor's final loss (exact growth); recipe: {}\nfinished in {:.0}s; the campaign's state is in {}",
-        summaries[0].recipe,
+        "each grown phase starts at its predecessor's final loss (exact growth); phase 2's recipe: {}\nfinished in {:.0}s; the campaign's state is in {}",
+        summaries[1].recipe,
         started.elapsed().as_secs_f64(),
         out.join("campaign").display()
     )?;

@@ -11,6 +11,7 @@ mod format;
 mod grow;
 mod ledger_verify;
 mod net;
+mod research;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -62,6 +63,12 @@ enum Command {
     /// `agora ledger verify FILE --coordinator-key HEX` (or `--pinned WORKER_DIR`): check such a statement
     /// offline against a coordinator key you trust.
     Ledger(net::LedgerArgs),
+    /// Propose a patch to the next phase's recipe in a campaign's open call for proposals (signed with
+    /// your researcher identity); the best proposal by proxy-run validation loss is adopted.
+    Propose(research::ProposeArgs),
+    /// A campaign's calls for proposals: every proposal ranked by its proxy run's validation loss, the
+    /// adopted one, credits and retained researchers.
+    Proposals(research::ProposalsArgs),
 }
 
 #[derive(Subcommand)]
@@ -151,6 +158,8 @@ fn main() {
         Command::Status(args) => net::status(args),
         Command::Leaderboard(args) => net::leaderboard(args),
         Command::Ledger(args) => net::ledger(args),
+        Command::Propose(args) => research::propose(args),
+        Command::Proposals(args) => research::proposals(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -1,11 +1,13 @@
 //! `agora campaign` over HTTP with real processes: three phases, each grown exactly from the last, the
 //! best of each phase retained (the phase-1 cheater is not), workers that follow the phases or exit cleanly
-//! when not retained, and the campaign SIGKILLed during a round, between phases and with a growth left
-//! half-written — on SQLite and on PostgreSQL.
+//! when not retained, a call for proposals for phase two's recipe (two proposals measured by proxy runs,
+//! the best adopted, one malformed proposal and other bad ones refused), and the campaign SIGKILLed during
+//! a round, during a proxy run, between phases and with a growth left half-written — on SQLite and on
+//! PostgreSQL.
 
 mod common;
 
-use agora_protocol::{CampaignInfo, CampaignState, Contribution, LedgerReport, RunInfo};
+use agora_protocol::{CallState, CampaignInfo, CampaignState, Contribution, LedgerReport, ProposalBoard, RunInfo};
 use common::*;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -40,7 +42,8 @@ fn write_campaign(dir: &Path) -> PathBuf {
         "name = \"three phases\"\nseed = 3\n[data]\nfiles = [\"corpus.txt\"]\nvocab_size = 300\n\n\
          [[phase]]\nname = \"one\"\n[phase.model]\npreset = \"tiny\"\n{}\n\
          [[phase]]\nname = \"two\"\nretain = 3\n[phase.growth]\nmethod = \"depth\"\nouter_momentum = \"carry\"\n\
-         [phase.model]\nconfig = \"tiny6.json\"\n{}\n\
+         [phase.model]\nconfig = \"tiny6.json\"\n\
+         [phase.research]\nproxy_tokens = 1536\nclose_after_secs = 3\nreward = 1000000\n{}\n\
          [[phase]]\nname = \"three\"\nretain = 2\n[phase.growth]\nmethod = \"depth\"\n\
          [phase.model]\nconfig = \"tiny8.json\"\n{}",
         // Phase one spot-checks every upload (the cheater must rank last); the later phases judge as usual.
@@ -139,6 +142,21 @@ impl Campaign {
         self.workers.push((name.to_string(), child));
     }
 
+    /// `agora propose` as a researcher would run it: success, and stdout or stderr.
+    fn propose(&self, researcher: &str, patch: &str) -> (bool, String) {
+        let file = self.dir.join(format!("{researcher}.toml"));
+        std::fs::write(&file, patch).unwrap();
+        let out = Command::new(AGORA)
+            .args(["propose", &self.url, "--phase", "2", "--name", researcher, "--json", "--file"])
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(self.dir.join("researchers").join(researcher))
+            .output()
+            .unwrap();
+        let text = if out.status.success() { &out.stdout } else { &out.stderr };
+        (out.status.success(), String::from_utf8_lossy(text).into_owned())
+    }
+
     fn info(&self) -> Option<CampaignInfo> {
         let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
         client.get(format!("{}/v1/campaign", self.url)).send().ok()?.json().ok()
@@ -211,13 +229,40 @@ fn three_phases(database: Option<String>) {
     }
     c.start_worker("flip", &["--behaviour", "sign-flip"]);
 
+    // The call for phase two's recipe is open while phase one trains: two proposals, then refusals.
+    let (ok, out) = c.propose("ada", "[inner]\nlr = 6e-3\n");
+    assert!(ok && out.contains("\"id\":1"), "{out}");
+    let (ok, out) = c.propose("bob", "[inner]\nlr = 1e-3\n");
+    assert!(ok && out.contains("\"id\":2"), "{out}");
+    let (ok, out) = c.propose("mallory", "[rounds]\ntokens = 5\n");
+    assert!(!ok && out.contains("400") && out.contains("disallowed_field"), "a malformed proposal: {out}");
+    let (ok, out) = c.propose("ada", "[inner]\nlr = 5e-3\n");
+    assert!(!ok && out.contains("409") && out.contains("already_proposed"), "{out}");
+    let (ok, out) = c.propose("carol", "[inner]\nlr = 6e-3\n");
+    assert!(!ok && out.contains("duplicate_recipe"), "the same recipe twice: {out}");
+    let board: ProposalBoard =
+        reqwest::blocking::get(format!("{}/v1/campaign/proposals", c.url)).unwrap().json().unwrap();
+    let mut unsigned = serde_json::json!({ "proposal": {
+        "campaign": "three phases", "call": board.calls[0].host_run, "phase": 2,
+        "researcher": agora_protocol::Identity::generate().unwrap().id(), "name": "eve", "patch": "[outer]\nlr = 0.5\n" }});
+    let post = |body: &serde_json::Value| {
+        reqwest::blocking::Client::new().post(format!("{}/v1/campaign/proposals", c.url)).json(body).send().unwrap()
+    };
+    assert_eq!(post(&unsigned).status(), 401, "unsigned");
+    unsigned["signature"] = "00".repeat(64).into();
+    assert_eq!(post(&unsigned).status(), 401, "a signature that does not verify");
+
     // SIGKILL during phase one's rounds, and restart.
     c.wait_for("phase one's first round", |i| i.phases[0].rounds >= 1);
     c.kill();
     c.start_process();
     // SIGKILL once phase two is open, and restart with a growth of phase three left half-written (what a
     // kill during growth leaves: the `.partial` directory, never the final one).
-    c.wait_for("phase two to open", |i| i.current == 1);
+    // SIGKILL while a proxy run of the call trains, and restart: it resumes, nothing is measured twice.
+    c.wait_for("a proxy run", |i| i.state == CampaignState::Research);
+    c.kill();
+    c.start_process();
+    c.wait_for("phase two to open", |i| i.current == 1 && i.state == CampaignState::Running);
     c.kill();
     let partial = dir.path().join("state/grown/phase-3.partial");
     std::fs::create_dir_all(&partial).unwrap();
@@ -252,10 +297,60 @@ fn three_phases(database: Option<String>) {
     assert_eq!(joined(2).len(), 2);
     assert!(joined(2).iter().all(|w| joined(1).contains(w)), "{:?} ⊄ {:?}", joined(2), joined(1));
 
+    // The call: settled, every entry measured by its proxy run, the best adopted for phase two.
+    let board: ProposalBoard =
+        reqwest::blocking::get(format!("{}/v1/campaign/proposals", c.url)).unwrap().json().unwrap();
+    let call = &board.calls[0];
+    assert_eq!((call.phase, call.state), (2, CallState::Settled), "{board:?}");
+    assert_eq!(call.entries.len(), 3, "the file's recipe and two proposals: {board:?}");
+    let ranks: Vec<u64> = call.entries.iter().map(|e| e.rank.unwrap()).collect();
+    assert_eq!(ranks, vec![1, 2, 3], "ranked best first");
+    let losses: Vec<f64> = call.entries.iter().map(|e| e.val_loss.expect("every proxy measured")).collect();
+    assert!(losses.windows(2).all(|w| w[0] <= w[1]), "{losses:?}");
+    let proxies: std::collections::HashSet<&String> =
+        call.entries.iter().map(|e| e.proxy_run.as_ref().unwrap()).collect();
+    assert_eq!(proxies.len(), 3, "a proxy run per entry");
+    let best = &call.entries[0];
+    assert!(best.adopted && call.adopted == Some(best.id));
+    let baseline = call.entries.iter().find(|e| e.id == 0).unwrap();
+    let paid: u64 = call.entries.iter().map(|e| e.credits).sum();
+    for e in call.entries.iter().filter(|e| e.id > 0) {
+        let receipt: agora_ledger::SignedResearchReceipt = serde_json::from_value(e.receipt.clone().unwrap()).unwrap();
+        receipt.verify(&info.coordinator_key).unwrap();
+        assert_eq!((receipt.receipt.credits, receipt.receipt.adopted), (e.credits, e.adopted));
+        assert_eq!(
+            e.credits > 0,
+            e.val_loss.unwrap() < baseline.val_loss.unwrap(),
+            "only gains over the file's recipe pay"
+        );
+        assert!(e.retained, "without a later call's retain, every measured researcher is retained");
+    }
+    assert!(paid == 0 || paid == call.reward, "the reward is paid in full or not at all: {paid}");
+    // Phase two trained with the adopted recipe (the entries patch the inner learning rate).
+    let one: RunInfo = c.phase_get(1, "/v1/run");
+    let two: RunInfo = c.phase_get(2, "/v1/run");
+    let expected = match best.id {
+        0 => one.inner["lr"].as_f64().unwrap(),
+        1 => 6e-3,
+        _ => 1e-3,
+    };
+    assert_eq!(two.inner["lr"].as_f64().unwrap(), expected, "phase two opened with entry {}'s recipe", best.id);
+    // The researchers' credits are postings in the hosting phase's ledger.
+    let host: LedgerReport = c.phase_get(1, "/v1/ledger");
+    let researchers: i64 = host.balances.iter().filter(|b| b.0.starts_with("researcher:")).map(|b| b.1).sum();
+    assert_eq!(researchers, paid as i64);
+    // After the call: too late.
+    let (ok, out) = c.propose("dave", "[inner]\nlr = 2e-3\n");
+    assert!(!ok && out.contains("call_closed"), "{out}");
+
     // Every worker exits cleanly: the retained ones after the last phase, the others with the reason.
+    let phase_runs: Vec<String> = info.phases.iter().map(|p| p.run_id.clone().unwrap()).collect();
     for (name, success, lines) in &results {
         assert!(success, "{name} failed\n{logs}");
-        let runs = lines.iter().filter(|l| l.get("run_id").is_some()).count();
+        let runs = lines
+            .iter()
+            .filter(|l| l.get("run_id").and_then(|r| r.as_str()).is_some_and(|r| phase_runs.iter().any(|p| p == r)))
+            .count();
         let expected = (0..3).take_while(|&k| joined(k).contains(name)).count();
         assert_eq!(runs, expected, "{name} took part in {runs} phases: {lines:?}");
         let refusal = lines.iter().find_map(|l| l.get("not_retained")).and_then(|n| n.as_str());

@@ -82,6 +82,19 @@ pub fn prepare_data(run: &RunFile, work_dir: &Path) -> Result<Prepared> {
     Ok(Prepared { tokenizer, model_config, val, units })
 }
 
+/// The refusal of [`data_fits`]: the run's recipe asks more of the data than it has (a campaign records it
+/// as a proposal's failure rather than its own).
+#[derive(Debug)]
+pub struct DataDoesNotFit(pub String);
+
+impl std::fmt::Display for DataDoesNotFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DataDoesNotFit {}
+
 /// A round closes with `min_workers` contributions, each on units of its own: the longest planned round
 /// must find that many distinct units in the data, or it could never close.
 fn data_fits(units: usize, total_windows: usize, run: &RunFile) -> Result<()> {
@@ -89,14 +102,14 @@ fn data_fits(units: usize, total_windows: usize, run: &RunFile) -> Result<()> {
     let per_worker = (longest / run.unit_steps()) as usize;
     let needed = per_worker * run.rounds.min_workers as usize;
     if units < needed {
-        bail!(
+        return Err(anyhow::Error::new(DataDoesNotFit(format!(
             "the training split has {total_windows} windows of {} tokens, {units} data units of {} windows, but \
              the longest round ({longest} steps) needs {needed} units: {per_worker} for each of [rounds] \
              min_workers = {}. Add data, or lower [inner] steps, batch_size or round_lr_power, or min_workers",
             run.inner.seq_len + 1,
             run.windows_per_unit(),
             run.rounds.min_workers
-        );
+        ))));
     }
     Ok(())
 }

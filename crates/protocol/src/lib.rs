@@ -9,15 +9,17 @@
 pub mod hash;
 pub mod identity;
 pub mod messages;
+pub mod research;
 pub mod tensors;
 
 pub use hash::{hash_bytes, Hash32};
 pub use identity::{new_nonce, verify_signature, Identity, SignedRequest, WorkerId};
 pub use messages::*;
+pub use research::*;
 pub use tensors::{decode_tensors, encode_tensors, NamedTensor, TensorError, TensorSpec};
 
 /// Bumped whenever a message or payload changes incompatibly; the coordinator refuses other versions.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Request headers. Every worker request carries all six; the signature covers the other five and the body.
 pub const HEADER_RUN: &str = "x-agora-run";

@@ -47,6 +47,9 @@ pub struct CampaignPhase {
 pub enum CampaignState {
     /// The current phase is training.
     Running,
+    /// The current phase's call for proposals is being measured: `run_id` is one of its proxy runs (each
+    /// proposal trained at the same fixed compute), which the phase's workers train like a phase.
+    Research,
     /// The current phase has finished and the next one is being prepared (its weights grown): ask again.
     Growing,
     /// The last phase has finished.

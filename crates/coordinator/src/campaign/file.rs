@@ -3,6 +3,7 @@
 //! best contributors it retains. One `[data]` section serves every phase, so every phase reads the same
 //! corpus through the same tokenizer (growth keeps the vocabulary).
 
+use super::research::ResearchSection;
 use crate::run_file::{
     AdmissionPolicy, AdmissionSection, DataSection, EvalSection, InnerSection, ModelSection, RoundsSection, RunFile,
 };
@@ -54,6 +55,9 @@ pub struct PhaseSection {
     pub compression: CompressionConfig,
     #[serde(default)]
     pub trust: TrustConfig,
+    /// A call for proposals for this phase's recipe, held while the previous phase trains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub research: Option<ResearchSection>,
 }
 
 /// How the previous phase's final weights become this phase's initial weights (`agora_model::grow`).
@@ -170,6 +174,9 @@ impl CampaignFile {
             self.run_without_handover(k).validate().with_context(at)?;
             phase.growth.options().with_context(at)?;
             phase.growth.carries_momentum().with_context(at)?;
+            if let Some(research) = &phase.research {
+                super::research::validate_section(self, k, research).with_context(at)?;
+            }
             match (k, phase.retain) {
                 (0, Some(_)) => bail!("{}: retain: the first phase has no previous phase to retain from", at()),
                 (_, Some(0)) => bail!("{}: retain must be at least 1 (leave it out to admit anyone)", at()),
@@ -226,7 +233,18 @@ impl CampaignFile {
     }
 
     fn run_without_handover(&self, k: usize) -> RunFile {
-        let phase = &self.phases[k];
+        self.run_of(k, &self.phases[k])
+    }
+
+    /// Phase k's proxy run as written (its recipe at `[phase.research] proxy_tokens`), for validation.
+    pub(crate) fn proxy_run_without_handover(&self, k: usize) -> RunFile {
+        let mut run = self.run_without_handover(k);
+        run.rounds = proxy_rounds(&self.phases[k]);
+        run
+    }
+
+    /// The run of phase k with `phase` as its section (the file's own, or one patched by a proposal).
+    fn run_of(&self, k: usize, phase: &PhaseSection) -> RunFile {
         RunFile {
             seed: self.seed + k as u64,
             model: phase.model.clone(),
@@ -245,7 +263,13 @@ impl CampaignFile {
     /// grown checkpoint, reading the first phase's tokenizer, with reputations (and, with `retain`, only
     /// the best identities) from the previous phase.
     pub fn phase_run(&self, k: usize, handover: Option<&Handover>) -> Result<RunFile> {
-        let mut run = self.run_without_handover(k);
+        self.phase_run_with(k, &self.phases[k], handover)
+    }
+
+    /// [`CampaignFile::phase_run`] with phase k's section replaced by `phase` (a proposal's patched
+    /// recipe).
+    pub fn phase_run_with(&self, k: usize, phase: &PhaseSection, handover: Option<&Handover>) -> Result<RunFile> {
+        let mut run = self.run_of(k, phase);
         match (k, handover) {
             (0, None) => {}
             (0, Some(_)) => bail!("the first phase has no previous phase"),
@@ -257,8 +281,7 @@ impl CampaignFile {
                     config: None,
                     checkpoint: Some(h.grown.clone()),
                     // Carried only if the finished phase had momentum to carry.
-                    outer_momentum: (self.phases[k].growth.carries_momentum()? && momentum.is_file())
-                        .then_some(momentum),
+                    outer_momentum: (phase.growth.carries_momentum()? && momentum.is_file()).then_some(momentum),
                 };
                 run.data.tokenizer = Some(h.grown.join("tokenizer.json"));
                 run.data.vocab_size = None;
@@ -278,12 +301,38 @@ impl CampaignFile {
         run.validate().with_context(|| format!("phase {} ({:?})", k + 1, self.phases[k].name))?;
         Ok(run)
     }
+
+    /// A proxy run of phase k's call for proposals: the phase's run with `phase` as its recipe, the same
+    /// seed, data, starting weights and admission, and `[phase.research] proxy_tokens` as its budget.
+    pub fn proxy_run(&self, k: usize, phase: &PhaseSection, handover: &Handover) -> Result<RunFile> {
+        let mut run = self.phase_run_with(k, phase, Some(handover))?;
+        run.rounds = proxy_rounds(phase);
+        run.validate().with_context(|| format!("a proxy run of phase {} ({:?})", k + 1, self.phases[k].name))?;
+        Ok(run)
+    }
+}
+
+/// A phase's rounds with the call's fixed compute as the token budget.
+fn proxy_rounds(phase: &PhaseSection) -> RoundsSection {
+    let mut rounds = phase.rounds.clone();
+    rounds.count = None;
+    rounds.tokens = phase.research.as_ref().map(|r| r.proxy_tokens);
+    rounds
 }
 
 /// Phase k's database when the campaign was given one URL: the same server, a database of its own
 /// (`NAME_phaseK`, or `NAME_phaseK.db` for SQLite), so each phase keeps its own receipts, roots and ledger.
 pub fn phase_database(base: &str, k: usize) -> Result<String> {
-    let suffix = format!("_phase{}", k + 1);
+    suffixed_database(base, &format!("_phase{}", k + 1))
+}
+
+/// The database of entry `id` of phase k's call for proposals (its proxy run) when the campaign was given
+/// one URL: `NAME_phaseK_eID`.
+pub fn proxy_database(base: &str, k: usize, id: u64) -> Result<String> {
+    suffixed_database(base, &format!("_phase{}_e{id}", k + 1))
+}
+
+fn suffixed_database(base: &str, suffix: &str) -> Result<String> {
     let shown = crate::redact::redact_url(base);
     if base.starts_with("sqlite:") {
         ensure!(

@@ -1,4 +1,5 @@
-//! The campaign's HTTP face: `GET /v1/campaign`; `GET /v1/campaign/phases/K/PATH` answered by phase K's
+//! The campaign's HTTP face: `GET /v1/campaign`; the research track's `POST /v1/campaign/proposals` (a
+//! signed proposal) and `GET /v1/campaign/proposals` (the board); `GET /v1/campaign/phases/K/PATH` answered by phase K's
 //! public reads (`K` from 1; its status, leaderboard, ledger, receipts and blobs stay readable after it
 //! has finished); and every other request answered by the phase it names in `x-agora-run` (a worker
 //! settling a finished phase) or else by the phase being served (its routes, signatures and refusals,
@@ -6,7 +7,7 @@
 
 use super::Campaign;
 use crate::error::ApiError;
-use agora_protocol::CampaignInfo;
+use agora_protocol::{CampaignInfo, ProposalAccepted, ProposalBoard, SignedProposal};
 use axum::extract::Path;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, Uri};
@@ -19,6 +20,7 @@ use tower::ServiceExt;
 pub fn router(campaign: Arc<Campaign>) -> Router {
     Router::new()
         .route("/v1/campaign", get(info))
+        .route("/v1/campaign/proposals", get(proposals).post(propose))
         .route("/v1/campaign/phases/{phase}/{*path}", get(phase_read))
         .fallback(dispatch)
         .with_state(campaign)
@@ -44,6 +46,20 @@ async fn phase_read(
         Ok(response) => Ok(response),
         Err(never) => match never {},
     }
+}
+
+async fn proposals(State(campaign): State<Arc<Campaign>>) -> Result<Json<ProposalBoard>, ApiError> {
+    Ok(Json(campaign.board().await?))
+}
+
+/// A proposal: JSON [`SignedProposal`]; 201 when it is in the call.
+async fn propose(
+    State(campaign): State<Arc<Campaign>>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<ProposalAccepted>), ApiError> {
+    let signed: SignedProposal = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("bad_json", format!("the body is not a signed proposal: {e}")))?;
+    Ok((StatusCode::CREATED, Json(campaign.propose(signed).await?)))
 }
 
 async fn info(State(campaign): State<Arc<Campaign>>) -> Json<CampaignInfo> {

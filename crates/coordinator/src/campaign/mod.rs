@@ -14,9 +14,11 @@
 //! - on start the campaign walks the phases in order: finished ones are passed, a missing grown
 //!   checkpoint is grown, and the first unfinished phase is served.
 
+mod calls;
 pub mod file;
+pub mod research;
 
-pub use file::{phase_database, CampaignFile, Handover, PhaseSection, MOMENTUM_FILE};
+pub use file::{phase_database, proxy_database, CampaignFile, Handover, PhaseSection, MOMENTUM_FILE};
 
 use crate::state::{Coordinator, Options};
 use agora_diloco::tensors::{from_named, param_specs};
@@ -57,6 +59,13 @@ pub struct Campaign {
     /// The summaries of the phases before the served one: they are finished, so each is read from its
     /// store once, not on every `GET /v1/campaign`.
     past: tokio::sync::Mutex<Vec<CampaignPhase>>,
+    /// The proxy run of a call for proposals being served instead of a phase (until the phase it measures
+    /// for opens) ...
+    proxy: RwLock<Option<(Arc<Coordinator>, Router)>>,
+    /// ... and every proxy run opened since this process started, for requests that name one.
+    proxies: RwLock<Vec<(Arc<Coordinator>, Router)>>,
+    /// Serialises the checks and insert of a proposal with the closing of its call.
+    research_lock: tokio::sync::Mutex<()>,
 }
 
 impl Campaign {
@@ -73,14 +82,26 @@ impl Campaign {
         for k in 0..file.phases.len() {
             phase_database_url(&options, k)?;
         }
-        let app = open_phase(&file, &options, 0, None).await?;
+        let app = open_phase(&file, &options, 0, &file.phases[0], None).await?;
         let router = crate::http::router(app.clone());
         let opened = RwLock::new(vec![(app, router)]);
-        let campaign = Campaign { file, options, opened, past: tokio::sync::Mutex::new(Vec::new()) };
+        let campaign = Campaign {
+            file,
+            options,
+            opened,
+            past: tokio::sync::Mutex::new(Vec::new()),
+            proxy: RwLock::new(None),
+            proxies: RwLock::new(Vec::new()),
+            research_lock: tokio::sync::Mutex::new(()),
+        };
+        // Past every finished phase, up to one whose successor's call for proposals is still to be run
+        // (`drive` runs it: it needs the workers).
         while campaign.current().finished.load(Ordering::SeqCst) {
-            if !campaign.advance().await? {
+            let next = campaign.serving().0 + 1;
+            if next == campaign.file.phases.len() || campaign.call_pending(next).await? {
                 break;
             }
+            campaign.advance().await?;
         }
         tracing::info!(
             campaign = campaign.file.name,
@@ -91,20 +112,26 @@ impl Campaign {
         Ok(Arc::new(campaign))
     }
 
-    /// The served phase is finished: grows it into the next phase and serves that one. False when it was
-    /// the last phase.
-    async fn advance(&self) -> Result<bool> {
+    /// The served phase is finished (and the next phase's call, if any, settled): grows it into the next
+    /// phase, with the adopted recipe, and serves that one.
+    async fn advance(&self) -> Result<()> {
         let (phase, app) = self.serving();
-        if phase + 1 == self.file.phases.len() {
-            return Ok(false);
-        }
         let next = phase + 1;
-        let handover = self.handover(next, &app).await?;
-        let opened = open_phase(&self.file, &self.options, next, Some(&handover)).await?;
+        let section = self.adopted_section(next).await?;
+        let handover = self.handover(next, &app, &section.growth).await?;
+        let opened = open_phase(&self.file, &self.options, next, &section, Some(&handover)).await?;
         tracing::info!(phase = next + 1, run = opened.run_id, "phase opened");
         let router = crate::http::router(opened.clone());
         self.opened.write().expect("campaign lock").push((opened, router));
-        Ok(true)
+        // The last proxy run stays served until now, so that its workers see a new run id only once the
+        // phase is there to join.
+        *self.proxy.write().expect("campaign lock") = None;
+        Ok(())
+    }
+
+    /// Where the campaign's blobs are (shared by every phase and proxy run: content-addressed).
+    fn blobs_location(&self) -> String {
+        self.options.blobs.clone().unwrap_or_else(|| self.options.dir.join("blobs").display().to_string())
     }
 
     /// The coordinator of the phase being served.
@@ -133,10 +160,15 @@ impl Campaign {
             while !app.finished.load(Ordering::SeqCst) {
                 let _ = tokio::time::timeout(Duration::from_millis(500), changes.changed()).await;
             }
-            if !self.advance().await? {
+            let next = self.serving().0 + 1;
+            if next == self.file.phases.len() {
                 tracing::info!(campaign = self.file.name, "the campaign's last phase is finished");
                 return Ok(());
             }
+            if self.call_pending(next).await? {
+                self.run_call(next).await?;
+            }
+            self.advance().await?;
         }
     }
 
@@ -146,22 +178,32 @@ impl Campaign {
     pub(crate) fn router_for(&self, run: Option<&str>) -> Router {
         if let Some(run) = run {
             let opened = self.opened.read().expect("campaign lock");
-            if let Some((_, router)) = opened.iter().find(|(app, _)| app.run_id == run) {
+            let proxies = self.proxies.read().expect("campaign lock");
+            if let Some((_, router)) = opened.iter().chain(proxies.iter()).find(|(app, _)| app.run_id == run) {
                 return router.clone();
             }
+        }
+        if let Some((_, router)) = self.proxy.read().expect("campaign lock").as_ref() {
+            return router.clone();
         }
         self.opened.read().expect("campaign lock").last().expect("the first phase is opened").1.clone()
     }
 
     /// What phase `next` takes from the finished phase `app`: its store and run id, and its final
     /// weights grown to `next`'s model (grown now unless a previous start already wrote them).
-    async fn handover(&self, next: usize, app: &Arc<Coordinator>) -> Result<Handover> {
-        let grown = self.options.dir.join("grown").join(format!("phase-{}", next + 1));
+    /// `growth` is the file's own for the phase, or a proposal's (grown into a directory of its own).
+    async fn handover(&self, next: usize, app: &Arc<Coordinator>, growth: &file::GrowthSection) -> Result<Handover> {
+        let name = if growth == &self.file.phases[next].growth {
+            format!("phase-{}", next + 1)
+        } else {
+            let settings = serde_json::to_vec(growth)?;
+            format!("phase-{}-{}", next + 1, &agora_protocol::hash_bytes(&settings).hex()[..12])
+        };
+        let grown = self.options.dir.join("grown").join(name);
         let (global, momentum) = {
             let live = app.live.lock().await;
             (live.global_hash, live.momentum_hash)
         };
-        let growth = &self.file.phases[next].growth;
         let carried = momentum.filter(|_| growth.carries_momentum().unwrap_or(false));
         let mut to = self.file.target_config(next, app.model_config.vocab_size)?;
         (to.bos_token_id, to.eos_token_id) = (app.model_config.bos_token_id, app.model_config.eos_token_id.clone());
@@ -223,7 +265,7 @@ impl Campaign {
 
     /// `GET /v1/campaign`.
     pub async fn info(&self) -> CampaignInfo {
-        let (current, app) = self.serving();
+        let (mut current, app) = self.serving();
         let opened = self.opened.read().expect("campaign lock").clone();
         let last = current + 1 == self.file.phases.len();
         let finished = app.finished.load(Ordering::SeqCst);
@@ -248,14 +290,13 @@ impl Campaign {
             let finished = k < current || (k == current && finished);
             phases.push(self.summary(k, opened.get(k).map(|o| &o.0), finished).await.0);
         }
-        CampaignInfo {
-            name: self.file.name.clone(),
-            phases,
-            current,
-            state,
-            run_id: app.run_id.clone(),
-            coordinator_key: app.key.id(),
+        let mut run_id = app.run_id.clone();
+        let mut state = state;
+        if let Some((proxy, _)) = self.proxy.read().expect("campaign lock").as_ref() {
+            // A proxy run of the next phase's call is what the workers train now.
+            (current, state, run_id) = (current + 1, CampaignState::Research, proxy.run_id.clone());
         }
+        CampaignInfo { name: self.file.name.clone(), phases, current, state, run_id, coordinator_key: app.key.id() }
     }
 }
 
@@ -275,9 +316,10 @@ async fn open_phase(
     file: &CampaignFile,
     options: &CampaignOptions,
     k: usize,
+    section: &PhaseSection,
     handover: Option<&Handover>,
 ) -> Result<Arc<Coordinator>> {
-    let run = file.phase_run(k, handover)?;
+    let run = file.phase_run_with(k, section, handover)?;
     let phase = Options {
         run_file: options.campaign_file.clone(),
         dir: phase_dir(options, k),

@@ -1,0 +1,639 @@
+//! Calls for proposals, run by the campaign: taking signed proposals (`POST /v1/campaign/proposals`),
+//! training each as a proxy run on the campaign's workers once the call closes, settling the call (ranks,
+//! signed research receipts, credits in the hosting phase's ledger, researchers retained for the next call)
+//! and the board (`GET /v1/campaign/proposals`). The rules themselves are in [`super::research`].
+//!
+//! A call lives in the store of the phase that hosts it (tables `research_calls` and `proposals`), so it is
+//! as durable as that phase: its deadline is recorded once, every proxy run is a run with its own store
+//! (reopened, not redone, after a restart), and the settlement is one transaction.
+
+use super::research::{self, apply_patch, Evaluated, PatchError};
+use super::{Campaign, PhaseSection};
+use crate::error::ApiError;
+use crate::state::{now_ms, Coordinator, Options};
+use agora_protocol::{
+    hash_bytes, CallState, ProposalAccepted, ProposalBoard, ProposalEntry, ResearchCall, SignedProposal, WorkerId,
+};
+use anyhow::{Context, Result};
+use axum::http::StatusCode;
+use sqlx::Row;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The longest display name and patch a proposal may carry.
+pub const MAX_NAME: usize = 64;
+pub const MAX_PATCH: usize = 16 * 1024;
+
+/// One stored entry of a call.
+#[derive(Debug, Clone)]
+struct Stored {
+    id: u64,
+    researcher: Option<WorkerId>,
+    name: String,
+    patch: String,
+    submitted_ms: u64,
+    proxy_run: Option<String>,
+    val_loss: Option<f64>,
+    failure: Option<String>,
+    rank: Option<u64>,
+    credits: u64,
+    retained: bool,
+    receipt: Option<String>,
+}
+
+impl Campaign {
+    /// The coordinator of phase `k` (from 0), if opened.
+    fn phase_app(&self, k: usize) -> Option<Arc<Coordinator>> {
+        self.opened.read().expect("campaign lock").get(k).map(|(app, _)| app.clone())
+    }
+
+    /// Phase `next`'s call, if it has one that is not settled: it must be run before `next` opens.
+    pub(crate) async fn call_pending(&self, next: usize) -> Result<bool> {
+        if self.file.phases[next].research.is_none() {
+            return Ok(false);
+        }
+        let host = self.phase_app(next - 1).context("the hosting phase is opened before its call")?;
+        Ok(call_row(&host, next).await?.is_none_or(|(_, settled)| settled.is_none()))
+    }
+
+    /// The section phase `next` opens with: the file's own, or the adopted proposal's once its call settled.
+    pub(crate) async fn adopted_section(&self, next: usize) -> Result<PhaseSection> {
+        let own = self.file.phases[next].clone();
+        if own.research.is_none() {
+            return Ok(own);
+        }
+        let host = self.phase_app(next - 1).context("the hosting phase")?;
+        let adopted = sqlx::query("SELECT adopted FROM research_calls WHERE phase = $1 AND settled_ms IS NOT NULL")
+            .bind((next + 1) as i64)
+            .fetch_optional(&host.db)
+            .await?
+            .map(|r| r.try_get::<Option<i64>, _>("adopted"))
+            .transpose()?
+            .flatten();
+        match adopted {
+            None | Some(0) => Ok(own),
+            Some(id) => {
+                let entry = entries(&host, next).await?.into_iter().find(|e| e.id == id as u64);
+                let entry = entry.context("the adopted proposal is in the call's store")?;
+                apply_patch(&self.file, next, &entry.patch).map_err(|e| {
+                    anyhow::anyhow!("the adopted proposal {id} no longer applies to the campaign file: {e}")
+                })
+            }
+        }
+    }
+
+    /// `POST /v1/campaign/proposals`: every check a proposal must pass, in the order a researcher can fix
+    /// them; the call's mutex makes the count, one-per-researcher and deadline checks and the insert atomic.
+    pub(crate) async fn propose(&self, signed: SignedProposal) -> Result<ProposalAccepted, ApiError> {
+        if !signed.is_signed() {
+            return Err(ApiError::unauthorized("unsigned", "a proposal must be signed by its researcher's key"));
+        }
+        if let Err(e) = signed.verify() {
+            return Err(ApiError::unauthorized("bad_signature", format!("the proposal's signature: {e}")));
+        }
+        let p = &signed.proposal;
+        if p.campaign != self.file.name {
+            return Err(ApiError::bad_request(
+                "wrong_campaign",
+                format!("this is campaign {:?}, not {:?}", self.file.name, p.campaign),
+            ));
+        }
+        if p.name.trim().is_empty() || p.name.len() > MAX_NAME {
+            return Err(ApiError::bad_request("bad_name", format!("name: 1 to {MAX_NAME} bytes")));
+        }
+        if p.patch.len() > MAX_PATCH {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "patch_too_large",
+                format!("a patch is at most {MAX_PATCH} bytes"),
+            ));
+        }
+        if p.phase == 0 || p.phase > self.file.phases.len() || self.file.phases[p.phase - 1].research.is_none() {
+            return Err(ApiError::conflict(
+                "no_such_call",
+                format!("phase {} of campaign {:?} holds no call for proposals", p.phase, self.file.name),
+            ));
+        }
+        let _call = self.research_lock.lock().await;
+        let (host_k, host) = self.serving();
+        let next = p.phase - 1;
+        let closed = if next > host_k + 1 {
+            Some("it opens when the phase before it opens")
+        } else if next <= host_k || self.proxy_active() {
+            Some("it has closed (see GET /v1/campaign/proposals)")
+        } else {
+            match call_row(&host, next).await? {
+                Some((closes_ms, _)) if now_ms() >= closes_ms => Some("its deadline has passed"),
+                _ => None,
+            }
+        };
+        if let Some(why) = closed {
+            return Err(ApiError::conflict(
+                "call_closed",
+                format!("the call for phase {}'s recipe is not taking proposals: {why}", p.phase),
+            ));
+        }
+        if p.call != host.run_id {
+            return Err(ApiError::conflict(
+                "wrong_call",
+                format!("the open call is hosted by run {}, the proposal names {:?}", host.run_id, p.call),
+            ));
+        }
+        let admitted = self.admitted_researchers(next).await?;
+        if let Err(e) = research::check_admission(&p.researcher, admitted.as_deref()) {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "not_retained", e.to_string()));
+        }
+        let patched = apply_patch(&self.file, next, &p.patch).map_err(patch_refusal)?;
+        let existing = entries(&host, next).await?;
+        if let Some(mine) = existing.iter().find(|e| e.researcher == Some(p.researcher)) {
+            return Err(ApiError::conflict(
+                "already_proposed",
+                format!("researcher {} already proposed entry {} in this call", p.researcher.short(), mine.id),
+            ));
+        }
+        for e in &existing {
+            if apply_patch(&self.file, next, &e.patch).ok().as_ref() == Some(&patched) {
+                return Err(ApiError::conflict(
+                    "duplicate_recipe",
+                    format!("entry {} ({}) already proposes this recipe", e.id, e.name),
+                ));
+            }
+        }
+        let research = self.file.phases[next].research.as_ref().expect("an open call has a section");
+        if existing.len() >= research.max_proposals {
+            return Err(ApiError::conflict(
+                "call_full",
+                format!("the call has taken its {} proposals", research.max_proposals),
+            ));
+        }
+        let id = existing.iter().map(|e| e.id).max().unwrap_or(0) + 1;
+        let signed_json = serde_json::to_string(&signed).map_err(anyhow::Error::from)?;
+        sqlx::query(
+            "INSERT INTO proposals (phase, id, researcher, name, patch, signed, submitted_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind((next + 1) as i64)
+        .bind(id as i64)
+        .bind(p.researcher.hex())
+        .bind(&p.name)
+        .bind(&p.patch)
+        .bind(signed_json)
+        .bind(now_ms())
+        .execute(&host.db)
+        .await?;
+        tracing::info!(phase = next + 1, id, researcher = %p.researcher.short(), name = p.name, "proposal accepted");
+        let closes_ms = call_row(&host, next).await?.map(|(c, _)| c as u64);
+        Ok(ProposalAccepted { id, phase: next + 1, closes_ms })
+    }
+
+    /// The researchers phase `next`'s call admits: the previous call's retained ones when it has `retain`.
+    async fn admitted_researchers(&self, next: usize) -> Result<Option<Vec<WorkerId>>> {
+        let research = self.file.phases[next].research.as_ref().context("a call")?;
+        if research.retain.is_none() {
+            return Ok(None);
+        }
+        let Some(previous) = (1..next).rev().find(|&j| self.file.phases[j].research.is_some()) else {
+            return Ok(None);
+        };
+        let host = self.phase_app(previous - 1).context("the previous call's host")?;
+        let mut retained: Vec<(u64, WorkerId)> = entries(&host, previous)
+            .await?
+            .into_iter()
+            .filter(|e| e.retained)
+            .filter_map(|e| Some((e.rank?, e.researcher?)))
+            .collect();
+        retained.sort();
+        // A previous call that measured no proposal retained nobody: this one is open to anyone, as the
+        // first call was (rather than closed to all).
+        if retained.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(retained.into_iter().map(|r| r.1).collect()))
+    }
+
+    fn proxy_active(&self) -> bool {
+        self.proxy.read().expect("campaign lock").is_some()
+    }
+
+    /// Runs phase `next`'s call to its end once its host has finished: waits out the deadline, trains
+    /// every entry's proxy run on the campaign's workers (served at the campaign's URL in turn), and
+    /// settles it. Idempotent: a restarted campaign resumes where it was.
+    pub(crate) async fn run_call(&self, next: usize) -> Result<()> {
+        let host = self.phase_app(next - 1).context("the hosting phase")?;
+        let research = self.file.phases[next].research.clone().context("a call")?;
+        {
+            let _call = self.research_lock.lock().await;
+            sqlx::query(
+                "INSERT INTO research_calls (phase, closes_ms) SELECT $1, $2 \
+                 WHERE NOT EXISTS (SELECT 1 FROM research_calls WHERE phase = $1)",
+            )
+            .bind((next + 1) as i64)
+            .bind(now_ms() + (research.close_after_secs * 1000) as i64)
+            .execute(&host.db)
+            .await?;
+        }
+        let (closes_ms, settled) = call_row(&host, next).await?.context("the call's row")?;
+        if settled.is_some() {
+            return Ok(());
+        }
+        while now_ms() < closes_ms {
+            tokio::time::sleep(Duration::from_millis((closes_ms - now_ms()).clamp(1, 500) as u64)).await;
+        }
+        // Closed: no proposal is inserted past this lock (the deadline has passed for every later check).
+        drop(self.research_lock.lock().await);
+        sqlx::query(
+            "INSERT INTO proposals (phase, id, researcher, name, patch, signed, submitted_ms) \
+             SELECT $1, 0, NULL, $2, '', NULL, $3 WHERE NOT EXISTS (SELECT 1 FROM proposals WHERE phase = $1 AND id = 0)",
+        )
+        .bind((next + 1) as i64)
+        .bind(format!("the campaign file's {:?}", self.file.phases[next].name))
+        .bind(now_ms())
+        .execute(&host.db)
+        .await?;
+        let to_measure = entries(&host, next).await?;
+        tracing::info!(phase = next + 1, entries = to_measure.len(), "call for proposals closed");
+        for entry in to_measure {
+            if entry.val_loss.is_some() || entry.failure.is_some() {
+                continue;
+            }
+            let (run, outcome) = self.proxy(next, &host, &entry).await?;
+            sqlx::query(
+                "UPDATE proposals SET proxy_run = $1, val_loss = $2, failure = $3 WHERE phase = $4 AND id = $5",
+            )
+            .bind(run)
+            .bind(outcome.as_ref().ok().copied())
+            .bind(outcome.err())
+            .bind((next + 1) as i64)
+            .bind(entry.id as i64)
+            .execute(&host.db)
+            .await?;
+        }
+        self.settle_call(next, &host).await
+    }
+
+    /// Trains one entry's proxy run: its final validation loss, or why it could not run (a recipe the
+    /// phase cannot be opened with). Errors that are not the recipe's (storage) are returned as errors.
+    async fn proxy(
+        &self,
+        next: usize,
+        host: &Arc<Coordinator>,
+        entry: &Stored,
+    ) -> Result<(Option<String>, Result<f64, String>)> {
+        let section = if entry.id == 0 {
+            self.file.phases[next].clone()
+        } else {
+            match apply_patch(&self.file, next, &entry.patch) {
+                Ok(s) => s,
+                Err(e) => return Ok((None, Err(e.to_string()))),
+            }
+        };
+        let handover = self.handover(next, host, &section.growth).await?;
+        let run = match self.file.proxy_run(next, &section, &handover) {
+            Ok(run) => run,
+            Err(e) => return Ok((None, Err(format!("{e:#}")))),
+        };
+        let dir =
+            self.options.dir.join("research").join(format!("phase-{}", next + 1)).join(format!("entry-{}", entry.id));
+        let database = match &self.options.database {
+            Some(base) => super::file::proxy_database(base, next, entry.id)?,
+            None => format!("sqlite://{}?mode=rwc", dir.join("coordinator.db").display()),
+        };
+        let options = Options {
+            run_file: self.options.campaign_file.clone(),
+            dir,
+            database: Some(database),
+            blobs: Some(self.blobs_location()),
+            key: Some(self.options.dir.join("coordinator.key")),
+        };
+        let app = match Coordinator::open_with(run, &options).await {
+            Ok(app) => app,
+            // A recipe the data cannot feed is the entry's failure; anything else (a store that cannot be
+            // opened) is the campaign's error, and the entry is tried again after a restart.
+            Err(e) if e.chain().any(|c| c.is::<crate::prepare::DataDoesNotFit>()) => {
+                return Ok((None, Err(format!("{e:#}"))))
+            }
+            Err(e) => return Err(e),
+        };
+        tracing::info!(phase = next + 1, entry = entry.id, run = app.run_id, "proxy run opened");
+        let router = crate::http::router(app.clone());
+        self.proxies.write().expect("campaign lock").push((app.clone(), router.clone()));
+        *self.proxy.write().expect("campaign lock") = Some((app.clone(), router));
+        let mut changes = app.subscribe();
+        while !app.finished.load(Ordering::SeqCst) {
+            let _ = tokio::time::timeout(Duration::from_millis(500), changes.changed()).await;
+        }
+        let status = app.status().await.map_err(|e| anyhow::anyhow!("the proxy run's status: {}", e.message))?;
+        let loss = status.history.iter().rev().find_map(|h| h.val_loss);
+        tracing::info!(phase = next + 1, entry = entry.id, val_loss = ?loss, "proxy run finished");
+        Ok((Some(app.run_id.clone()), loss.ok_or_else(|| "the proxy run ended without a validation loss".to_string())))
+    }
+
+    /// Ranks, credits, signs and retains in one transaction of the host's store (once).
+    async fn settle_call(&self, next: usize, host: &Arc<Coordinator>) -> Result<()> {
+        let research = self.file.phases[next].research.clone().context("a call")?;
+        let stored = entries(host, next).await?;
+        let evaluated: Vec<Evaluated> =
+            stored.iter().map(|e| Evaluated { id: e.id, researcher: e.researcher, val_loss: e.val_loss }).collect();
+        // The researchers kept for the next call: as many as it admits.
+        let next_retain = self.file.phases[next + 1..].iter().find_map(|p| p.research.as_ref()).and_then(|r| r.retain);
+        let settlement = research::settle(&evaluated, research.reward, next_retain)?;
+        let baseline = stored.iter().find(|e| e.id == 0).and_then(|e| e.val_loss).unwrap_or(f64::NAN);
+        let mut tx = host.db.begin().await?;
+        let settled: Option<i64> = sqlx::query("SELECT settled_ms FROM research_calls WHERE phase = $1")
+            .bind((next + 1) as i64)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("settled_ms")?;
+        if settled.is_some() {
+            return Ok(());
+        }
+        let mut seq: i64 = sqlx::query("SELECT CAST(COALESCE(MAX(seq) + 1, 0) AS BIGINT) AS n FROM ledger")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?;
+        for (position, &id) in settlement.ranking.iter().enumerate() {
+            let entry = stored.iter().find(|e| e.id == id).expect("ranked entries are stored");
+            let credits = settlement.credits.iter().find(|c| c.0 == id).map_or(0, |c| c.1);
+            let retained = entry.researcher.is_some_and(|r| settlement.retained.contains(&r));
+            let receipt = match entry.researcher {
+                Some(researcher) => {
+                    let receipt = agora_ledger::ResearchReceipt {
+                        campaign: self.file.name.clone(),
+                        call: host.run_id.clone(),
+                        phase: (next + 1) as u64,
+                        proposal: id,
+                        researcher,
+                        patch_hash: hash_bytes(entry.patch.as_bytes()),
+                        proxy_run: entry.proxy_run.clone().unwrap_or_default(),
+                        val_loss: entry.val_loss.unwrap_or(f64::NAN),
+                        baseline_val_loss: baseline,
+                        rank: position as u64 + 1,
+                        credits,
+                        adopted: id == settlement.adopted,
+                    };
+                    for posting in agora_ledger::research_postings(&receipt) {
+                        sqlx::query(
+                            "INSERT INTO ledger (seq, round, account, amount, memo, created_ms) VALUES ($1, NULL, $2, $3, $4, $5)",
+                        )
+                        .bind(seq)
+                        .bind(posting.account)
+                        .bind(posting.amount)
+                        .bind(format!("research phase {} proposal {id}", next + 1))
+                        .bind(now_ms())
+                        .execute(&mut *tx)
+                        .await?;
+                        seq += 1;
+                    }
+                    Some(serde_json::to_string(&receipt.sign(&host.key))?)
+                }
+                None => None,
+            };
+            sqlx::query(
+                "UPDATE proposals SET rank = $1, credits = $2, retained = $3, receipt = $4 WHERE phase = $5 AND id = $6",
+            )
+            .bind(position as i64 + 1)
+            .bind(credits.min(i64::MAX as u64) as i64)
+            .bind(retained as i64)
+            .bind(receipt)
+            .bind((next + 1) as i64)
+            .bind(id as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("UPDATE research_calls SET settled_ms = $1, adopted = $2 WHERE phase = $3")
+            .bind(now_ms())
+            .bind(settlement.adopted as i64)
+            .bind((next + 1) as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        tracing::info!(phase = next + 1, adopted = settlement.adopted, "call for proposals settled");
+        Ok(())
+    }
+
+    /// `GET /v1/campaign/proposals`.
+    pub(crate) async fn board(&self) -> Result<ProposalBoard, ApiError> {
+        let mut calls = Vec::new();
+        for (next, phase) in self.file.phases.iter().enumerate() {
+            let Some(research) = &phase.research else { continue };
+            let host = self.phase_app(next - 1);
+            let (mut state, mut closes_ms, mut adopted, mut list) = (CallState::NotOpen, None, None, Vec::new());
+            if let Some(host) = &host {
+                let row = sqlx::query("SELECT closes_ms, settled_ms, adopted FROM research_calls WHERE phase = $1")
+                    .bind((next + 1) as i64)
+                    .fetch_optional(&host.db)
+                    .await?;
+                state = CallState::Open;
+                if let Some(row) = row {
+                    let closes: i64 = row.try_get("closes_ms")?;
+                    closes_ms = Some(closes as u64);
+                    if row.try_get::<Option<i64>, _>("settled_ms")?.is_some() {
+                        state = CallState::Settled;
+                        adopted = row.try_get::<Option<i64>, _>("adopted")?.map(|a| a as u64);
+                    } else if now_ms() >= closes {
+                        state = CallState::Running;
+                    }
+                }
+                list = entries(host, next).await?;
+            }
+            list.sort_by_key(|e| (e.rank.unwrap_or(u64::MAX), e.id));
+            let admitted = if host.is_some() { self.admitted_researchers(next).await? } else { None };
+            calls.push(ResearchCall {
+                phase: next + 1,
+                phase_name: phase.name.clone(),
+                state,
+                host_run: host.map(|h| h.run_id.clone()),
+                closes_ms,
+                proxy_tokens: research.proxy_tokens,
+                max_proposals: research.max_proposals,
+                admitted,
+                reward: research.reward,
+                entries: list
+                    .into_iter()
+                    .map(|e| ProposalEntry {
+                        adopted: adopted == Some(e.id),
+                        id: e.id,
+                        researcher: e.researcher,
+                        name: e.name,
+                        patch: e.patch,
+                        submitted_ms: e.submitted_ms,
+                        proxy_run: e.proxy_run,
+                        val_loss: e.val_loss,
+                        failure: e.failure,
+                        rank: e.rank,
+                        credits: e.credits,
+                        retained: e.retained,
+                        receipt: e.receipt.and_then(|r| serde_json::from_str(&r).ok()),
+                    })
+                    .collect(),
+                adopted,
+            });
+        }
+        let key = self.current().key.id();
+        Ok(ProposalBoard { campaign: self.file.name.clone(), coordinator_key: key, calls })
+    }
+}
+
+fn patch_refusal(e: PatchError) -> ApiError {
+    ApiError::bad_request(e.code(), e.to_string())
+}
+
+/// Phase `next`'s call row in its host's store: (closes_ms, settled_ms).
+async fn call_row(host: &Coordinator, next: usize) -> Result<Option<(i64, Option<i64>)>> {
+    let row = sqlx::query("SELECT closes_ms, settled_ms FROM research_calls WHERE phase = $1")
+        .bind((next + 1) as i64)
+        .fetch_optional(&host.db)
+        .await?;
+    Ok(match row {
+        Some(r) => Some((r.try_get("closes_ms")?, r.try_get("settled_ms")?)),
+        None => None,
+    })
+}
+
+/// Phase `next`'s call entries, by id.
+async fn entries(host: &Coordinator, next: usize) -> Result<Vec<Stored>> {
+    sqlx::query(
+        "SELECT id, researcher, name, patch, submitted_ms, proxy_run, val_loss, failure, rank, credits, retained, receipt \
+         FROM proposals WHERE phase = $1 ORDER BY id",
+    )
+    .bind((next + 1) as i64)
+    .fetch_all(&host.db)
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(Stored {
+            id: r.try_get::<i64, _>("id")? as u64,
+            researcher: r
+                .try_get::<Option<String>, _>("researcher")?
+                .map(|h| h.parse::<WorkerId>().map_err(|e| anyhow::anyhow!("a stored researcher id: {e}")))
+                .transpose()?,
+            name: r.try_get("name")?,
+            patch: r.try_get("patch")?,
+            submitted_ms: r.try_get::<i64, _>("submitted_ms")? as u64,
+            proxy_run: r.try_get("proxy_run")?,
+            val_loss: r.try_get("val_loss")?,
+            failure: r.try_get("failure")?,
+            rank: r.try_get::<Option<i64>, _>("rank")?.map(|x| x as u64),
+            credits: r.try_get::<Option<i64>, _>("credits")?.unwrap_or(0).max(0) as u64,
+            retained: r.try_get::<Option<i64>, _>("retained")?.unwrap_or(0) != 0,
+            receipt: r.try_get("receipt")?,
+        })
+    })
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::campaign::CampaignOptions;
+    use agora_protocol::{Identity, Proposal};
+
+    /// A campaign of three phases whose second and third hold calls (the third retaining 1 researcher),
+    /// opened in process with its first phase served: the call for phase 2 is open.
+    async fn campaign(dir: &std::path::Path) -> Arc<Campaign> {
+        std::fs::write(dir.join("corpus.txt"), agora_data::MarkovSource::new(1).generate(20_000, 1)).unwrap();
+        let mut deeper = agora_model::preset("tiny", Some(300)).unwrap();
+        deeper.num_hidden_layers = 6;
+        agora_model::checkpoint::write_json(&dir.join("deeper.json"), &deeper.to_hf_json()).unwrap();
+        deeper.num_hidden_layers = 8;
+        agora_model::checkpoint::write_json(&dir.join("deepest.json"), &deeper.to_hf_json()).unwrap();
+        let body =
+            "[phase.inner]\nsteps = 4\nbatch_size = 4\nseq_len = 32\n[phase.rounds]\ncount = 2\nmin_workers = 1\n\
+                    [phase.eval]\nbatches = 2\n";
+        let text = format!(
+            "name = \"calls\"\n[data]\nfiles = [\"corpus.txt\"]\nvocab_size = 300\n\
+             [[phase]]\nname = \"one\"\n[phase.model]\npreset = \"tiny\"\n{body}\
+             [[phase]]\nname = \"two\"\n[phase.growth]\nmethod = \"depth\"\n[phase.model]\nconfig = \"deeper.json\"\n\
+             [phase.research]\nproxy_tokens = 512\nmax_proposals = 2\n{body}\
+             [[phase]]\nname = \"three\"\n[phase.growth]\nmethod = \"depth\"\n[phase.model]\nconfig = \"deepest.json\"\n\
+             [phase.research]\nproxy_tokens = 512\nretain = 1\n{body}"
+        );
+        std::fs::write(dir.join("campaign.toml"), text).unwrap();
+        let options = CampaignOptions {
+            campaign_file: dir.join("campaign.toml"),
+            dir: dir.join("state"),
+            database: None,
+            blobs: None,
+        };
+        Campaign::open(options).await.unwrap()
+    }
+
+    fn proposal(c: &Campaign, who: &Identity, phase: usize, patch: &str) -> SignedProposal {
+        Proposal {
+            campaign: c.file.name.clone(),
+            call: c.current().run_id.clone(),
+            phase,
+            researcher: who.id(),
+            name: "r".into(),
+            patch: patch.into(),
+        }
+        .sign(who)
+    }
+
+    /// Every refusal of `POST /v1/campaign/proposals` that the patch checks (`research`) do not cover,
+    /// each with its status and code: who can trigger it against whom.
+    #[tokio::test]
+    async fn proposals_are_refused_for_each_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = campaign(dir.path()).await;
+        let (a, b, x) = (Identity::generate().unwrap(), Identity::generate().unwrap(), Identity::generate().unwrap());
+        let refused = |r: Result<ProposalAccepted, ApiError>| {
+            let e = r.unwrap_err();
+            (e.status.as_u16(), e.code)
+        };
+        let accepted = c.propose(proposal(&c, &a, 2, "[outer]\nlr = 0.8\n")).await.unwrap();
+        assert_eq!((accepted.id, accepted.phase, accepted.closes_ms), (1, 2, None));
+
+        // Unsigned, or signed by someone else than the researcher it names.
+        let mut unsigned = proposal(&c, &b, 2, "[outer]\nlr = 0.9\n");
+        unsigned.signature.clear();
+        assert_eq!(refused(c.propose(unsigned).await), (401, "unsigned"));
+        let mut forged = proposal(&c, &b, 2, "[outer]\nlr = 0.9\n");
+        forged.proposal.researcher = x.id();
+        assert_eq!(refused(c.propose(forged).await), (401, "bad_signature"));
+        // Another campaign, or another call of this one (a replay).
+        let mut other = proposal(&c, &b, 2, "[outer]\nlr = 0.9\n").proposal;
+        other.campaign = "another".into();
+        assert_eq!(refused(c.propose(other.sign(&b)).await), (400, "wrong_campaign"));
+        let mut replay = proposal(&c, &b, 2, "[outer]\nlr = 0.9\n").proposal;
+        replay.call = "an earlier run".into();
+        assert_eq!(refused(c.propose(replay.sign(&b)).await), (409, "wrong_call"));
+        // A phase without a call, and a call that has not opened (phase 3's opens with phase 2).
+        assert_eq!(refused(c.propose(proposal(&c, &b, 1, "[outer]\nlr = 0.9\n")).await), (409, "no_such_call"));
+        assert_eq!(refused(c.propose(proposal(&c, &b, 9, "[outer]\nlr = 0.9\n")).await), (409, "no_such_call"));
+        assert_eq!(refused(c.propose(proposal(&c, &b, 3, "[outer]\nlr = 0.9\n")).await), (409, "call_closed"));
+        // A bad patch (each kind is unit-tested in `research`).
+        assert_eq!(
+            refused(c.propose(proposal(&c, &b, 2, "[trust]\nverify = false\n")).await),
+            (400, "disallowed_field")
+        );
+        // A second proposal by one researcher, and a recipe already proposed (a copy under a fresh identity).
+        assert_eq!(refused(c.propose(proposal(&c, &a, 2, "[outer]\nlr = 0.9\n")).await), (409, "already_proposed"));
+        assert_eq!(refused(c.propose(proposal(&c, &b, 2, "[outer]\nlr = 0.80\n")).await), (409, "duplicate_recipe"));
+        // Too long a name or patch.
+        let mut long = proposal(&c, &b, 2, "[outer]\nlr = 0.9\n").proposal;
+        long.name = "n".repeat(MAX_NAME + 1);
+        assert_eq!(refused(c.propose(long.sign(&b)).await), (400, "bad_name"));
+        let big = format!("[outer]\nlr = 0.9\n#{}\n", "x".repeat(MAX_PATCH));
+        assert_eq!(refused(c.propose(proposal(&c, &b, 2, &big)).await), (413, "patch_too_large"));
+        // The call takes max_proposals = 2.
+        c.propose(proposal(&c, &b, 2, "[outer]\nlr = 0.9\n")).await.unwrap();
+        assert_eq!(refused(c.propose(proposal(&c, &x, 2, "[outer]\nlr = 0.7\n")).await), (409, "call_full"));
+        // Past the deadline (recorded once the host finished): closed.
+        sqlx::query("INSERT INTO research_calls (phase, closes_ms) VALUES (2, $1)")
+            .bind(now_ms() - 1)
+            .execute(&c.current().db)
+            .await
+            .unwrap();
+        assert_eq!(refused(c.propose(proposal(&c, &x, 2, "[outer]\nlr = 0.6\n")).await), (409, "call_closed"));
+
+        // The board shows the call and its two entries, in the order received.
+        let board = c.board().await.unwrap();
+        assert_eq!(board.calls.len(), 2);
+        let call = &board.calls[0];
+        assert_eq!((call.phase, call.state, call.entries.len()), (2, CallState::Running, 2));
+        assert_eq!(board.calls[1].state, CallState::NotOpen);
+        assert_eq!(call.entries[0].researcher, Some(a.id()));
+    }
+}
