@@ -50,7 +50,7 @@ enum Command {
     /// Serve a DiLoCo run: membership, rounds, data assignment, the outer step (HTTP).
     Coordinator(net::CoordinatorArgs),
     /// Serve a campaign: its phases one after another at one URL, each grown from the last and admitting
-    /// the best of the one before.
+    /// the best of the one before; between phases, calls for proposals measured by proxy runs.
     Campaign(net::CampaignArgs),
     /// Join a run (or a campaign, following its phases): train H inner steps per round on assigned data and
     /// send pseudo-gradients.

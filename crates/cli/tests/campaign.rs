@@ -434,4 +434,18 @@ fn demo_runs_a_three_phase_campaign() {
         assert_eq!(phases[k]["rounds"], 2);
     }
     assert!(stderr.contains("growing into the next phase"), "the live view shows the phase changes: {stderr}");
+    // One call for phase 2's recipe: the file's recipe and three proposals, each measured, the best adopted.
+    let call = &summary["proposals"]["calls"][0];
+    assert_eq!((call["phase"].as_u64(), call["state"].as_str()), (Some(2), Some("settled")), "{summary}");
+    let entries = call["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 4);
+    assert!(entries.iter().all(|e| e["val_loss"].as_f64().is_some()), "every proxy run measured: {call}");
+    let adopted = entries.iter().find(|e| e["adopted"] == true).unwrap();
+    assert_eq!(adopted["rank"], 1);
+    let recipe = phases[1]["recipe"].as_str().unwrap();
+    match adopted["id"].as_u64().unwrap() {
+        0 => assert!(recipe.contains("the campaign file's"), "{recipe}"),
+        id => assert!(recipe.starts_with(&format!("proposal {id} by {}", adopted["name"].as_str().unwrap())), "{recipe}"),
+    }
+    assert!(stderr.contains("call for proposals: proxy run"), "the live view shows the proxy runs: {stderr}");
 }

@@ -81,7 +81,7 @@ pub async fn serve_campaign(
 ) -> Result<()> {
     let ticker = {
         let campaign = campaign.clone();
-        spawn_duties(move || campaign.current())
+        spawn_duties(move || campaign.served())
     };
     let mut driver = tokio::spawn(campaign.clone().drive());
     let server = axum::serve(listener, campaign::router(campaign)).with_graceful_shutdown(shutdown).into_future();

@@ -1,6 +1,7 @@
 //! agora-ledger: who earned what, in a form a worker can check without trusting the coordinator's database.
 //!
-//! Owns: coordinator-signed receipts (one per submission), per-round Merkle roots over receipt digests with
+//! Owns: coordinator-signed receipts (one per submission) and research receipts (one per settled proposal
+//! of a campaign's call, with the pro-rata split of its reward), per-round Merkle roots over receipt digests with
 //! inclusion proofs, double-entry postings (every worker credit debits the run's pool), the credit formula,
 //! and offline verification of a worker's statement.
 //! Must not know about: storage, HTTP, tensors. Statements arrive from the network, so every check here

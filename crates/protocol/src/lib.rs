@@ -1,7 +1,7 @@
 //! agora-protocol: what crosses the wire between workers and the coordinator, and nothing else.
 //!
 //! Owns: the JSON messages (versioned by [`PROTOCOL_VERSION`]), ed25519 worker identities and request
-//! signatures, blake3 content hashes, and the tensor payload codec (safetensors, f32 only, validated
+//! signatures, researchers' signed proposals and the proposals board (`research`), blake3 content hashes, and the tensor payload codec (safetensors, f32 only, validated
 //! against an expected shape list, finite values only).
 //! Must not know about: libtorch, HTTP frameworks, storage, or how rounds are scheduled. Every decoder
 //! here takes untrusted bytes and returns an error, never panics (property-tested).

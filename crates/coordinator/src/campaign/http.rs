@@ -11,7 +11,7 @@ use agora_protocol::{CampaignInfo, ProposalAccepted, ProposalBoard, SignedPropos
 use axum::extract::Path;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, Uri};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use std::sync::Arc;
@@ -68,7 +68,14 @@ async fn info(State(campaign): State<Arc<Campaign>>) -> Json<CampaignInfo> {
 
 async fn dispatch(State(campaign): State<Arc<Campaign>>, request: Request) -> Response {
     let run = request.headers().get(agora_protocol::HEADER_RUN).and_then(|v| v.to_str().ok());
-    let router = campaign.router_for(run);
+    let Some(router) = campaign.router_for(run) else {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "preparing",
+            "the campaign is preparing its next run (a growth, or a call for proposals): retry",
+        )
+        .into_response();
+    };
     match router.oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},

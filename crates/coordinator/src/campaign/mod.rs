@@ -172,21 +172,37 @@ impl Campaign {
         }
     }
 
-    /// The router for a request that names `run` (its `x-agora-run` header): that phase's, if it is one
-    /// of the campaign's opened phases, so that a worker still settling a finished phase (its last
-    /// upload, receipt or `Finished`) talks to that phase; otherwise the served phase's.
-    pub(crate) fn router_for(&self, run: Option<&str>) -> Router {
+    /// The router for a request that names `run` (its `x-agora-run` header): that phase's or proxy run's,
+    /// if the campaign has opened it, so that a worker still settling a finished run (its last upload,
+    /// receipt or `Finished`) talks to that run; otherwise the served run's. None when `run` is unknown
+    /// while the campaign is between runs (a restarted campaign reopens a proxy run only when it resumes
+    /// the call): the caller is told to retry rather than that its run is not this coordinator's.
+    pub(crate) fn router_for(&self, run: Option<&str>) -> Option<Router> {
         if let Some(run) = run {
             let opened = self.opened.read().expect("campaign lock");
             let proxies = self.proxies.read().expect("campaign lock");
             if let Some((_, router)) = opened.iter().chain(proxies.iter()).find(|(app, _)| app.run_id == run) {
-                return router.clone();
+                return Some(router.clone());
+            }
+            if self.proxy.read().expect("campaign lock").is_none()
+                && self.current().finished.load(Ordering::SeqCst)
+                && self.serving().0 + 1 < self.file.phases.len()
+            {
+                return None;
             }
         }
         if let Some((_, router)) = self.proxy.read().expect("campaign lock").as_ref() {
-            return router.clone();
+            return Some(router.clone());
         }
-        self.opened.read().expect("campaign lock").last().expect("the first phase is opened").1.clone()
+        Some(self.opened.read().expect("campaign lock").last().expect("the first phase is opened").1.clone())
+    }
+
+    /// The coordinator whose periodic duties run: the proxy run being served, else the served phase.
+    pub fn served(&self) -> Arc<Coordinator> {
+        match self.proxy.read().expect("campaign lock").as_ref() {
+            Some((proxy, _)) => proxy.clone(),
+            None => self.current(),
+        }
     }
 
     /// What phase `next` takes from the finished phase `app`: its store and run id, and its final

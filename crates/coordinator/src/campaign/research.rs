@@ -206,6 +206,15 @@ pub fn validate_section(file: &CampaignFile, k: usize, research: &ResearchSectio
     ensure!(k > 0, "[phase.research]: the first phase has no phase before it to host a call for proposals");
     ensure!(research.proxy_tokens > 0, "[phase.research] proxy_tokens must be positive");
     ensure!(research.max_proposals >= 1, "[phase.research] max_proposals must be at least 1");
+    // A proxy is a cheaper measurement of the phase; at the phase's own budget the file's entry would also
+    // be the phase's very run (the same run id).
+    if let (None, Some(tokens)) = (file.phases[k].rounds.count, file.phases[k].rounds.tokens) {
+        ensure!(
+            research.proxy_tokens < tokens,
+            "[phase.research] proxy_tokens = {} must be below the phase's [phase.rounds] tokens = {tokens}",
+            research.proxy_tokens
+        );
+    }
     if let Some(n) = research.retain {
         ensure!(n >= 1, "[phase.research] retain must be at least 1 (leave it out to admit anyone)");
         ensure!(
@@ -398,6 +407,7 @@ reward = 1000
         let cases = [
             (CAMPAIGN.replace("proxy_tokens = 2000", "proxy_tokens = 0"), "proxy_tokens must be positive"),
             (CAMPAIGN.replace("reward = 1000", "reward = 1000\nmax_proposals = 0"), "max_proposals"),
+            (CAMPAIGN.replace("proxy_tokens = 2000", "proxy_tokens = 10000"), "must be below the phase's"),
             (CAMPAIGN.replace("reward = 1000", "reward = 1000\nretain = 2"), "no earlier phase holds a call"),
             (
                 CAMPAIGN.replace(
