@@ -272,29 +272,29 @@ impl Campaign {
         self.settle_call(next, &host).await
     }
 
-    /// Trains one entry's proxy run: its final validation loss, or why it could not run (a recipe the
-    /// phase cannot be opened with). Errors that are not the recipe's (storage) are returned as errors.
-    async fn proxy(
+    /// Opens one entry's proxy run (creating its store, or reopening it after a restart): the run, or why
+    /// the entry's recipe cannot be run (its failure). Errors that are not the recipe's (storage) are
+    /// returned as errors, and the entry is tried again after a restart.
+    async fn open_proxy(
         &self,
         next: usize,
         host: &Arc<Coordinator>,
         entry: &Stored,
-    ) -> Result<(Option<String>, Result<f64, String>)> {
+    ) -> Result<Result<Arc<Coordinator>, String>> {
         let section = if entry.id == 0 {
             self.file.phases[next].clone()
         } else {
             match apply_patch(&self.file, next, &entry.patch) {
                 Ok(s) => s,
-                Err(e) => return Ok((None, Err(e.to_string()))),
+                Err(e) => return Ok(Err(e.to_string())),
             }
         };
         let handover = self.handover(next, host, &section.growth).await?;
         let run = match self.file.proxy_run(next, &section, &handover) {
             Ok(run) => run,
-            Err(e) => return Ok((None, Err(format!("{e:#}")))),
+            Err(e) => return Ok(Err(format!("{e:#}"))),
         };
-        let dir =
-            self.options.dir.join("research").join(format!("phase-{}", next + 1)).join(format!("entry-{}", entry.id));
+        let dir = self.options.dir.join("research").join(format!("phase-{}", next + 1)).join(format!("entry-{}", entry.id));
         let database = match &self.options.database {
             Some(base) => super::file::proxy_database(base, next, entry.id)?,
             None => format!("sqlite://{}?mode=rwc", dir.join("coordinator.db").display()),
@@ -306,14 +306,20 @@ impl Campaign {
             blobs: Some(self.blobs_location()),
             key: Some(self.options.dir.join("coordinator.key")),
         };
-        let app = match Coordinator::open_with(run, &options).await {
+        match Coordinator::open_with(run, &options).await {
+            Ok(app) => Ok(Ok(app)),
+            // A recipe the data cannot feed is the entry's failure.
+            Err(e) if e.chain().any(|c| c.is::<crate::prepare::DataDoesNotFit>()) => Ok(Err(format!("{e:#}"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Trains one entry's proxy run, served to the workers: its run id and final validation loss, or why
+    /// it could not run.
+    async fn proxy(&self, next: usize, host: &Arc<Coordinator>, entry: &Stored) -> Result<(Option<String>, Result<f64, String>)> {
+        let app = match self.open_proxy(next, host, entry).await? {
             Ok(app) => app,
-            // A recipe the data cannot feed is the entry's failure; anything else (a store that cannot be
-            // opened) is the campaign's error, and the entry is tried again after a restart.
-            Err(e) if e.chain().any(|c| c.is::<crate::prepare::DataDoesNotFit>()) => {
-                return Ok((None, Err(format!("{e:#}"))))
-            }
-            Err(e) => return Err(e),
+            Err(failure) => return Ok((None, Err(failure))),
         };
         tracing::info!(phase = next + 1, entry = entry.id, run = app.run_id, "proxy run opened");
         let router = crate::http::router(app.clone());
@@ -327,6 +333,28 @@ impl Campaign {
         let loss = status.history.iter().rev().find_map(|h| h.val_loss);
         tracing::info!(phase = next + 1, entry = entry.id, val_loss = ?loss, "proxy run finished");
         Ok((Some(app.run_id.clone()), loss.ok_or_else(|| "the proxy run ended without a validation loss".to_string())))
+    }
+
+    /// Reopens the proxy runs an earlier process measured (of every call whose host is open), so that a
+    /// request naming one (a worker settling its last round there when the campaign was killed) is answered
+    /// by it, as a finished phase's are.
+    pub(crate) async fn reopen_measured_proxies(&self) -> Result<()> {
+        for next in 1..self.file.phases.len() {
+            if self.file.phases[next].research.is_none() {
+                continue;
+            }
+            let Some(host) = self.phase_app(next - 1) else { break };
+            for entry in entries(&host, next).await? {
+                if entry.proxy_run.is_none() {
+                    continue;
+                }
+                if let Ok(app) = self.open_proxy(next, &host, &entry).await? {
+                    let router = crate::http::router(app.clone());
+                    self.proxies.write().expect("campaign lock").push((app, router));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Ranks, credits, signs and retains in one transaction of the host's store (once).

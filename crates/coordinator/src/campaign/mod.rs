@@ -103,6 +103,7 @@ impl Campaign {
             }
             campaign.advance().await?;
         }
+        campaign.reopen_measured_proxies().await?;
         tracing::info!(
             campaign = campaign.file.name,
             phases = campaign.file.phases.len(),
