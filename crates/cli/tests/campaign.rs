@@ -445,7 +445,9 @@ fn demo_runs_a_three_phase_campaign() {
     let recipe = phases[1]["recipe"].as_str().unwrap();
     match adopted["id"].as_u64().unwrap() {
         0 => assert!(recipe.contains("the campaign file's"), "{recipe}"),
-        id => assert!(recipe.starts_with(&format!("proposal {id} by {}", adopted["name"].as_str().unwrap())), "{recipe}"),
+        id => {
+            assert!(recipe.starts_with(&format!("proposal {id} by {}", adopted["name"].as_str().unwrap())), "{recipe}")
+        }
     }
     assert!(stderr.contains("call for proposals: proxy run"), "the live view shows the proxy runs: {stderr}");
 }

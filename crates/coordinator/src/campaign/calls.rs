@@ -294,7 +294,8 @@ impl Campaign {
             Ok(run) => run,
             Err(e) => return Ok(Err(format!("{e:#}"))),
         };
-        let dir = self.options.dir.join("research").join(format!("phase-{}", next + 1)).join(format!("entry-{}", entry.id));
+        let dir =
+            self.options.dir.join("research").join(format!("phase-{}", next + 1)).join(format!("entry-{}", entry.id));
         let database = match &self.options.database {
             Some(base) => super::file::proxy_database(base, next, entry.id)?,
             None => format!("sqlite://{}?mode=rwc", dir.join("coordinator.db").display()),
@@ -316,7 +317,12 @@ impl Campaign {
 
     /// Trains one entry's proxy run, served to the workers: its run id and final validation loss, or why
     /// it could not run.
-    async fn proxy(&self, next: usize, host: &Arc<Coordinator>, entry: &Stored) -> Result<(Option<String>, Result<f64, String>)> {
+    async fn proxy(
+        &self,
+        next: usize,
+        host: &Arc<Coordinator>,
+        entry: &Stored,
+    ) -> Result<(Option<String>, Result<f64, String>)> {
         let app = match self.open_proxy(next, host, entry).await? {
             Ok(app) => app,
             Err(failure) => return Ok((None, Err(failure))),
