@@ -165,25 +165,32 @@ pub fn demo_phases(args: &DemoArgs, phases: usize) -> Result<()> {
         let phase = &info.phases[info.current];
         let now = (info.current, phase.rounds, info.state, info.run_id.clone());
         if now != last {
-            writeln!(
-                view,
-                "[{:>5.0}s] phase {} {:?}: round {}/{rounds}, validation loss {:.4}, {} workers{}",
-                started.elapsed().as_secs_f64(),
-                info.current + 1,
-                phase.name,
-                phase.rounds,
-                phase.val_loss.unwrap_or(f64::NAN),
-                phase.workers.len(),
-                match info.state {
-                    CampaignState::Running => String::new(),
-                    CampaignState::Research => format!(
-                        " — call for proposals: proxy run {} (every entry trains the same tokens from the same weights)",
-                        &info.run_id[..12.min(info.run_id.len())]
-                    ),
-                    CampaignState::Growing => " — finished; growing into the next phase".into(),
-                    CampaignState::Finished => " — the campaign is finished".into(),
-                }
-            )?;
+            let elapsed = started.elapsed().as_secs_f64();
+            if info.state == CampaignState::Research {
+                writeln!(
+                    view,
+                    "[{elapsed:>5.0}s] phase {} {:?}: call for proposals — proxy run {} (each entry trains the same \
+                     tokens, seed and data)",
+                    info.current + 1,
+                    phase.name,
+                    &info.run_id[..12.min(info.run_id.len())]
+                )?;
+            } else {
+                writeln!(
+                    view,
+                    "[{elapsed:>5.0}s] phase {} {:?}: round {}/{rounds}, validation loss {:.4}, {} workers{}",
+                    info.current + 1,
+                    phase.name,
+                    phase.rounds,
+                    phase.val_loss.unwrap_or(f64::NAN),
+                    phase.workers.len(),
+                    match info.state {
+                        CampaignState::Growing => " — finished; growing into the next phase",
+                        CampaignState::Finished => " — the campaign is finished",
+                        _ => "",
+                    }
+                )?;
+            }
             last = now;
         }
         if info.state == CampaignState::Finished {

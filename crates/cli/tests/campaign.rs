@@ -48,7 +48,9 @@ fn write_campaign(dir: &Path) -> PathBuf {
          [phase.model]\nconfig = \"tiny8.json\"\n{}",
         // Phase one spot-checks every upload (the cheater must rank last); the later phases judge as usual.
         phase_body(2, 4, "spot_check = 1.0"),
-        phase_body(1, 2, ""),
+        // Each later phase's round waits for every identity it retains (min_workers = retain): with one
+        // round, a retained worker slowed by a restart would otherwise find the phase already finished.
+        phase_body(1, 3, ""),
         phase_body(1, 2, "")
     );
     let path = dir.join("campaign.toml");
@@ -449,5 +451,5 @@ fn demo_runs_a_three_phase_campaign() {
             assert!(recipe.starts_with(&format!("proposal {id} by {}", adopted["name"].as_str().unwrap())), "{recipe}")
         }
     }
-    assert!(stderr.contains("call for proposals: proxy run"), "the live view shows the proxy runs: {stderr}");
+    assert!(stderr.contains("call for proposals — proxy run"), "the live view shows the proxy runs: {stderr}");
 }

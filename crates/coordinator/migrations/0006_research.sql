@@ -5,6 +5,9 @@ CREATE TABLE research_calls (
     phase BIGINT PRIMARY KEY,
     -- Recorded once, when the hosting phase is first seen finished: no proposal is taken from then on.
     closes_ms BIGINT NOT NULL,
+    -- Set under the campaign's call lock once the deadline has passed, before the entries to measure are
+    -- read: a proposal is refused from then on whatever the clock says.
+    closed BIGINT NOT NULL DEFAULT 0,
     settled_ms BIGINT,
     adopted BIGINT
 );

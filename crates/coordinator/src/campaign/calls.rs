@@ -115,16 +115,20 @@ impl Campaign {
                 format!("phase {} of campaign {:?} holds no call for proposals", p.phase, self.file.name),
             ));
         }
+        let next = p.phase - 1;
+        // The patch's checks (the whole campaign validated with it) need no lock.
+        let patched = apply_patch(&self.file, next, &p.patch).map_err(patch_refusal)?;
         let _call = self.research_lock.lock().await;
         let (host_k, host) = self.serving();
-        let next = p.phase - 1;
         let closed = if next > host_k + 1 {
             Some("it opens when the phase before it opens")
         } else if next <= host_k || self.proxy_active() {
             Some("it has closed (see GET /v1/campaign/proposals)")
         } else {
             match call_row(&host, next).await? {
-                Some((closes_ms, _)) if now_ms() >= closes_ms => Some("its deadline has passed"),
+                Some((closes_ms, _)) if now_ms() >= closes_ms || call_closed(&host, next).await? => {
+                    Some("its deadline has passed")
+                }
                 _ => None,
             }
         };
@@ -144,7 +148,6 @@ impl Campaign {
         if let Err(e) = research::check_admission(&p.researcher, admitted.as_deref()) {
             return Err(ApiError::new(StatusCode::FORBIDDEN, "not_retained", e.to_string()));
         }
-        let patched = apply_patch(&self.file, next, &p.patch).map_err(patch_refusal)?;
         let existing = entries(&host, next).await?;
         if let Some(mine) = existing.iter().find(|e| e.researcher == Some(p.researcher)) {
             return Err(ApiError::conflict(
@@ -240,8 +243,15 @@ impl Campaign {
         while now_ms() < closes_ms {
             tokio::time::sleep(Duration::from_millis((closes_ms - now_ms()).clamp(1, 500) as u64)).await;
         }
-        // Closed: no proposal is inserted past this lock (the deadline has passed for every later check).
-        drop(self.research_lock.lock().await);
+        // Closed: marked under the lock, so no proposal is inserted once the entries to measure are read
+        // (whatever the clock does next).
+        {
+            let _call = self.research_lock.lock().await;
+            sqlx::query("UPDATE research_calls SET closed = 1 WHERE phase = $1")
+                .bind((next + 1) as i64)
+                .execute(&host.db)
+                .await?;
+        }
         sqlx::query(
             "INSERT INTO proposals (phase, id, researcher, name, patch, signed, submitted_ms) \
              SELECT $1, 0, NULL, $2, '', NULL, $3 WHERE NOT EXISTS (SELECT 1 FROM proposals WHERE phase = $1 AND id = 0)",
@@ -289,7 +299,12 @@ impl Campaign {
                 Err(e) => return Ok(Err(e.to_string())),
             }
         };
-        let handover = self.handover(next, host, &section.growth).await?;
+        let handover = match self.handover(next, host, &section.growth).await {
+            Ok(h) => h,
+            // A proposal's own growth that fails is its failure; the file's own is the campaign's error.
+            Err(e) if section.growth != self.file.phases[next].growth => return Ok(Err(format!("growth: {e:#}"))),
+            Err(e) => return Err(e),
+        };
         let run = match self.file.proxy_run(next, &section, &handover) {
             Ok(run) => run,
             Err(e) => return Ok(Err(format!("{e:#}"))),
@@ -331,14 +346,26 @@ impl Campaign {
         let router = crate::http::router(app.clone());
         self.proxies.write().expect("campaign lock").push((app.clone(), router.clone()));
         *self.proxy.write().expect("campaign lock") = Some((app.clone(), router));
+        let research = self.file.phases[next].research.as_ref().context("a call")?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(research.proxy_timeout_secs);
         let mut changes = app.subscribe();
         while !app.finished.load(Ordering::SeqCst) {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(phase = next + 1, entry = entry.id, "proxy run timed out");
+                let failure = format!("the proxy run did not finish within {} s", research.proxy_timeout_secs);
+                return Ok((Some(app.run_id.clone()), Err(failure)));
+            }
             let _ = tokio::time::timeout(Duration::from_millis(500), changes.changed()).await;
         }
         let status = app.status().await.map_err(|e| anyhow::anyhow!("the proxy run's status: {}", e.message))?;
         let loss = status.history.iter().rev().find_map(|h| h.val_loss);
         tracing::info!(phase = next + 1, entry = entry.id, val_loss = ?loss, "proxy run finished");
-        Ok((Some(app.run_id.clone()), loss.ok_or_else(|| "the proxy run ended without a validation loss".to_string())))
+        let outcome = match loss {
+            Some(v) if v.is_finite() => Ok(v),
+            Some(v) => Err(format!("the proxy run ended at a validation loss of {v}")),
+            None => Err("the proxy run ended without a validation loss".to_string()),
+        };
+        Ok((Some(app.run_id.clone()), outcome))
     }
 
     /// Reopens the proxy runs an earlier process measured (of every call whose host is open), so that a
@@ -371,7 +398,7 @@ impl Campaign {
             stored.iter().map(|e| Evaluated { id: e.id, researcher: e.researcher, val_loss: e.val_loss }).collect();
         // The researchers kept for the next call: as many as it admits.
         let next_retain = self.file.phases[next + 1..].iter().find_map(|p| p.research.as_ref()).and_then(|r| r.retain);
-        let settlement = research::settle(&evaluated, research.reward, next_retain)?;
+        let settlement = research::settle(&evaluated, research.reward, research.min_gain, next_retain)?;
         let baseline = stored.iter().find(|e| e.id == 0).and_then(|e| e.val_loss).unwrap_or(f64::NAN);
         let mut tx = host.db.begin().await?;
         let settled: Option<i64> = sqlx::query("SELECT settled_ms FROM research_calls WHERE phase = $1")
@@ -454,10 +481,11 @@ impl Campaign {
             let host = self.phase_app(next - 1);
             let (mut state, mut closes_ms, mut adopted, mut list) = (CallState::NotOpen, None, None, Vec::new());
             if let Some(host) = &host {
-                let row = sqlx::query("SELECT closes_ms, settled_ms, adopted FROM research_calls WHERE phase = $1")
-                    .bind((next + 1) as i64)
-                    .fetch_optional(&host.db)
-                    .await?;
+                let row =
+                    sqlx::query("SELECT closes_ms, closed, settled_ms, adopted FROM research_calls WHERE phase = $1")
+                        .bind((next + 1) as i64)
+                        .fetch_optional(&host.db)
+                        .await?;
                 state = CallState::Open;
                 if let Some(row) = row {
                     let closes: i64 = row.try_get("closes_ms")?;
@@ -465,7 +493,7 @@ impl Campaign {
                     if row.try_get::<Option<i64>, _>("settled_ms")?.is_some() {
                         state = CallState::Settled;
                         adopted = row.try_get::<Option<i64>, _>("adopted")?.map(|a| a as u64);
-                    } else if now_ms() >= closes {
+                    } else if now_ms() >= closes || row.try_get::<i64, _>("closed")? != 0 {
                         state = CallState::Running;
                     }
                 }
@@ -490,7 +518,13 @@ impl Campaign {
                         id: e.id,
                         researcher: e.researcher,
                         name: e.name,
-                        patch: e.patch,
+                        // Hidden while the call takes proposals, so that nobody copies a patch before it
+                        // is measured; its hash binds what will be shown.
+                        patch: if state == CallState::Open && e.id > 0 {
+                            format!("(hidden until the call closes; blake3 {})", hash_bytes(e.patch.as_bytes()).hex())
+                        } else {
+                            e.patch
+                        },
                         submitted_ms: e.submitted_ms,
                         proxy_run: e.proxy_run,
                         val_loss: e.val_loss,
@@ -522,6 +556,18 @@ async fn call_row(host: &Coordinator, next: usize) -> Result<Option<(i64, Option
     Ok(match row {
         Some(r) => Some((r.try_get("closes_ms")?, r.try_get("settled_ms")?)),
         None => None,
+    })
+}
+
+/// Whether phase `next`'s call was marked closed (its entries read for measuring).
+async fn call_closed(host: &Coordinator, next: usize) -> Result<bool> {
+    let row = sqlx::query("SELECT closed FROM research_calls WHERE phase = $1")
+        .bind((next + 1) as i64)
+        .fetch_optional(&host.db)
+        .await?;
+    Ok(match row {
+        Some(r) => r.try_get::<i64, _>("closed")? != 0,
+        None => false,
     })
 }
 
@@ -669,5 +715,82 @@ mod tests {
         assert_eq!((call.phase, call.state, call.entries.len()), (2, CallState::Running, 2));
         assert_eq!(board.calls[1].state, CallState::NotOpen);
         assert_eq!(call.entries[0].researcher, Some(a.id()));
+
+        // Phase 3's call (retain = 1) admits only the best researcher phase 2's call retained; had that
+        // call measured nobody, anyone.
+        assert_eq!(c.admitted_researchers(2).await.unwrap(), None, "phase 2's call retained nobody yet");
+        let db = &c.current().db;
+        sqlx::query("UPDATE proposals SET rank = 2, retained = 1 WHERE phase = 2 AND id = 1")
+            .execute(db)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE proposals SET rank = 1, retained = 0 WHERE phase = 2 AND id = 2")
+            .execute(db)
+            .await
+            .unwrap();
+        assert_eq!(c.admitted_researchers(2).await.unwrap(), Some(vec![a.id()]));
+        let err = research::check_admission(&b.id(), Some(&[a.id()])).unwrap_err().to_string();
+        assert!(err.contains("not retained"), "{err}");
+
+        // Settlement, run twice (a restart between the transaction and the next phase): ranks, receipts
+        // and postings once. Entry 2 (lr 0.9) beats the file's recipe past min_gain, entry 1 does not.
+        let host = c.current();
+        sqlx::query(
+            "INSERT INTO proposals (phase, id, researcher, name, patch, signed, submitted_ms, val_loss) \
+             VALUES (2, 0, NULL, 'file', '', NULL, 0, 3.0)",
+        )
+        .execute(db)
+        .await
+        .unwrap();
+        for (id, loss) in [(1, 2.999), (2, 2.9)] {
+            sqlx::query("UPDATE proposals SET val_loss = $1, proxy_run = 'p' WHERE phase = 2 AND id = $2")
+                .bind(loss)
+                .bind(id)
+                .execute(db)
+                .await
+                .unwrap();
+        }
+        c.settle_call(1, &host).await.unwrap();
+        c.settle_call(1, &host).await.unwrap();
+        let board = c.board().await.unwrap();
+        let call = &board.calls[0];
+        assert_eq!((call.state, call.adopted), (CallState::Settled, Some(2)));
+        let ids: Vec<u64> = call.entries.iter().map(|e| e.id).collect();
+        assert_eq!(ids, vec![2, 1, 0], "ranked by loss");
+        assert_eq!(call.entries.iter().map(|e| e.credits).collect::<Vec<_>>(), vec![0, 0, 0], "reward = 0 here");
+        for e in call.entries.iter().filter(|e| e.id > 0) {
+            let receipt: agora_ledger::SignedResearchReceipt =
+                serde_json::from_value(e.receipt.clone().unwrap()).unwrap();
+            receipt.verify(&board.coordinator_key).unwrap();
+            assert_eq!(receipt.receipt.adopted, e.id == 2);
+        }
+        assert_eq!(c.adopted_section(1).await.unwrap().outer.lr, 0.9, "the phase opens with entry 2's recipe");
+        let receipts: i64 = sqlx::query("SELECT COUNT(*) AS n FROM proposals WHERE receipt IS NOT NULL")
+            .fetch_one(db)
+            .await
+            .unwrap()
+            .try_get("n")
+            .unwrap();
+        assert_eq!(receipts, 2);
+    }
+
+    /// A body that is not a signed proposal: 400, over the campaign's router.
+    #[tokio::test]
+    async fn a_body_that_is_not_a_proposal_is_a_400() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let c = campaign(dir.path()).await;
+        let router = crate::campaign::router(c);
+        for body in ["not json", "{}", "{\"proposal\": {\"campaign\": 1}}"] {
+            let request = axum::http::Request::post("/v1/campaign/proposals")
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(body))
+                .unwrap();
+            let response = router.clone().oneshot(request).await.unwrap();
+            assert_eq!(response.status(), 400, "{body}");
+        }
+        let get = axum::http::Request::get("/v1/campaign/proposals").body(axum::body::Body::empty()).unwrap();
+        let response = router.oneshot(get).await.unwrap();
+        assert_eq!(response.status(), 200);
     }
 }

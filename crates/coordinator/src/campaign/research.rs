@@ -28,15 +28,36 @@ pub struct ResearchSection {
     pub max_proposals: usize,
     /// Admit only the `retain` best researchers of the previous call (absent: anyone may propose).
     pub retain: Option<usize>,
-    /// Micro-credits shared by the proposals whose proxy run beat the phase's own recipe, pro rata to
-    /// how much lower their validation loss ended.
+    /// Micro-credits shared by the proposals whose proxy run beat the phase's own recipe by at least
+    /// `min_gain`, pro rata to how much lower their validation loss ended.
     #[serde(default)]
     pub reward: u64,
+    /// A proposal is adopted, and paid, only if its validation loss is below the phase's own recipe's by
+    /// at least this fraction of it: differences within run-to-run noise (or a patch that changes nothing
+    /// that matters) earn nothing.
+    #[serde(default = "default_min_gain")]
+    pub min_gain: f64,
+    /// A proxy run that has not finished this long after it opened (its uploads all refused, say) is
+    /// recorded as the entry's failure.
+    #[serde(default = "default_proxy_timeout_secs")]
+    pub proxy_timeout_secs: u64,
 }
 
 fn default_max_proposals() -> usize {
     8
 }
+
+fn default_min_gain() -> f64 {
+    0.002
+}
+
+fn default_proxy_timeout_secs() -> u64 {
+    3600
+}
+
+/// How far a proposal may take a numeric field from the phase's own value: a patch is anyone's input,
+/// and the checks (round plans, token counts) cost time and memory in these fields.
+pub const MAX_STEPS_FACTOR: u64 = 4;
 
 /// The fields a proposal may change, by table: the inner learning rate and its schedule, the batch and H,
 /// the outer recipe, the codec, and the growth method and state handling. Everything else (the model,
@@ -128,6 +149,9 @@ pub fn apply_patch(file: &CampaignFile, k: usize, patch: &str) -> Result<PhaseSe
     let phase = value.as_table_mut().expect("a phase serializes to a table");
     for (section, fields) in &table {
         let Some(fields) = fields.as_table() else {
+            if ALLOWED.iter().any(|(s, _)| s == section) {
+                return Err(PatchError::Malformed(format!("{section} must be a table ([{section}])")));
+            }
             return Err(field_error(base, section, None));
         };
         let Some((_, allowed)) = ALLOWED.iter().find(|(s, _)| s == section) else {
@@ -160,10 +184,51 @@ pub fn apply_patch(file: &CampaignFile, k: usize, patch: &str) -> Result<PhaseSe
     if &patched == base {
         return Err(PatchError::Empty);
     }
+    check_bounds(base, &patched).map_err(|e| PatchError::OutOfRange(format!("{e:#}")))?;
     let mut campaign = file.clone();
     campaign.phases[k] = patched.clone();
     campaign.validate().map_err(|e| PatchError::OutOfRange(format!("{e:#}")))?;
     Ok(patched)
+}
+
+/// Bounds on the numeric fields a patch may set, checked before the campaign's own validation (whose
+/// round plans cost time and memory in the number of steps): H within [`MAX_STEPS_FACTOR`] of the
+/// phase's, in both directions, and a round of one worker at most that factor more tokens than the
+/// phase's (so that a proxy run, which ends with the round that reaches its budget, cannot train much
+/// past it); every other count and rate within a range no sane recipe leaves.
+fn check_bounds(base: &PhaseSection, p: &PhaseSection) -> Result<()> {
+    let (i, b) = (&p.inner, &base.inner);
+    let f = MAX_STEPS_FACTOR;
+    ensure!(
+        i.steps >= b.steps.div_ceil(f) && i.steps <= b.steps * f,
+        "[inner] steps = {}: a proposal keeps H within {f}× of the phase's {}",
+        i.steps,
+        b.steps
+    );
+    let tokens = |x: &crate::run_file::InnerSection| x.steps as u128 * x.batch_size as u128;
+    ensure!(
+        tokens(i) <= tokens(b) * f as u128,
+        "[inner] steps × batch_size = {}: a proposal's round holds at most {f}× the phase's {} windows per worker",
+        tokens(i),
+        tokens(b)
+    );
+    ensure!(i.round_lr_power.is_finite() && i.round_lr_power <= 4.0, "[inner] round_lr_power: at most 4");
+    ensure!(i.lr.is_finite() && i.lr > 0.0 && i.lr <= 1.0, "[inner] lr: in (0, 1]");
+    ensure!(i.min_lr.is_finite() && i.min_lr >= 0.0 && i.min_lr <= i.lr, "[inner] min_lr: in [0, lr]");
+    ensure!(i.warmup_steps <= 1_000_000, "[inner] warmup_steps: at most 1,000,000");
+    let o = &p.outer;
+    ensure!(o.lr.is_finite() && o.lr <= 10.0, "[outer] lr: at most 10");
+    ensure!(o.warmup_rounds <= 100_000, "[outer] warmup_rounds: at most 100,000");
+    ensure!(o.final_momentum_fraction.is_finite(), "[outer] final_momentum_fraction: a number");
+    ensure!(o.full_lr_contributions <= 100_000, "[outer] full_lr_contributions: at most 100,000");
+    let c = &p.compression;
+    ensure!(
+        c.block <= 1 << 20 && c.chunk <= 1 << 20 && c.keep <= 1 << 20 && c.fragments <= 1024,
+        "[compression] block, chunk and keep: at most 2^20; fragments: at most 1024"
+    );
+    ensure!(c.overlap_steps <= i.steps, "[compression] overlap_steps: at most [inner] steps");
+    ensure!(c.feedback_decay.is_finite() && c.merge.is_finite(), "[compression] feedback_decay and merge: numbers");
+    Ok(())
 }
 
 /// `[section] field` outside the allow-list: unknown if no phase has it (the phase does not deserialize
@@ -206,6 +271,12 @@ pub fn validate_section(file: &CampaignFile, k: usize, research: &ResearchSectio
     ensure!(k > 0, "[phase.research]: the first phase has no phase before it to host a call for proposals");
     ensure!(research.proxy_tokens > 0, "[phase.research] proxy_tokens must be positive");
     ensure!(research.max_proposals >= 1, "[phase.research] max_proposals must be at least 1");
+    ensure!(
+        research.min_gain.is_finite() && (0.0..1.0).contains(&research.min_gain),
+        "[phase.research] min_gain must be in [0, 1), got {}",
+        research.min_gain
+    );
+    ensure!(research.proxy_timeout_secs > 0, "[phase.research] proxy_timeout_secs must be positive");
     // A proxy is a cheaper measurement of the phase; at the phase's own budget the file's entry would also
     // be the phase's very run (the same run id).
     if let (None, Some(tokens)) = (file.phases[k].rounds.count, file.phases[k].rounds.tokens) {
@@ -265,8 +336,14 @@ pub struct Settlement {
 /// Ranks a call's entries (entry 0, the file's own recipe, must be among them), adopts the best, splits
 /// `reward` among the proposals that beat entry 0 pro rata to their gain, and retains the best `retain`
 /// researchers whose proxy runs completed (all of them without `retain`).
-pub fn settle(entries: &[Evaluated], reward: u64, retain: Option<usize>) -> Result<Settlement> {
+pub fn settle(entries: &[Evaluated], reward: u64, min_gain: f64, retain: Option<usize>) -> Result<Settlement> {
     let Some(baseline) = entries.iter().find(|e| e.id == 0) else { bail!("a call's entries include entry 0") };
+    ensure!(
+        entries.iter().all(|e| e.val_loss.is_none_or(f64::is_finite)),
+        "a non-finite loss is a failure, not a result"
+    );
+    // What a proposal must reach to count as better than the phase's own recipe.
+    let bar = baseline.val_loss.map(|b| b - min_gain * b.abs());
     let mut ranking: Vec<&Evaluated> = entries.iter().collect();
     ranking.sort_by(|a, b| match (a.val_loss, b.val_loss) {
         (Some(x), Some(y)) => x.total_cmp(&y).then(a.id.cmp(&b.id)),
@@ -274,13 +351,20 @@ pub fn settle(entries: &[Evaluated], reward: u64, retain: Option<usize>) -> Resu
         (None, Some(_)) => std::cmp::Ordering::Greater,
         (None, None) => a.id.cmp(&b.id),
     });
-    let adopted = ranking.iter().find(|e| e.val_loss.is_some()).map_or(0, |e| e.id);
+    let best = ranking.iter().find(|e| e.val_loss.is_some());
+    let adopted = match (best, bar) {
+        // The best proposal, if it clears the bar; else the phase's own recipe.
+        (Some(e), Some(bar)) if e.val_loss.is_some_and(|v| v <= bar) => e.id,
+        (Some(_), Some(_)) => 0,
+        // The phase's own recipe failed: the best completed entry.
+        (Some(e), None) => e.id,
+        (None, _) => 0,
+    };
     let gains: Vec<(u64, f64)> = entries
         .iter()
         .filter(|e| e.id != 0)
-        .map(|e| match (e.val_loss, baseline.val_loss) {
-            (Some(v), Some(b)) if v < b => (e.id, b - v),
-            (Some(_), None) => (e.id, 0.0),
+        .map(|e| match (e.val_loss, baseline.val_loss, bar) {
+            (Some(v), Some(b), Some(bar)) if v <= bar => (e.id, b - v),
             _ => (e.id, 0.0),
         })
         .collect();
@@ -389,6 +473,13 @@ reward = 1000
             ("[inner]\nbatch_size = 7\n", "out_of_range"),
             ("[growth]\nmethod = \"width\"\n", "out_of_range"),
             ("[growth]\nmethod = \"sideways\"\n", "out_of_range"),
+            ("[inner]\nsteps = 1000000000000000\n", "out_of_range"),
+            ("[inner]\nsteps = 1\n", "out_of_range"),
+            ("[inner]\nsteps = 24\nbatch_size = 32\n", "out_of_range"),
+            ("[inner]\nlr = 5.0\n", "out_of_range"),
+            ("[inner]\nround_lr_power = 50.0\n", "out_of_range"),
+            ("[compression]\nfragments = 100000\n", "out_of_range"),
+            ("inner = 5\n", "malformed_patch"),
             ("", "empty_patch"),
             ("[outer]\n", "empty_patch"),
         ];
@@ -408,6 +499,9 @@ reward = 1000
             (CAMPAIGN.replace("proxy_tokens = 2000", "proxy_tokens = 0"), "proxy_tokens must be positive"),
             (CAMPAIGN.replace("reward = 1000", "reward = 1000\nmax_proposals = 0"), "max_proposals"),
             (CAMPAIGN.replace("proxy_tokens = 2000", "proxy_tokens = 10000"), "must be below the phase's"),
+            (CAMPAIGN.replace("reward = 1000", "reward = 1000\nmin_gain = 1.5"), "min_gain must be in"),
+            (CAMPAIGN.replace("reward = 1000", "reward = 1000\nproxy_timeout_secs = 0"), "proxy_timeout_secs"),
+            (CAMPAIGN.replace("reward = 1000", "reward = 1000\nretain = 0"), "retain must be at least 1"),
             (CAMPAIGN.replace("reward = 1000", "reward = 1000\nretain = 2"), "no earlier phase holds a call"),
             (
                 CAMPAIGN.replace(
@@ -446,13 +540,13 @@ reward = 1000
             entry(3, 3, Some(2.7)), // gain 0.3: the best
             entry(4, 4, None),      // its proxy failed
         ];
-        let s = settle(&entries, 1000, Some(2)).unwrap();
+        let s = settle(&entries, 1000, 0.0, Some(2)).unwrap();
         assert_eq!(s.ranking, vec![3, 1, 0, 2, 4]);
         assert_eq!(s.adopted, 3);
         assert_eq!(s.credits, vec![(1, 250), (2, 0), (3, 750), (4, 0)]);
         assert_eq!(s.retained, vec![WorkerId([3; 32]), WorkerId([1; 32])]);
         // Without retain every researcher whose proxy completed is retained; a failed one is not.
-        let all = settle(&entries, 1000, None).unwrap();
+        let all = settle(&entries, 1000, 0.0, None).unwrap();
         assert_eq!(all.retained.len(), 3);
         assert!(!all.retained.contains(&WorkerId([4; 32])));
     }
@@ -460,19 +554,37 @@ reward = 1000
     #[test]
     fn the_file_recipe_wins_ties_and_a_copy_earns_nothing_more() {
         // A proposal equal to the baseline's loss earns nothing and is not adopted.
-        let s = settle(&[entry(0, 0, Some(3.0)), entry(1, 1, Some(3.0))], 1000, None).unwrap();
+        let s = settle(&[entry(0, 0, Some(3.0)), entry(1, 1, Some(3.0))], 1000, 0.0, None).unwrap();
         assert_eq!((s.adopted, s.credits.clone()), (0, vec![(1, 0)]));
         // Two proposals with the same result: the earlier is ranked and adopted first.
-        let s = settle(&[entry(0, 0, Some(3.0)), entry(1, 1, Some(2.0)), entry(2, 2, Some(2.0))], 1001, None).unwrap();
+        let s =
+            settle(&[entry(0, 0, Some(3.0)), entry(1, 1, Some(2.0)), entry(2, 2, Some(2.0))], 1001, 0.0, None).unwrap();
         assert_eq!((s.adopted, s.ranking[0]), (1, 1));
         assert_eq!(s.credits, vec![(1, 501), (2, 500)], "nothing created or lost");
         // The baseline's own proxy failed: the best completed proposal is adopted, and nothing is paid
         // (no gain can be measured).
-        let s = settle(&[entry(0, 0, None), entry(1, 1, Some(2.0))], 1000, None).unwrap();
+        let s = settle(&[entry(0, 0, None), entry(1, 1, Some(2.0))], 1000, 0.0, None).unwrap();
         assert_eq!((s.adopted, s.credits.clone()), (1, vec![(1, 0)]));
         // Everything failed: the file's own recipe.
-        let s = settle(&[entry(0, 0, None), entry(1, 1, None)], 1000, None).unwrap();
+        let s = settle(&[entry(0, 0, None), entry(1, 1, None)], 1000, 0.0, None).unwrap();
         assert_eq!(s.adopted, 0);
-        assert!(settle(&[entry(1, 1, Some(2.0))], 10, None).is_err());
+        assert!(settle(&[entry(1, 1, Some(2.0))], 10, 0.0, None).is_err());
+        assert!(
+            settle(&[entry(0, 0, Some(3.0)), entry(1, 1, Some(f64::NAN))], 10, 0.0, None).is_err(),
+            "NaN is a failure"
+        );
+    }
+
+    /// A gain within `min_gain` of the phase's own recipe (noise, or a patch that changes nothing that
+    /// matters) is neither adopted nor paid; one past it is both.
+    #[test]
+    fn a_gain_below_min_gain_earns_nothing() {
+        let entries = [entry(0, 0, Some(3.0)), entry(1, 1, Some(2.999)), entry(2, 2, Some(2.98))];
+        let s = settle(&entries, 1000, 0.002, None).unwrap();
+        assert_eq!(s.adopted, 2, "2.98 clears 3.0 − 0.2% = 2.994");
+        assert_eq!(s.credits, vec![(1, 0), (2, 1000)]);
+        let s = settle(&entries[..2], 1000, 0.002, None).unwrap();
+        assert_eq!((s.adopted, s.credits.clone()), (0, vec![(1, 0)]), "2.999 is within the noise bar");
+        assert_eq!(s.ranking, vec![1, 0], "it still ranks first");
     }
 }
