@@ -372,7 +372,7 @@ fn suffixed_database(base: &str, suffix: &str) -> Result<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const CAMPAIGN: &str = r#"
@@ -403,7 +403,9 @@ tokens = 10000
 min_workers = 2
 "#;
 
-    fn write(dir: &Path, text: &str) -> PathBuf {
+    /// Writes a campaign file `text` into `dir` beside what it names: `corpus.txt` and `deeper.json`
+    /// (`tiny` with 6 layers, vocabulary 300).
+    pub(crate) fn write(dir: &Path, text: &str) -> PathBuf {
         std::fs::write(dir.join("corpus.txt"), "some text\n").unwrap();
         let mut deeper = preset("tiny", Some(300)).unwrap();
         deeper.num_hidden_layers = 6;

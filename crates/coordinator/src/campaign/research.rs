@@ -382,7 +382,7 @@ pub fn settle(entries: &[Evaluated], reward: u64, min_gain: f64, retain: Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::{Path, PathBuf};
+    use crate::campaign::file::tests::write;
 
     const CAMPAIGN: &str = r#"
 name = "research"
@@ -416,16 +416,6 @@ min_workers = 2
 proxy_tokens = 2000
 reward = 1000
 "#;
-
-    fn write(dir: &Path, text: &str) -> PathBuf {
-        std::fs::write(dir.join("corpus.txt"), "some text\n").unwrap();
-        let mut deeper = agora_model::preset("tiny", Some(300)).unwrap();
-        deeper.num_hidden_layers = 6;
-        agora_model::checkpoint::write_json(&dir.join("deeper.json"), &deeper.to_hf_json()).unwrap();
-        let path = dir.join("campaign.toml");
-        std::fs::write(&path, text).unwrap();
-        path
-    }
 
     fn campaign() -> (tempfile::TempDir, CampaignFile) {
         let dir = tempfile::tempdir().unwrap();
