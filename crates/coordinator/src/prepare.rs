@@ -97,7 +97,7 @@ impl std::error::Error for DataDoesNotFit {}
 
 /// A round closes with `min_workers` contributions, each on units of its own: the longest planned round
 /// must find that many distinct units in the data, or it could never close.
-fn data_fits(units: usize, total_windows: usize, run: &RunFile) -> Result<()> {
+pub(crate) fn data_fits(units: usize, total_windows: usize, run: &RunFile) -> Result<()> {
     let longest = run.round_plan()?.lengths().into_iter().max().expect("at least one round");
     let per_worker = (longest / run.unit_steps()) as usize;
     let needed = per_worker * run.rounds.min_workers as usize;

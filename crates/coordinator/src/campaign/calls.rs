@@ -361,11 +361,42 @@ impl Campaign {
         let loss = status.history.iter().rev().find_map(|h| h.val_loss);
         tracing::info!(phase = next + 1, entry = entry.id, val_loss = ?loss, "proxy run finished");
         let outcome = match loss {
-            Some(v) if v.is_finite() => Ok(v),
+            Some(v) if v.is_finite() => match self.phase_infeasible(next, host, entry, app.units.len()).await? {
+                Some(why) => Err(why),
+                None => Ok(v),
+            },
             Some(v) => Err(format!("the proxy run ended at a validation loss of {v}")),
             None => Err("the proxy run ended without a validation loss".to_string()),
         };
         Ok((Some(app.run_id.clone()), outcome))
+    }
+
+    /// Why entry's recipe could not run as the whole phase, if it could not: the proxy run measured it at
+    /// the proxy's budget, and the phase's longer run has a longer longest round, which must still find
+    /// `min_workers` assignments' worth of the data's `units` (the proxy's, cut the same way). An entry
+    /// adopted without this check would stop the campaign when its phase opens.
+    async fn phase_infeasible(
+        &self,
+        next: usize,
+        host: &Arc<Coordinator>,
+        entry: &Stored,
+        units: usize,
+    ) -> Result<Option<String>> {
+        let section = if entry.id == 0 {
+            self.file.phases[next].clone()
+        } else {
+            match apply_patch(&self.file, next, &entry.patch) {
+                Ok(s) => s,
+                Err(e) => return Ok(Some(e.to_string())),
+            }
+        };
+        let handover = self.handover(next, host, &section.growth).await?;
+        let run = match self.file.phase_run_with(next, &section, Some(&handover)) {
+            Ok(run) => run,
+            Err(e) => return Ok(Some(format!("as the whole phase: {e:#}"))),
+        };
+        let windows = units * run.windows_per_unit();
+        Ok(crate::prepare::data_fits(units, windows, &run).err().map(|e| format!("as the whole phase: {e:#}")))
     }
 
     /// Reopens the proxy runs an earlier process measured (of every call whose host is open), so that a
@@ -772,6 +803,34 @@ mod tests {
             .try_get("n")
             .unwrap();
         assert_eq!(receipts, 2);
+    }
+
+    /// A recipe whose longest round at the phase's budget needs more data units than there are is the
+    /// entry's failure (measured fine as a proxy, it would stop the campaign once adopted).
+    #[tokio::test]
+    async fn a_recipe_the_phase_cannot_feed_is_refused_at_measurement() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = campaign(dir.path()).await;
+        let host = c.current();
+        let stored = |id, patch: &str| Stored {
+            id,
+            researcher: None,
+            name: "r".into(),
+            patch: patch.into(),
+            submitted_ms: 0,
+            proxy_run: None,
+            val_loss: None,
+            failure: None,
+            rank: None,
+            credits: 0,
+            retained: false,
+            receipt: None,
+        };
+        assert_eq!(c.phase_infeasible(1, &host, &stored(0, ""), 10_000).await.unwrap(), None);
+        let steep = stored(1, "[inner]\nround_lr_power = 4.0\nunit_steps = 1\n");
+        assert_eq!(c.phase_infeasible(1, &host, &steep, 10_000).await.unwrap(), None);
+        let why = c.phase_infeasible(1, &host, &steep, 2).await.unwrap().expect("2 units cannot feed it");
+        assert!(why.contains("as the whole phase") && why.contains("needs"), "{why}");
     }
 
     /// A body that is not a signed proposal: 400, over the campaign's router.
