@@ -13,7 +13,7 @@ mod statement;
 pub use merkle::{inclusion_proof, merkle_root, root_from_proof, InclusionProof};
 pub use statement::{verify_statement, ProvenReceipt, VerifyReport, WorkerStatement};
 
-use agora_protocol::{verify_signature, Hash32, Identity, WorkerId};
+use agora_protocol::{update_str, verify_signature, Hash32, Identity, WorkerId};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
@@ -34,12 +34,6 @@ pub struct Receipt {
     pub credits: u64,
     /// "accepted", or the rejection code (e.g. "spot_check_failed", "copy", "replay", "norm", "zero_score").
     pub verdict: String,
-}
-
-// Length prefixes keep variable-length fields from sliding into each other ("ab"+"c" vs "a"+"bc").
-fn update_str(h: &mut blake3::Hasher, s: &str) {
-    h.update(&(s.len() as u64).to_le_bytes());
-    h.update(s.as_bytes());
 }
 
 impl Receipt {

@@ -11,6 +11,13 @@ pub fn hash_bytes(bytes: &[u8]) -> Hash32 {
     Hash32(*blake3::hash(bytes).as_bytes())
 }
 
+/// Feeds a variable-length field into a digest with its length first, so that adjacent fields cannot slide
+/// into each other ("ab" + "c" against "a" + "bc").
+pub fn update_str(h: &mut blake3::Hasher, s: &str) {
+    h.update(&(s.len() as u64).to_le_bytes());
+    h.update(s.as_bytes());
+}
+
 impl Hash32 {
     pub fn hex(&self) -> String {
         hex::encode(self.0)

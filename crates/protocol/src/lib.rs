@@ -12,7 +12,7 @@ pub mod messages;
 pub mod research;
 pub mod tensors;
 
-pub use hash::{hash_bytes, Hash32};
+pub use hash::{hash_bytes, update_str, Hash32};
 pub use identity::{new_nonce, verify_signature, Identity, SignedRequest, WorkerId};
 pub use messages::*;
 pub use research::*;

@@ -2,6 +2,7 @@
 //! campaign phase's recipe, and the campaign's public board of calls and their proposals. Field names are
 //! the wire format.
 
+use crate::hash::update_str;
 use crate::identity::{verify_signature, Identity, WorkerId};
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
@@ -21,11 +22,6 @@ pub struct Proposal {
     pub name: String,
     /// TOML with `[inner]`, `[outer]`, `[compression]` and `[growth]` tables holding the fields to change.
     pub patch: String,
-}
-
-fn update_str(h: &mut blake3::Hasher, s: &str) {
-    h.update(&(s.len() as u64).to_le_bytes());
-    h.update(s.as_bytes());
 }
 
 impl Proposal {
