@@ -17,7 +17,6 @@ use agora_protocol::{
 use anyhow::{Context, Result};
 use axum::http::StatusCode;
 use sqlx::Row;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,7 +53,7 @@ impl Campaign {
             return Ok(false);
         }
         let host = self.phase_app(next - 1).context("the hosting phase is opened before its call")?;
-        Ok(call_row(&host, next).await?.is_none_or(|(_, settled)| settled.is_none()))
+        Ok(call_row(&host, next).await?.is_none_or(|row| row.settled.is_none()))
     }
 
     /// The section phase `next` opens with: the file's own, or the adopted proposal's once its call settled.
@@ -64,19 +63,12 @@ impl Campaign {
             return Ok(own);
         }
         let host = self.phase_app(next - 1).context("the hosting phase")?;
-        let adopted = sqlx::query("SELECT adopted FROM research_calls WHERE phase = $1 AND settled_ms IS NOT NULL")
-            .bind((next + 1) as i64)
-            .fetch_optional(&host.db)
-            .await?
-            .map(|r| r.try_get::<Option<i64>, _>("adopted"))
-            .transpose()?
-            .flatten();
-        match adopted {
+        match call_row(&host, next).await?.and_then(|row| row.settled) {
             None | Some(0) => Ok(own),
             Some(id) => {
-                let entry = entries(&host, next).await?.into_iter().find(|e| e.id == id as u64);
+                let entry = entries(&host, next).await?.into_iter().find(|e| e.id == id);
                 let entry = entry.context("the adopted proposal is in the call's store")?;
-                apply_patch(&self.file, next, &entry.patch).map_err(|e| {
+                self.entry_section(next, &entry).map_err(|e| {
                     anyhow::anyhow!("the adopted proposal {id} no longer applies to the campaign file: {e}")
                 })
             }
@@ -126,9 +118,7 @@ impl Campaign {
             Some("it has closed (see GET /v1/campaign/proposals)")
         } else {
             match call_row(&host, next).await? {
-                Some((closes_ms, _)) if now_ms() >= closes_ms || call_closed(&host, next).await? => {
-                    Some("its deadline has passed")
-                }
+                Some(row) if !row.taking_proposals() => Some("its deadline has passed"),
                 _ => None,
             }
         };
@@ -186,7 +176,7 @@ impl Campaign {
         .execute(&host.db)
         .await?;
         tracing::info!(phase = next + 1, id, researcher = %p.researcher.short(), name = p.name, "proposal accepted");
-        let closes_ms = call_row(&host, next).await?.map(|(c, _)| c as u64);
+        let closes_ms = call_row(&host, next).await?.map(|row| row.closes_ms as u64);
         Ok(ProposalAccepted { id, phase: next + 1, closes_ms })
     }
 
@@ -236,7 +226,7 @@ impl Campaign {
             .execute(&host.db)
             .await?;
         }
-        let (closes_ms, settled) = call_row(&host, next).await?.context("the call's row")?;
+        let CallRow { closes_ms, settled, .. } = call_row(&host, next).await?.context("the call's row")?;
         if settled.is_some() {
             return Ok(());
         }
@@ -282,6 +272,14 @@ impl Campaign {
         self.settle_call(next, &host).await
     }
 
+    /// The recipe an entry stands for: the file's own (entry 0) or its patch applied to it.
+    fn entry_section(&self, next: usize, entry: &Stored) -> Result<PhaseSection, PatchError> {
+        match entry.id {
+            0 => Ok(self.file.phases[next].clone()),
+            _ => apply_patch(&self.file, next, &entry.patch),
+        }
+    }
+
     /// Opens one entry's proxy run (creating its store, or reopening it after a restart): the run, or why
     /// the entry's recipe cannot be run (its failure). Errors that are not the recipe's (storage) are
     /// returned as errors, and the entry is tried again after a restart.
@@ -291,13 +289,9 @@ impl Campaign {
         host: &Arc<Coordinator>,
         entry: &Stored,
     ) -> Result<Result<Arc<Coordinator>, String>> {
-        let section = if entry.id == 0 {
-            self.file.phases[next].clone()
-        } else {
-            match apply_patch(&self.file, next, &entry.patch) {
-                Ok(s) => s,
-                Err(e) => return Ok(Err(e.to_string())),
-            }
+        let section = match self.entry_section(next, entry) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e.to_string())),
         };
         let handover = match self.handover(next, host, &section.growth).await {
             Ok(h) => h,
@@ -348,14 +342,10 @@ impl Campaign {
         *self.proxy.write().expect("campaign lock") = Some((app.clone(), router));
         let research = self.file.phases[next].research.as_ref().context("a call")?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(research.proxy_timeout_secs);
-        let mut changes = app.subscribe();
-        while !app.finished.load(Ordering::SeqCst) {
-            if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(phase = next + 1, entry = entry.id, "proxy run timed out");
-                let failure = format!("the proxy run did not finish within {} s", research.proxy_timeout_secs);
-                return Ok((Some(app.run_id.clone()), Err(failure)));
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(500), changes.changed()).await;
+        if !super::until_finished(&app, Some(deadline)).await {
+            tracing::warn!(phase = next + 1, entry = entry.id, "proxy run timed out");
+            let failure = format!("the proxy run did not finish within {} s", research.proxy_timeout_secs);
+            return Ok((Some(app.run_id.clone()), Err(failure)));
         }
         let status = app.status().await.map_err(|e| anyhow::anyhow!("the proxy run's status: {}", e.message))?;
         let loss = status.history.iter().rev().find_map(|h| h.val_loss);
@@ -382,13 +372,9 @@ impl Campaign {
         entry: &Stored,
         units: usize,
     ) -> Result<Option<String>> {
-        let section = if entry.id == 0 {
-            self.file.phases[next].clone()
-        } else {
-            match apply_patch(&self.file, next, &entry.patch) {
-                Ok(s) => s,
-                Err(e) => return Ok(Some(e.to_string())),
-            }
+        let section = match self.entry_section(next, entry) {
+            Ok(s) => s,
+            Err(e) => return Ok(Some(e.to_string())),
         };
         let handover = self.handover(next, host, &section.growth).await?;
         let run = match self.file.phase_run_with(next, &section, Some(&handover)) {
@@ -512,19 +498,12 @@ impl Campaign {
             let host = self.phase_app(next - 1);
             let (mut state, mut closes_ms, mut adopted, mut list) = (CallState::NotOpen, None, None, Vec::new());
             if let Some(host) = &host {
-                let row =
-                    sqlx::query("SELECT closes_ms, closed, settled_ms, adopted FROM research_calls WHERE phase = $1")
-                        .bind((next + 1) as i64)
-                        .fetch_optional(&host.db)
-                        .await?;
                 state = CallState::Open;
-                if let Some(row) = row {
-                    let closes: i64 = row.try_get("closes_ms")?;
-                    closes_ms = Some(closes as u64);
-                    if row.try_get::<Option<i64>, _>("settled_ms")?.is_some() {
-                        state = CallState::Settled;
-                        adopted = row.try_get::<Option<i64>, _>("adopted")?.map(|a| a as u64);
-                    } else if now_ms() >= closes || row.try_get::<i64, _>("closed")? != 0 {
+                if let Some(row) = call_row(host, next).await? {
+                    closes_ms = Some(row.closes_ms as u64);
+                    if row.settled.is_some() {
+                        (state, adopted) = (CallState::Settled, row.settled);
+                    } else if !row.taking_proposals() {
                         state = CallState::Running;
                     }
                 }
@@ -578,28 +557,32 @@ fn patch_refusal(e: PatchError) -> ApiError {
     ApiError::bad_request(e.code(), e.to_string())
 }
 
-/// Phase `next`'s call row in its host's store: (closes_ms, settled_ms).
-async fn call_row(host: &Coordinator, next: usize) -> Result<Option<(i64, Option<i64>)>> {
-    let row = sqlx::query("SELECT closes_ms, settled_ms FROM research_calls WHERE phase = $1")
-        .bind((next + 1) as i64)
-        .fetch_optional(&host.db)
-        .await?;
-    Ok(match row {
-        Some(r) => Some((r.try_get("closes_ms")?, r.try_get("settled_ms")?)),
-        None => None,
-    })
+/// Phase `next`'s call as its host's store has it (no row until the host is first seen finished).
+struct CallRow {
+    closes_ms: i64,
+    /// Its entries have been read for measuring: no proposal is taken.
+    closed: bool,
+    /// Settled, and the entry adopted.
+    settled: Option<u64>,
 }
 
-/// Whether phase `next`'s call was marked closed (its entries read for measuring).
-async fn call_closed(host: &Coordinator, next: usize) -> Result<bool> {
-    let row = sqlx::query("SELECT closed FROM research_calls WHERE phase = $1")
+impl CallRow {
+    fn taking_proposals(&self) -> bool {
+        !self.closed && now_ms() < self.closes_ms
+    }
+}
+
+async fn call_row(host: &Coordinator, next: usize) -> Result<Option<CallRow>> {
+    let row = sqlx::query("SELECT closes_ms, closed, settled_ms, adopted FROM research_calls WHERE phase = $1")
         .bind((next + 1) as i64)
         .fetch_optional(&host.db)
         .await?;
-    Ok(match row {
-        Some(r) => r.try_get::<i64, _>("closed")? != 0,
-        None => false,
-    })
+    let Some(r) = row else { return Ok(None) };
+    let settled = match r.try_get::<Option<i64>, _>("settled_ms")? {
+        Some(_) => Some(r.try_get::<Option<i64>, _>("adopted")?.unwrap_or(0) as u64),
+        None => None,
+    };
+    Ok(Some(CallRow { closes_ms: r.try_get("closes_ms")?, closed: r.try_get::<i64, _>("closed")? != 0, settled }))
 }
 
 /// Phase `next`'s call entries, by id.

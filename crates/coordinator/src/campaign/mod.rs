@@ -156,11 +156,7 @@ impl Campaign {
     /// phase's model, opens that phase and serves it; returns once the last phase has finished.
     pub async fn drive(self: Arc<Self>) -> Result<()> {
         loop {
-            let app = self.current();
-            let mut changes = app.subscribe();
-            while !app.finished.load(Ordering::SeqCst) {
-                let _ = tokio::time::timeout(Duration::from_millis(500), changes.changed()).await;
-            }
+            until_finished(&self.current(), None).await;
             let next = self.serving().0 + 1;
             if next == self.file.phases.len() {
                 tracing::info!(campaign = self.file.name, "the campaign's last phase is finished");
@@ -315,6 +311,18 @@ impl Campaign {
         }
         CampaignInfo { name: self.file.name.clone(), phases, current, state, run_id, coordinator_key: app.key.id() }
     }
+}
+
+/// Waits until `app`'s run has finished, or `deadline` has passed: whether it finished.
+async fn until_finished(app: &Coordinator, deadline: Option<tokio::time::Instant>) -> bool {
+    let mut changes = app.subscribe();
+    while !app.finished.load(Ordering::SeqCst) {
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return false;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(500), changes.changed()).await;
+    }
+    true
 }
 
 /// Phase k's database URL as [`Options`] will use it (needed by the next phase's admission).
