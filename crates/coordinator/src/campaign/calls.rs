@@ -350,13 +350,12 @@ impl Campaign {
         let status = app.status().await.map_err(|e| anyhow::anyhow!("the proxy run's status: {}", e.message))?;
         let loss = status.history.iter().rev().find_map(|h| h.val_loss);
         tracing::info!(phase = next + 1, entry = entry.id, val_loss = ?loss, "proxy run finished");
-        let outcome = match loss {
-            Some(v) if v.is_finite() => match self.phase_infeasible(next, host, entry, app.units.len()).await? {
+        let outcome = match measured(loss) {
+            Ok(v) => match self.phase_infeasible(next, host, entry, app.units.len()).await? {
                 Some(why) => Err(why),
                 None => Ok(v),
             },
-            Some(v) => Err(format!("the proxy run ended at a validation loss of {v}")),
-            None => Err("the proxy run ended without a validation loss".to_string()),
+            Err(why) => Err(why),
         };
         Ok((Some(app.run_id.clone()), outcome))
     }
@@ -550,6 +549,16 @@ impl Campaign {
         }
         let key = self.current().key.id();
         Ok(ProposalBoard { campaign: self.file.name.clone(), coordinator_key: key, calls })
+    }
+}
+
+/// A finished proxy run's result: its final validation loss, or why it has none (a diverged loss is a
+/// failure, never a rank: NaN would sort anywhere).
+fn measured(loss: Option<f64>) -> Result<f64, String> {
+    match loss {
+        Some(v) if v.is_finite() => Ok(v),
+        Some(v) => Err(format!("the proxy run ended at a validation loss of {v}")),
+        None => Err("the proxy run ended without a validation loss".to_string()),
     }
 }
 
@@ -814,6 +823,19 @@ mod tests {
         assert_eq!(c.phase_infeasible(1, &host, &steep, 10_000).await.unwrap(), None);
         let why = c.phase_infeasible(1, &host, &steep, 2).await.unwrap().expect("2 units cannot feed it");
         assert!(why.contains("as the whole phase") && why.contains("needs"), "{why}");
+    }
+
+    /// A proxy run that diverged, ended unmeasured or outlived its timeout is its entry's failure.
+    #[tokio::test]
+    async fn a_proxy_that_diverges_or_stalls_is_a_failure() {
+        assert_eq!(measured(Some(2.5)), Ok(2.5));
+        for bad in [Some(f64::NAN), Some(-f64::NAN), Some(f64::INFINITY), None] {
+            assert!(measured(bad).is_err(), "{bad:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let c = campaign(dir.path()).await;
+        let past = tokio::time::Instant::now();
+        assert!(!super::super::until_finished(&c.current(), Some(past)).await, "an unfinished run times out");
     }
 
     /// A body that is not a signed proposal: 400, over the campaign's router.
